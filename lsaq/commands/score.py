@@ -1,0 +1,69 @@
+"""``lsaq score``: per-layer importance of a model, written as a versioned JSON record."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="rank decoder layers by importance (LSAQ jaccard or LWQ cosine)")
+    p.add_argument("--model", default=None, help="local HF directory, .gguf file or hub id (default: SmolLM2-135M)")
+    p.add_argument("--revision", default=None, help="hub revision (hub ids only)")
+    p.add_argument("--method", default="jaccard", help="jaccard (LSAQ, default) or cosine (LWQ)")
+    p.add_argument("--k", type=int, default=10, help="top-k token set size for jaccard (default 10)")
+    p.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--calib", default=None, help="calibration .txt/.jsonl file or dataset name (default WikiText-2 valid)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--out", required=True, help="output JSON path")
+    p.set_defaults(func=run)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check what can be checked before loading anything, so bad input fails fast and writes nothing."""
+    from ..importance import Method
+
+    Method.parse(args.method)
+    if args.k < 1:
+        raise ValueError(f"--k must be at least 1, got {args.k}")
+    for name in ("samples", "seq_len", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    validate(args)
+    from tqdm import tqdm
+
+    from ..calibration import load_calibration
+    from ..importance import score_importance
+    from ..model import load_model
+
+    start = time.perf_counter()
+    loaded = load_model(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
+    calib = load_calibration(loaded.tokenizer, args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    with tqdm(total=calib.samples, desc=f"{args.method} scoring", unit="seq", file=sys.stderr) as bar:
+        rec = score_importance(
+            loaded.model, loaded.info, calib, args.method, args.k, batch_size=args.batch_size, progress=bar.update
+        )
+    rec.save(args.out)
+    print(format_ranking(rec))
+    print(f"wrote {args.out} ({rec.num_layers} layers, {time.perf_counter() - start:.1f}s total)")
+    return 0
+
+
+def format_ranking(rec, top: int | None = None) -> str:
+    """A short ranked table: rank, layer, importance, std."""
+    k = f", k={rec.k}" if rec.k is not None else ""
+    lines = [
+        f"{rec.model.id} ({rec.model.architecture}, {rec.num_layers} layers) method={rec.method}{k} "
+        f"calib={rec.calibration['samples']}x{rec.calibration['seq_len']} [{rec.calibration['hash'][:12]}]",
+        f"{'rank':>4} {'layer':>5} {'importance':>10} {'std':>8}",
+    ]
+    for rank, i in enumerate(rec.ranking[:top] if top else rec.ranking, 1):
+        lines.append(f"{rank:>4} {i:>5} {rec.importance[i]:>10.4f} {rec.std[i]:>8.4f}")
+    return "\n".join(lines)

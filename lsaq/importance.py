@@ -1,0 +1,240 @@
+"""Layer importance: LSAQ's top-k Jaccard through the logit lens, and the LWQ cosine baseline.
+
+For decoder layer i with input hidden state ``h_i`` and output ``h_{i+1}`` (both ``[B, T, H]``):
+
+* ``jaccard`` (LSAQ): decode both through the logit lens (final norm, then LM head), take the top-k token set
+  at every position and score ``1 - mean Jaccard(topk(lens(h_i)), topk(lens(h_{i+1})))``.
+* ``cosine`` (LWQ): ``1 - mean cos(h_i, h_{i+1})``.
+
+One forward pass per batch does it all: hooks on the decoder layers see every hidden state as it is produced,
+project it through the lens in chunks of positions (one ``[chunk, V]`` logits buffer, reused) and keep only the
+top-k indices of the previous state, so the L+1 lens projections are shared between neighbouring layers and
+full-vocabulary logits never exist for more than one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .calibration import CalibrationSet
+from .model import ModelInfo, decoder_parts
+from .records import atomic_write_json, canonical_json, read_record, sha256_hex
+from .similarity import cosine, jaccard, topk_indices
+
+SCHEMA = "lsaq.layer_importance"
+VERSION = 1
+
+
+class Method(str, Enum):
+    JACCARD = "jaccard"
+    COSINE = "cosine"
+
+    @classmethod
+    def parse(cls, value: "str | Method") -> "Method":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(
+                f"unknown importance method {value!r}; valid methods: {', '.join(m.value for m in cls)}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class LayerImportance:
+    """Per-layer importance of one model under one method and calibration set (higher = more important)."""
+
+    model: ModelInfo
+    method: str
+    k: int | None
+    calibration: dict[str, Any]
+    importance: tuple[float, ...]
+    std: tuple[float, ...]  # standard deviation of the per-sample importance
+    lsaq_version: str = __version__
+    wall_time_s: float = 0.0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.importance)
+
+    @property
+    def ranking(self) -> list[int]:
+        """Layer indices, most important first; equal scores keep layer order."""
+        return sorted(range(self.num_layers), key=lambda i: (-self.importance[i], i))
+
+    @property
+    def id(self) -> str:
+        """Content hash of what determines the scores (not wall time, not lsaq version)."""
+        key = {
+            "model": self.model.content_hash,
+            "method": self.method,
+            "k": self.k,
+            "calibration": self.calibration.get("hash"),
+            "importance": list(self.importance),
+        }
+        return sha256_hex(canonical_json(key))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "version": VERSION,
+            "id": self.id,
+            "model": self.model.to_json(),
+            "num_layers": self.num_layers,
+            "method": self.method,
+            "k": self.k,
+            "calibration": self.calibration,
+            "importance": list(self.importance),
+            "std": list(self.std),
+            "ranking": self.ranking,
+            "lsaq_version": self.lsaq_version,
+            "wall_time_s": self.wall_time_s,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "LayerImportance":
+        return cls(
+            model=ModelInfo.from_json(obj["model"]),
+            method=obj["method"],
+            k=obj.get("k"),
+            calibration=obj["calibration"],
+            importance=tuple(float(x) for x in obj["importance"]),
+            std=tuple(float(x) for x in obj["std"]),
+            lsaq_version=obj.get("lsaq_version", "?"),
+            wall_time_s=float(obj.get("wall_time_s", 0.0)),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LayerImportance":
+        obj = read_record(path, SCHEMA, VERSION)
+        try:
+            rec = cls.from_json(obj)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: malformed importance record ({type(e).__name__}: {e})") from e
+        if len(rec.std) != rec.num_layers or rec.num_layers == 0:
+            raise ValueError(f"{path}: malformed importance record (importance/std lengths differ or are empty)")
+        return rec
+
+
+class _Lens:
+    """Top-k token ids of hidden states through the logit lens, chunked over positions with one buffer."""
+
+    def __init__(self, final_norm: nn.Module, lm_head: nn.Module, k: int, chunk: int):
+        self.norm, self.head, self.k, self.chunk = final_norm, lm_head, k, chunk
+        weight = getattr(lm_head, "weight", None)
+        self.linear = isinstance(lm_head, nn.Linear) and weight is not None
+        self.buffer: torch.Tensor | None = None
+
+    def topk(self, h: torch.Tensor) -> torch.Tensor:
+        """``h``: ``[B, T, H]`` -> ``[B, T, k]`` token ids."""
+        flat = h.reshape(-1, h.shape[-1])
+        out = torch.empty(flat.shape[0], self.k, dtype=torch.int64)
+        for s in range(0, flat.shape[0], self.chunk):
+            z = self.norm(flat[s : s + self.chunk])
+            if self.linear:
+                w = self.head.weight  # [V, H]
+                if self.buffer is None or self.buffer.shape[0] < z.shape[0]:
+                    self.buffer = torch.empty(z.shape[0], w.shape[0], dtype=z.dtype)
+                logits = torch.mm(z, w.t(), out=self.buffer[: z.shape[0]])  # [chunk, V], reused memory
+                if self.head.bias is not None:
+                    logits += self.head.bias
+            else:
+                logits = self.head(z)
+            out[s : s + z.shape[0]] = topk_indices(logits, self.k)
+        return out.view(*h.shape[:-1], self.k)
+
+
+def _hidden(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def score_samples(
+    model: nn.Module,
+    calib: CalibrationSet,
+    method: str | Method = Method.JACCARD,
+    k: int = 10,
+    *,
+    batch_size: int = 4,
+    chunk: int = 1024,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Per-sample, per-layer importance ``[N, num_layers]`` (float64), one forward pass per batch."""
+    method = Method.parse(method)
+    parts = decoder_parts(model)
+    vocab = parts.lm_head.weight.shape[0] if hasattr(parts.lm_head, "weight") else model.config.vocab_size
+    if method is Method.JACCARD and not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, {vocab}] (the vocabulary size), got k={k}")
+    n, n_layers = calib.samples, len(parts.layers)
+    scores = np.zeros((n, n_layers), dtype=np.float64)
+    lens = _Lens(parts.final_norm, parts.lm_head, k, chunk)
+    # "prev" holds the representation of the current layer's input: top-k ids [B, T, k] or the hidden state.
+    state: dict[str, Any] = {}
+
+    def represent(h: torch.Tensor) -> torch.Tensor:
+        return lens.topk(h) if method is Method.JACCARD else h
+
+    def on_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state["prev"] = represent(args[0] if args else kwargs["hidden_states"])
+
+    def on_output(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            cur = represent(_hidden(output))
+            sim = jaccard(state["prev"], cur) if method is Method.JACCARD else cosine(state["prev"], cur)
+            state["sim"][:, index] = (1.0 - sim.double()).mean(-1)  # [B] mean over positions
+            state["prev"] = cur
+
+        return hook
+
+    handles = [parts.layers[0].register_forward_pre_hook(on_input, with_kwargs=True)]
+    handles += [layer.register_forward_hook(on_output(i), with_kwargs=True) for i, layer in enumerate(parts.layers)]
+    try:
+        with torch.inference_mode():
+            for s in range(0, n, batch_size):
+                ids = calib.tokens[s : s + batch_size]
+                state["sim"] = torch.zeros(ids.shape[0], n_layers, dtype=torch.float64)
+                # The decoder stack alone: the model's own LM head output is not needed (the lens computes it).
+                parts.base(input_ids=ids, use_cache=False)
+                scores[s : s + ids.shape[0]] = state["sim"].numpy()
+                if progress is not None:
+                    progress(ids.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return scores
+
+
+def score_importance(
+    model: nn.Module,
+    info: ModelInfo,
+    calib: CalibrationSet,
+    method: str | Method = Method.JACCARD,
+    k: int = 10,
+    *,
+    batch_size: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> LayerImportance:
+    """Score every decoder layer of ``model`` on ``calib``; returns the :class:`LayerImportance` record."""
+    method = Method.parse(method)
+    start = time.perf_counter()
+    per_sample = score_samples(model, calib, method, k, batch_size=batch_size, progress=progress)
+    std = per_sample.std(axis=0, ddof=1) if per_sample.shape[0] > 1 else np.zeros(per_sample.shape[1])
+    return LayerImportance(
+        model=info,
+        method=method.value,
+        k=k if method is Method.JACCARD else None,
+        calibration=calib.info(),
+        importance=tuple(float(x) for x in per_sample.mean(axis=0)),
+        std=tuple(float(x) for x in std),
+        wall_time_s=round(time.perf_counter() - start, 3),
+    )

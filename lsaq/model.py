@@ -1,0 +1,284 @@
+"""Loading causal LMs (local directory, hub id, GGUF file) and finding their decoder parts.
+
+``load_model`` returns the model, its tokenizer and a :class:`ModelInfo` identity record (id, revision, content
+hash, architecture, config) that every downstream result carries. ``decoder_parts`` finds the decoder layers, the
+final norm and the LM head: the pieces the logit lens and the quantizer need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .records import atomic_dir, atomic_write_json, canonical_json, file_sha256, sha256_hex
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors",)
+# Where each supported model family keeps its decoder stack: (path to the module holding layers and norm,
+# layers attribute, final norm attribute). Resolved on the CausalLM object.
+_LAYOUTS: dict[str, tuple[str, str, str]] = {
+    "llama": ("model", "layers", "norm"),
+    "mistral": ("model", "layers", "norm"),
+    "mixtral": ("model", "layers", "norm"),
+    "qwen2": ("model", "layers", "norm"),
+    "qwen3": ("model", "layers", "norm"),
+    "qwen3_moe": ("model", "layers", "norm"),
+    "gemma": ("model", "layers", "norm"),
+    "gemma2": ("model", "layers", "norm"),
+    "gemma3_text": ("model", "layers", "norm"),
+    "gemma3": ("model.language_model", "layers", "norm"),
+    "phi3": ("model", "layers", "norm"),
+    "granite": ("model", "layers", "norm"),
+    "olmo2": ("model", "layers", "norm"),
+    "smollm3": ("model", "layers", "norm"),
+    "gpt_neox": ("gpt_neox", "layers", "final_layer_norm"),
+}
+SUPPORTED_MODEL_TYPES = tuple(sorted(_LAYOUTS))
+
+
+def cache_dir() -> Path:
+    """lsaq's cache root: ``$LSAQ_CACHE``, else ``$XDG_CACHE_HOME/lsaq``, else ``~/.cache/lsaq``."""
+    if env := os.environ.get("LSAQ_CACHE"):
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "lsaq"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of a loaded model, recorded in every result derived from it."""
+
+    id: str  # what the user named: a path, a hub id, or "default"
+    source: str  # resolved local path the weights were read from (a GGUF file or an HF directory)
+    revision: str | None  # hub commit, or None for local files
+    content_hash: str  # sha256 over the weight files (GGUF file, or safetensors files in name order)
+    architecture: str  # e.g. "LlamaForCausalLM"
+    model_type: str  # e.g. "llama"
+    num_layers: int
+    config: dict[str, Any]  # the HF config as a dict: enough to plan without weights
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "ModelInfo":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in obj.items() if k in names})
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    info: ModelInfo
+
+
+@dataclass(frozen=True)
+class DecoderParts:
+    """The pieces of a decoder-only LM that the logit lens and the quantizer work on."""
+
+    base: nn.Module  # the decoder stack without the LM head (embeddings -> layers -> final norm)
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    lm_head: nn.Module
+    embed: nn.Module
+
+
+def _getattr_path(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def decoder_parts(model: nn.Module) -> DecoderParts:
+    """Find decoder layers, final norm, LM head and input embedding; ``ValueError`` for unknown architectures."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    layout = _LAYOUTS.get(model_type)
+    if layout is None:
+        raise ValueError(
+            f"unsupported architecture {arch!r} (model_type {model_type!r}); "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    base_path, layers_attr, norm_attr = layout
+    try:
+        base = _getattr_path(model, base_path)
+        layers, norm = getattr(base, layers_attr), getattr(base, norm_attr)
+    except AttributeError as e:
+        raise ValueError(f"architecture {arch!r} ({model_type}) does not have the expected layout: {e}") from e
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or head is None:
+        raise ValueError(f"architecture {arch!r} ({model_type}): no decoder layers or no LM head found")
+    return DecoderParts(base=base, layers=layers, final_norm=norm, lm_head=head, embed=embed)
+
+
+# ----------------------------------------------------------------------------------------------- hashing
+
+
+def _hash_cache_path() -> Path:
+    return cache_dir() / "hashes.json"
+
+
+def content_hash(files: list[Path]) -> str:
+    """sha256 over the sha256 of each file (by name order). Per-file hashes are cached by (path, size, mtime)."""
+    cache_file = _hash_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digests, changed = [], False
+    for f in sorted(files, key=lambda p: p.name):
+        st = f.stat()
+        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in cache:
+            cache[key], changed = file_sha256(f), True
+        digests.append([f.name, cache[key]])
+    if changed:
+        try:
+            atomic_write_json(cache_file, cache)
+        except OSError as e:  # a read-only cache only costs speed
+            log.warning("could not update hash cache %s: %s", cache_file, e)
+    return digests[0][1] if len(digests) == 1 else sha256_hex(canonical_json(digests))
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _resolve_hub(model_id: str, revision: str | None) -> tuple[Path, str]:
+    """Download (or find in the HF cache) a hub snapshot; clear error when offline or unknown."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            model_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as e:  # hub errors come in many classes; all mean "cannot resolve"
+        raise ValueError(
+            f"model {model_id!r} is not a local path and could not be resolved on the Hugging Face hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+            "pass a local directory or .gguf file, or check the id and your network"
+        ) from e
+    return Path(path), Path(path).name  # snapshot folder name is the commit hash
+
+
+def _gguf_to_float_dir(gguf: Path, digest: str, dtype: torch.dtype) -> Path:
+    """Convert a GGUF file once to a plain float HF directory (safetensors) in the cache; return its path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "gguf" / digest[:24]
+    if (target / "lsaq_source.json").is_file():
+        return target
+    log.info("converting %s to a float checkpoint in %s (once)", gguf, target)
+    gguf_dir, name = gguf.parent, gguf.name
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name, dtype=dtype)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        # The GGUF dequantizer stays attached to the config; a plain model must not inherit it.
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(quantized.state_dict(), assign=True)
+    plain.tie_weights()
+    # Tokenizer: prefer HF tokenizer files beside the GGUF, else convert the GGUF's own vocabulary.
+    has_tok = (gguf_dir / "tokenizer.json").is_file() or (gguf_dir / "tokenizer_config.json").is_file()
+    tok = AutoTokenizer.from_pretrained(gguf_dir) if has_tok else AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "lsaq_source.json", {"gguf": str(gguf), "sha256": digest})
+    return target
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_hub_id(s: str) -> bool:
+    """``org/name`` with no leading ``.``/``/``/``~`` and no ``.gguf`` suffix: worth asking the hub."""
+    return bool(_HUB_ID.match(s)) and not s.endswith(".gguf")
+
+
+def load_model(
+    source: str | os.PathLike | None = None,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local HF directory, a ``.gguf`` file or a hub id.
+
+    ``source=None`` loads the embedded default model (see :mod:`lsaq.default_model`). GGUF files are
+    dequantized once and cached as a float safetensors checkpoint, so later loads are fast. Only safetensors
+    weights are read; ``trust_remote_code`` is off unless asked for.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_id = "default" if source is None else str(source)
+    if source is None:
+        from .default_model import default_model_path
+
+        source = default_model_path()
+    path = Path(source).expanduser()
+    hub_revision = None
+    if path.is_file() and path.suffix == ".gguf":
+        digest = content_hash([path])
+        load_dir = _gguf_to_float_dir(path, digest, dtype)
+    elif path.is_dir():
+        weights = [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+        ggufs = sorted(path.glob("*.gguf"))
+        if not weights and len(ggufs) == 1:
+            return _with_id(load_model(ggufs[0], dtype=dtype, trust_remote_code=trust_remote_code), model_id)
+        if not weights:
+            raise ValueError(f"model directory {path} has no *.safetensors weights (only safetensors are loaded)")
+        digest, load_dir = content_hash(weights), path
+    elif path.exists():
+        raise ValueError(f"model path {path} is neither a directory nor a .gguf file")
+    elif not _is_hub_id(str(source)):
+        raise ValueError(f"model path {path} does not exist")
+    else:
+        load_dir, hub_revision = _resolve_hub(str(source), revision)
+        digest = content_hash([p for p in load_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES])
+
+    config_file = load_dir / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"model directory {load_dir} has no config.json")
+    model_type = json.loads(config_file.read_text()).get("model_type", "?")
+    if model_type not in _LAYOUTS:
+        raise ValueError(
+            f"unsupported architecture: model_type {model_type!r} in {config_file}; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        load_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(load_dir, trust_remote_code=trust_remote_code)
+    parts = decoder_parts(model)
+    config = model.config.to_dict()
+    info = ModelInfo(
+        id=model_id,
+        source=str(path if hub_revision is None else load_dir),
+        revision=hub_revision,
+        content_hash=digest,
+        architecture=(config.get("architectures") or [type(model).__name__])[0],
+        model_type=model_type,
+        num_layers=len(parts.layers),
+        config=json.loads(json.dumps(config, default=str)),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def _with_id(loaded: LoadedModel, model_id: str) -> LoadedModel:
+    loaded.info = dataclasses.replace(loaded.info, id=model_id)
+    return loaded

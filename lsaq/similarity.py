@@ -1,0 +1,70 @@
+"""Pure tensor primitives for layer importance: deterministic top-k sets, their Jaccard similarity, cosine.
+
+Everything here works on the last dimension and keeps the leading ones, so the same function serves a single
+position (shape ``[V]``), a batch of positions (``[P, V]``) or whole sequences (``[B, T, V]``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries along the last dim, with ties broken towards the lower index.
+
+    ``scores``: ``[..., V]`` floating point. Returns ``[..., k]`` int64, in descending order of score and,
+    among equal scores, ascending index, so the *set* (and the order) is a pure function of the values.
+
+    ``torch.topk`` picks an arbitrary member of a tie that straddles the k-th place. Asking it for k+1 values
+    shows such rows cheaply (the (k+1)-th value equals the k-th); they are rare for real logits, so only those
+    rows, and rows whose kept ties came out of index order, are redone with a stable sort.
+    """
+    if scores.ndim == 0:
+        raise ValueError("topk_indices needs at least one dimension")
+    v = scores.shape[-1]
+    if not 1 <= k <= v:
+        raise ValueError(f"k must be in [1, {v}] (the size of the last dimension), got k={k}")
+    flat = scores.reshape(-1, v)
+    values, idx = torch.topk(flat, min(k + 1, v), dim=-1, largest=True, sorted=True)
+    ambiguous = values[:, k] == values[:, k - 1] if k < v else torch.zeros(flat.shape[0], dtype=torch.bool)
+    values, idx = values[:, :k], idx[:, :k].contiguous()
+    # Within the kept set, equal values must also come in ascending index order.
+    unordered = ((values[:, 1:] == values[:, :-1]) & (idx[:, 1:] < idx[:, :-1])).any(-1)
+    redo = (ambiguous | unordered).nonzero().flatten()
+    if redo.numel():
+        _, order = torch.sort(flat[redo], dim=-1, descending=True, stable=True)
+        idx[redo] = order[:, :k]
+    return idx.reshape(*scores.shape[:-1], k)
+
+
+def intersection_size(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``|A ∩ B|`` per row for index sets ``a``: ``[..., ka]`` and ``b``: ``[..., kb]`` (no repeats in a row).
+
+    Sort ``b`` once, then binary-search every element of ``a`` in it: O(k log k) per row instead of the
+    O(k^2) of a broadcast comparison, which matters for large k.
+    """
+    if a.shape[:-1] != b.shape[:-1]:
+        raise ValueError(f"leading shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    b_sorted = torch.sort(b, dim=-1).values.contiguous()
+    pos = torch.searchsorted(b_sorted, a.contiguous()).clamp_(max=b.shape[-1] - 1)
+    return (b_sorted.gather(-1, pos) == a).sum(-1)
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Jaccard similarity ``|A ∩ B| / |A ∪ B|`` of two index sets per row; returns ``[...]`` float32 in [0, 1]."""
+    inter = intersection_size(a, b).to(torch.float32)
+    union = a.shape[-1] + b.shape[-1] - inter
+    return inter / union
+
+
+def topk_jaccard(x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """Jaccard similarity of the top-k index sets of two score tensors ``[..., V]``; returns ``[...]``."""
+    return jaccard(topk_indices(x, k), topk_indices(y, k))
+
+
+def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity along the last dim, computed in float32; ``[..., H]`` x2 -> ``[...]``.
+
+    A zero vector has similarity 0 with anything (``eps`` guards the division), never NaN.
+    """
+    return torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1, eps=1e-8)
