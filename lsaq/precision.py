@@ -1,0 +1,30 @@
+"""The precisions a decoder layer can be stored at."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Precision(str, Enum):
+    """Per-layer weight precision. Order of the members is from most to least precise."""
+
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @property
+    def bits(self) -> int:
+        return {"fp16": 16, "int8": 8, "int4": 4}[self.value]
+
+    @classmethod
+    def parse(cls, value: "str | Precision") -> "Precision":
+        try:
+            return cls(str(value).lower()) if not isinstance(value, cls) else value
+        except ValueError:
+            raise ValueError(f"unknown precision {value!r}; valid precisions: {', '.join(p.value for p in cls)}") from None
+
+    def demoted(self) -> "Precision | None":
+        """The next lower precision (FP16 -> INT8 -> INT4), or None at the bottom."""
+        members = list(Precision)
+        i = members.index(self)
+        return members[i + 1] if i + 1 < len(members) else None
