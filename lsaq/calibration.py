@@ -51,6 +51,13 @@ class CalibrationSet:
             "tokens": self.samples * self.seq_len,
         }
 
+    @classmethod
+    def from_tokens(cls, tokens: torch.Tensor, source: str = "tokens", seed: int = 0) -> "CalibrationSet":
+        """Wrap ready token ids ``[N, L]`` (e.g. synthetic ones for tests) as a hashed calibration set."""
+        if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
+            raise ValueError(f"calibration tokens must have shape [N>=1, L>=2], got {tuple(tokens.shape)}")
+        return _make(tokens.to(torch.int64), source, sha256_hex(tokens.to(torch.int64).numpy().tobytes()), seed)
+
     def split(self, parts: int) -> list["CalibrationSet"]:
         """Split into ``parts`` disjoint subsets (their windows never overlap), each with its own hash."""
         return [_make(chunk, self.source, self.source_hash, self.seed) for chunk in self.tokens.chunk(parts)]

@@ -1,0 +1,81 @@
+"""Top-k and Jaccard primitives against naive set-based references."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from lsaq.similarity import cosine, intersection_size, jaccard, topk_indices, topk_jaccard
+
+
+def naive_topk(row: list[float], k: int) -> list[int]:
+    """Reference: sort by (-value, index): ties go to the lower index."""
+    return sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+
+
+def naive_jaccard(a: list[int], b: list[int]) -> float:
+    sa, sb = set(a), set(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+# Small integer-valued scores make ties frequent, which is the case that needs care.
+rows = st.lists(st.integers(-3, 3).map(float), min_size=1, max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(rows, min_size=1, max_size=6).filter(lambda r: len({len(x) for x in r}) == 1), st.data())
+def test_topk_matches_naive_reference_with_ties(batch, data):
+    k = data.draw(st.integers(1, len(batch[0])))
+    got = topk_indices(torch.tensor(batch), k)
+    assert got.tolist() == [naive_topk(r, k) for r in batch]
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows, rows, st.data())
+def test_topk_jaccard_matches_naive(x, y, data):
+    n = min(len(x), len(y))
+    x, y = x[:n], y[:n]
+    k = data.draw(st.integers(1, n))
+    got = topk_jaccard(torch.tensor(x), torch.tensor(y), k).item()
+    assert got == pytest.approx(naive_jaccard(naive_topk(x, k), naive_topk(y, k)), abs=1e-6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sets(st.integers(0, 200), min_size=1, max_size=30), st.sets(st.integers(0, 200), min_size=1, max_size=30))
+def test_jaccard_identities(a, b):
+    ta, tb = torch.tensor(sorted(a)[::-1]), torch.tensor(sorted(b))
+    assert jaccard(ta, ta).item() == 1.0  # identical sets
+    assert jaccard(ta, tb).item() == pytest.approx(jaccard(tb, ta).item())  # symmetry
+    assert jaccard(ta, tb).item() == pytest.approx(naive_jaccard(list(a), list(b)))
+    assert intersection_size(ta, tb).item() == len(a & b)
+
+
+def test_disjoint_sets_give_zero_and_batched_shapes():
+    a = torch.tensor([[0, 1, 2], [5, 6, 7]])
+    b = torch.tensor([[3, 4, 5], [7, 6, 5]])
+    assert jaccard(a, b).tolist() == [0.0, 1.0]
+    scores = torch.randn(2, 3, 50)
+    assert topk_indices(scores, 5).shape == (2, 3, 5)
+    assert topk_jaccard(scores, scores, 5).eq(1.0).all()
+
+
+def test_all_equal_row_is_deterministic():
+    x = torch.zeros(3, 1000)
+    for _ in range(3):
+        assert topk_indices(x, 7).tolist() == [list(range(7))] * 3
+
+
+def test_topk_rejects_bad_k():
+    with pytest.raises(ValueError, match=r"k must be in \[1, 4\]"):
+        topk_indices(torch.zeros(4), 0)
+    with pytest.raises(ValueError, match="got k=5"):
+        topk_indices(torch.zeros(4), 5)
+
+
+def test_cosine_basics():
+    x = torch.randn(4, 16)
+    assert torch.allclose(cosine(x, x), torch.ones(4))
+    assert torch.allclose(cosine(x, -x), -torch.ones(4))
+    assert cosine(torch.zeros(16), x[0]).item() == 0.0
