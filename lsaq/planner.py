@@ -1,0 +1,340 @@
+"""Per-device plans: the precision of each decoder layer such that the model fits a device, as a versioned record.
+
+Everything outside the decoder layers' linear weights is a fixed cost: embedding, LM head, all norms, KV cache,
+workspace (:mod:`lsaq.memory`). A plan chooses one allowed precision per layer within
+``capacity = (memory - reserve) - fixed`` bytes, with a strategy: ``lsaq`` (the paper's demotion rule),
+``optimal`` (exact importance-weighted knapsack) or a uniform baseline ``fp16``/``int8``/``int4``; see
+:mod:`lsaq.solvers` for both algorithms and the objective.
+
+The :class:`Plan` record (schema ``lsaq.plan``, version 1) carries what the quantize stage needs: model identity,
+importance reference, device, options, the per-layer linear shapes, per-layer precisions, bytes per component.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from . import __version__
+from .devices import DeviceProfile, load_catalog
+from .memory import (
+    FP16_BYTES, MemoryBreakdown, WeightPolicy, average_bits, embedding_bytes, kv_cache_bytes, layer_linear_bytes,
+    layer_norm_bytes, memory_breakdown, workspace_bytes,
+)
+from .precision import Precision
+from .records import atomic_write_json, canonical_json, read_record, sha256_hex
+from .shapes import ModelShape
+from .solvers import SolverInfo, default_quality, lsaq_assign, objective, optimal_assign, precision_levels, ranking
+from .units import format_bytes
+
+SCHEMA = "lsaq.plan"
+VERSION = 1
+OBJECTIVE = "sum_i importance_i * q(precision_i); q(fp16)=1, q(int8)=1-2^-4, q(int4)=0 (see lsaq.solvers)"
+MODEL_KEYS = ("id", "source", "revision", "content_hash", "config_hash", "architecture", "model_type", "num_layers")
+
+
+class Strategy(str, Enum):
+    LSAQ = "lsaq"
+    OPTIMAL = "optimal"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @classmethod
+    def parse(cls, value: "str | Strategy") -> "Strategy":
+        try:
+            return value if isinstance(value, cls) else cls(str(value).lower())
+        except ValueError:
+            raise ValueError(f"unknown strategy {value!r}; valid strategies: {', '.join(s.value for s in cls)}") from None
+
+    @property
+    def uniform(self) -> Precision | None:
+        """The precision of a uniform baseline, else None."""
+        return Precision(self.value) if self.value in {p.value for p in Precision} else None
+
+
+class InfeasiblePlanError(ValueError):
+    """Even the cheapest allowed assignment does not fit; carries the bytes needed and available."""
+
+    def __init__(self, message: str, min_required: int, available: int):
+        super().__init__(message)
+        self.min_required, self.available = min_required, available
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Everything besides model, importance and device that decides a plan."""
+
+    context: int = 4096
+    batch: int = 1
+    strategy: Strategy = Strategy.LSAQ
+    allowed: tuple[Precision, ...] = tuple(Precision)
+    policy: WeightPolicy = field(default_factory=WeightPolicy)
+    kv_bytes: int = FP16_BYTES  # bytes per cached K/V value
+    quality: Mapping[Precision, float] = field(default_factory=default_quality)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
+        object.__setattr__(self, "allowed", tuple(precision_levels(self.allowed)))
+        for name in ("context", "batch", "kv_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        q = {Precision.parse(k): float(v) for k, v in self.quality.items()}
+        levels = list(Precision)
+        if set(q) != set(levels) or any(q[a] < q[b] for a, b in zip(levels, levels[1:])):
+            raise ValueError(f"quality weights need a value per precision, non-increasing from fp16 to int4; got {q}")
+        object.__setattr__(self, "quality", q)
+
+    def with_policy(self, policy: WeightPolicy) -> "PlanOptions":
+        return PlanOptions(self.context, self.batch, self.strategy, self.allowed, policy, self.kv_bytes, self.quality)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "context": self.context,
+            "batch": self.batch,
+            "strategy": self.strategy.value,
+            "allowed": [p.value for p in self.allowed],
+            **self.policy.to_json(),
+            "kv_bytes_per_value": self.kv_bytes,
+            "quality": {p.value: v for p, v in self.quality.items()},
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "PlanOptions":
+        return cls(
+            context=obj["context"], batch=obj["batch"], strategy=obj["strategy"],
+            allowed=tuple(Precision.parse(p) for p in obj["allowed"]), policy=WeightPolicy.from_json(obj),
+            kv_bytes=obj["kv_bytes_per_value"], quality={Precision.parse(k): v for k, v in obj["quality"].items()},
+        )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The fixed bytes of one (model, options), and one decoder layer's linears at each precision."""
+
+    fixed: int  # embedding, head, all norms, KV cache, workspace
+    layer_costs: dict[Precision, int]
+
+    def capacity(self, usable: int) -> int:
+        return usable - self.fixed
+
+    def min_required(self, levels: Sequence[Precision], num_layers: int) -> int:
+        """Fewest bytes any plan over ``levels`` needs (weights + KV + workspace, no reserve)."""
+        return self.fixed + num_layers * min(self.layer_costs[p] for p in levels)
+
+
+def budget_for(shape: ModelShape, options: PlanOptions) -> Budget:
+    options.policy.check_tied(shape)
+    embed, head = embedding_bytes(shape, options.policy)
+    fixed = (
+        embed + head + shape.num_layers * layer_norm_bytes(shape) + sum(t.numel * FP16_BYTES for t in shape.final_norms)
+        + kv_cache_bytes(shape, options.context, options.batch, options.kv_bytes)
+        + workspace_bytes(shape, options.context, options.batch)
+    )
+    return Budget(fixed, {p: layer_linear_bytes(shape, p, options.policy.group_size) for p in Precision})
+
+
+def check_importance(importance: Sequence[float], num_layers: int) -> None:
+    if len(importance) != num_layers:
+        raise ValueError(f"importance has {len(importance)} values but the model has {num_layers} decoder layers")
+    for i, w in enumerate(importance):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 <= w < float("inf")):
+            raise ValueError(f"importance of layer {i} must be a finite, non-negative number, got {w!r}")
+
+
+def assign_precisions(
+    shape: ModelShape, importance: Sequence[float], usable: int, options: PlanOptions
+) -> tuple[list[Precision] | None, SolverInfo]:
+    """Run ``options.strategy`` for ``usable`` bytes; the assignment is ``None`` when nothing fits."""
+    check_importance(importance, shape.num_layers)
+    b = budget_for(shape, options)
+    costs, cap, s = [b.layer_costs] * shape.num_layers, b.capacity(usable), options.strategy
+    if s.uniform is not None:
+        fits = shape.num_layers * b.layer_costs[s.uniform] <= cap
+        return ([s.uniform] * shape.num_layers if fits else None), SolverInfo("uniform")
+    if s is Strategy.LSAQ:
+        return lsaq_assign(importance, costs, cap, options.allowed), SolverInfo("rule")
+    return optimal_assign(importance, costs, cap, options.allowed, options.quality)
+
+
+def infeasible_error(shape: ModelShape, options: PlanOptions, device: DeviceProfile, model_name: str) -> InfeasiblePlanError:
+    """The error for a plan that cannot fit: minimum needed, what is usable, and what would help."""
+    levels = [options.strategy.uniform] if options.strategy.uniform else list(options.allowed)
+    b, usable = budget_for(shape, options), device.usable
+    need = b.min_required(levels, shape.num_layers)
+    kv = kv_cache_bytes(shape, options.context, options.batch, options.kv_bytes)
+    ws = workspace_bytes(shape, options.context, options.batch)
+
+    def runtime(ctx: int) -> int:  # KV cache + workspace: affine in the context length
+        return kv_cache_bytes(shape, ctx, options.batch, options.kv_bytes) + workspace_bytes(shape, ctx, options.batch)
+
+    weights, per_token = need - kv - ws, runtime(2) - runtime(1)
+    max_ctx = 1 + (usable - weights - runtime(1)) // per_token if usable >= weights + runtime(1) else 0
+    hints = [f"a shorter context (--context {max_ctx} fits)" if max_ctx >= 1 else "a shorter context alone will not do"]
+    if options.batch > 1:
+        hints.append(f"a smaller batch (KV cache and workspace grow with --batch {options.batch})")
+    for p in list(Precision)[list(Precision).index(options.policy.embed) + 1:]:
+        alt = options.with_policy(WeightPolicy(options.policy.group_size, p, None))
+        saved = need - budget_for(shape, alt).min_required(levels, shape.num_layers)
+        if saved > 0:
+            hints.append(f"--embed-precision {p.value} (saves {format_bytes(saved)})")
+    if options.strategy.uniform is not None:
+        hints.append("a mixed-precision strategy (--strategy lsaq or optimal)")
+    elif Precision.INT4 not in levels:
+        hints.append("allowing int4 (--allowed)")
+    larger = sorted((d for d in load_catalog() if d.usable >= need), key=lambda d: d.usable)[:3]
+    hints.append(f"a device with at least {format_bytes(need)} usable" + (f" (e.g. {', '.join(d.name for d in larger)})" if larger else ""))
+    return InfeasiblePlanError(
+        f"{model_name} does not fit {device.name}: it needs at least {format_bytes(need)} ({need:,} bytes: every layer "
+        f"{levels[-1].value}, embeddings {options.policy.embed.value}, KV cache {format_bytes(kv)} at context "
+        f"{options.context} x batch {options.batch}, workspace {format_bytes(ws)}) but only {format_bytes(usable)} "
+        f"({usable:,} bytes) is usable ({device.describe()}). What would help: " + "; ".join(hints),
+        need, usable,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One model on one device: per-layer precisions and the bytes that follow from them."""
+
+    model: dict[str, Any]  # identity, keys MODEL_KEYS
+    importance_ref: dict[str, Any]  # {"id": importance record id or "none", "method", "k"}
+    importance: tuple[float, ...]
+    device: DeviceProfile
+    options: PlanOptions
+    shape: ModelShape
+    precisions: tuple[Precision, ...]
+    solver: SolverInfo = field(default_factory=lambda: SolverInfo("rule"))
+    lsaq_version: str = __version__
+
+    @property
+    def breakdown(self) -> MemoryBreakdown:
+        o = self.options
+        return memory_breakdown(self.shape, self.precisions, o.policy, context=o.context, batch=o.batch,
+                                reserve=self.device.reserve, kv_bytes=o.kv_bytes)
+
+    @property
+    def headroom(self) -> int:
+        """Usable bytes left over; negative when the plan does not fit."""
+        return self.device.usable - self.breakdown.required
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom >= 0
+
+    @property
+    def avg_bits(self) -> dict[str, float]:
+        return average_bits(self.shape, self.precisions, self.options.policy)
+
+    @property
+    def objective(self) -> float:
+        return float(objective(self.importance, self.precisions, self.options.quality))
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {p.value: sum(1 for x in self.precisions if x is p) for p in Precision}
+
+    @property
+    def id(self) -> str:
+        """Content hash of what the plan decides and from what (not the lsaq version)."""
+        j = self.to_json(with_id=False)
+        return sha256_hex(canonical_json({k: j[k] for k in ("model", "importance", "device", "options", "shape", "precisions")}))
+
+    def to_json(self, with_id: bool = True) -> dict[str, Any]:
+        bd, total_w = self.breakdown, sum(self.importance)
+        rank = {layer: r for r, layer in enumerate(ranking(self.importance), 1)}
+        obj: dict[str, Any] = {
+            "schema": SCHEMA,
+            "version": VERSION,
+            "lsaq_version": self.lsaq_version,
+            "model": self.model,
+            "importance": {**self.importance_ref, "values": list(self.importance)},
+            "device": self.device.to_json(),
+            "options": self.options.to_json(),
+            "shape": self.shape.to_json(),
+            "precisions": [p.value for p in self.precisions],
+            "layers": [
+                {"index": i, "precision": p.value, "importance": w, "rank": rank[i], "bytes": n}
+                for i, (p, w, n) in enumerate(zip(self.precisions, self.importance, bd.layers))
+            ],
+            "counts": self.counts,
+            "bytes": bd.to_json(),
+            "budget": {"memory": self.device.memory, "reserve": self.device.reserve, "usable": self.device.usable,
+                       "required": bd.required, "headroom": self.headroom, "fits": self.fits},
+            "avg_bits": self.avg_bits,
+            "objective": {"definition": OBJECTIVE, "value": self.objective, "max": total_w,
+                          "normalized": self.objective / total_w if total_w else 1.0, "solver": self.solver.to_json()},
+        }
+        if with_id:
+            obj = {"schema": SCHEMA, "version": VERSION, "id": self.id, **obj}
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "Plan":
+        imp = obj["importance"]
+        s = obj["objective"]["solver"]
+        plan = cls(
+            model=dict(obj["model"]),
+            importance_ref={k: v for k, v in imp.items() if k != "values"},
+            importance=tuple(float(x) for x in imp["values"]),
+            device=DeviceProfile.from_json(obj["device"]),
+            options=PlanOptions.from_json(obj["options"]),
+            shape=ModelShape.from_json(obj["shape"]),
+            precisions=tuple(Precision.parse(p) for p in obj["precisions"]),
+            solver=SolverInfo(s["method"], s.get("frontier", 0), s.get("upper_bound"), list(s.get("notes", []))),
+            lsaq_version=obj.get("lsaq_version", "?"),
+        )
+        if len(plan.precisions) != plan.shape.num_layers:
+            raise ValueError(f"{len(plan.precisions)} precisions for {plan.shape.num_layers} layers")
+        if plan.breakdown.to_json() != obj["bytes"]:
+            raise ValueError("stored bytes differ from the memory model's (edited, or written by another lsaq version)")
+        return plan
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        obj = read_record(path, SCHEMA, VERSION)
+        try:
+            return cls.from_json(obj)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: malformed plan record ({type(e).__name__}: {e})") from e
+
+
+def make_plan(
+    shape: ModelShape,
+    importance: Sequence[float],
+    device: DeviceProfile,
+    options: PlanOptions | None = None,
+    *,
+    model: Mapping[str, Any] | None = None,
+    importance_ref: Mapping[str, Any] | None = None,
+) -> Plan:
+    """Plan ``shape`` for ``device``; :class:`InfeasiblePlanError` (a ``ValueError``) when nothing fits."""
+    options = options or PlanOptions()
+    model = {k: (dict(model or {})).get(k) for k in MODEL_KEYS} | {"model_type": shape.model_type, "num_layers": shape.num_layers}
+    assign, info = assign_precisions(shape, importance, device.usable, options)
+    if assign is None:
+        raise infeasible_error(shape, options, device, model.get("id") or shape.model_type)
+    return Plan(
+        model=model,
+        importance_ref=dict(importance_ref or {"id": "none", "method": None, "k": None}),
+        importance=tuple(float(w) for w in importance),
+        device=device,
+        options=options,
+        shape=shape,
+        precisions=tuple(assign),
+        solver=info,
+    )
+
+
+def uniform_plan(base: Plan, precision: Precision) -> Plan:
+    """``base`` with every layer at ``precision``, fitting or not (for baseline comparisons)."""
+    return Plan(base.model, base.importance_ref, base.importance, base.device,
+                PlanOptions(base.options.context, base.options.batch, Strategy(precision.value), base.options.allowed,
+                            base.options.policy, base.options.kv_bytes, base.options.quality),
+                base.shape, (precision,) * base.shape.num_layers, SolverInfo("uniform"), base.lsaq_version)
