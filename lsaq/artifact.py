@@ -1,0 +1,236 @@
+"""The per-device artifact: a Hugging Face directory in the compressed-tensors format, and lsaq's loader for it.
+
+Layout of an artifact directory::
+
+    config.json             model config + quantization_config (compressed-tensors, one group per format)
+    model.safetensors       int8 codes / packed int4 words + fp16 scales (compressed-tensors names), fp16 rest
+    generation_config.json  tokenizer files
+    lsaq_plan.json          the plan it was built from
+    lsaq_artifact.json      manifest: size and sha256 of every file, predicted vs stored tensor bytes
+
+Stock ``transformers`` (with ``compressed-tensors`` installed) loads it with ``from_pretrained(dir)``;
+:func:`load_quantized` loads it onto lsaq's packed kernels. The directory is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .apply import artifact_state_dict, quantize_model, quantized_linear
+from .memory import weight_tensor_bytes
+from .model import LoadedModel, ModelInfo, decoder_parts
+from .planner import Plan
+from .precision import Precision
+from .quant import QuantizedWeight, unpack_int32_to_int4, unpack_zero_points
+from .records import atomic_dir, atomic_write_json, file_sha256, read_record
+
+MANIFEST = "lsaq_artifact.json"
+PLAN = "lsaq_plan.json"
+WEIGHTS = "model.safetensors"
+REQUIRED = ("config.json", WEIGHTS, PLAN, MANIFEST)
+SCHEMA, VERSION = "lsaq.artifact", 1
+
+
+class ArtifactError(ValueError):
+    """An artifact directory is incomplete, truncated, corrupted or inconsistent with its plan."""
+
+
+def _weight_args(precision: Precision, group_size: int | None) -> dict[str, Any]:
+    grouped = precision is Precision.INT4 and group_size is not None
+    return {
+        "num_bits": precision.bits, "type": "int", "symmetric": not grouped, "dynamic": False,
+        "strategy": "group" if grouped else "channel", "group_size": group_size if grouped else None,
+        "observer": "minmax",
+    }
+
+
+def quantization_config(plan: Plan) -> dict[str, Any]:
+    """compressed-tensors ``quantization_config``: one config group per quantized precision, targets by regex."""
+    linear_names = "|".join(re.escape(lin.name) for lin in plan.shape.layer_linears)
+    prefix = re.escape(plan.shape.layer_prefix)
+    groups, formats = {}, set()
+    for precision in (Precision.INT8, Precision.INT4):
+        layers = [i for i, p in enumerate(plan.precisions) if p is precision]
+        if not layers:
+            continue
+        fmt = "int-quantized" if precision is Precision.INT8 else "pack-quantized"
+        formats.add(fmt)
+        group_size = plan.options.policy.group_size if precision is Precision.INT4 else None
+        groups[f"group_{len(groups)}"] = {
+            "targets": [f"re:^{prefix}\\.({'|'.join(map(str, layers))})\\.({linear_names})$"],
+            "weights": _weight_args(precision, group_size),
+            "input_activations": None,
+            "output_activations": None,
+            "format": fmt,
+        }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": ["lm_head"],
+    }
+
+
+def write_artifact(
+    loaded: LoadedModel, plan: Plan, out_dir: str | Path, *, progress: Callable[[int], None] | None = None
+) -> Path:
+    """Quantize ``loaded`` (in place) following ``plan`` and write the artifact directory atomically."""
+    model = quantize_model(loaded.model, loaded.info, plan, progress=progress)
+    tensors = artifact_state_dict(model)
+    predicted = weight_tensor_bytes(plan.shape, plan.precisions, plan.options.policy)
+    stored = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    if stored != predicted:  # the memory model promised these bytes; a difference is a bug, never shipped
+        diff = sorted(set(stored.items()) ^ set(predicted.items()))[:6]
+        raise AssertionError(f"artifact tensors differ from the memory model's prediction: {diff}")
+    config = loaded.info.config | {"dtype": "float16", "torch_dtype": "float16",
+                                   "quantization_config": quantization_config(plan)}
+    config.pop("_name_or_path", None)
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lsaq_plan": plan.id})
+        atomic_write_json(tmp / "config.json", config)
+        plan.save(tmp / PLAN)
+        loaded.tokenizer.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        atomic_write_json(tmp / MANIFEST, {
+            "schema": SCHEMA, "version": VERSION, "lsaq_version": __version__, "plan_id": plan.id,
+            "model": loaded.info.to_json() | {"config": None},
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)} for f in files},
+            "tensor_bytes": sum(stored.values()),
+            "predicted_tensor_bytes": sum(predicted.values()),
+        })
+    return Path(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _check_safetensors(path: Path) -> None:
+    """Header sanity and exact size: a truncated file is named as such before any tensor is read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ArtifactError(f"{path}: truncated ({size} bytes, not even a safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ArtifactError(f"{path}: corrupted or truncated safetensors header (claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{path}: corrupted safetensors header ({e})") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise ArtifactError(f"{path}: truncated or padded: header describes {8 + n + end} bytes, file has {size}")
+
+
+def verify_artifact(path: str | Path, *, checksums: bool = True) -> dict[str, Any]:
+    """Check that every file is present, has its recorded size and (optionally) sha256; return the manifest."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: not an artifact directory (no such directory)")
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing:
+        raise ArtifactError(f"{path}: incomplete artifact, missing {', '.join(missing)}")
+    try:
+        manifest = read_record(path / MANIFEST, SCHEMA, VERSION)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from e
+    for name, meta in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise ArtifactError(f"{path}: incomplete artifact, missing {name}")
+        if f.stat().st_size != meta["bytes"]:
+            raise ArtifactError(f"{f}: size {f.stat().st_size} differs from the recorded {meta['bytes']} (truncated?)")
+    _check_safetensors(path / WEIGHTS)
+    if checksums:
+        for name, meta in manifest["files"].items():
+            if file_sha256(path / name) != meta["sha256"]:
+                raise ArtifactError(f"{path / name}: sha256 differs from the manifest (corrupted file)")
+    return manifest
+
+
+def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, checksums: bool = True) -> LoadedModel:
+    """Load an artifact onto lsaq's packed runtime: INT8/INT4 layers stay packed, float parts in ``dtype``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    manifest = verify_artifact(path, checksums=checksums)
+    plan = Plan.load(path / PLAN)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # lsaq swaps modules itself; stock loading keeps it
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    parts = decoder_parts(model)
+    group_size = plan.options.policy.group_size
+    with safe_open(path / WEIGHTS, framework="pt") as f:
+        names = set(f.keys())
+        taken: set[str] = set()
+
+        def take(name: str) -> torch.Tensor:
+            if name not in names:
+                raise ArtifactError(f"{path / WEIGHTS}: tensor {name} is missing")
+            taken.add(name)
+            return f.get_tensor(name)
+
+        for i, precision in enumerate(plan.precisions):
+            for lin in plan.shape.layer_linears:
+                if precision is Precision.FP16:
+                    continue
+                full = plan.shape.layer_name(i, lin.name)
+                stored = {s: take(f"{full}.{s}") for s in _suffixes(precision, group_size)}
+                qw = _from_compressed(stored, precision, group_size)
+                bias = take(f"{full}.bias") if lin.bias else None
+                parts.layers[i].set_submodule(lin.name, quantized_linear(qw, bias))
+        rest = {n: take(n).to(dtype) for n in sorted(names - taken)}
+    result = model.load_state_dict(rest, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or result.unexpected_keys:
+        raise ArtifactError(f"{path}: tensors do not match the model (missing {missing[:5]}, "
+                            f"unexpected {result.unexpected_keys[:5]})")
+    model.tie_weights()
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    info = ModelInfo.from_json(manifest["model"] | {"config": config.to_dict()})
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def _from_compressed(stored: dict[str, torch.Tensor], precision: Precision, group_size: int | None) -> QuantizedWeight:
+    """Inverse of ``QuantizedWeight.compressed_tensors``: plain codes from the stored tensors."""
+    if precision is Precision.INT8:
+        return QuantizedWeight(precision, stored["weight"], stored["weight_scale"])
+    rows, cols = (int(x) for x in stored["weight_shape"].tolist())
+    grouped = group_size is not None
+    codes = unpack_int32_to_int4(stored["weight_packed"], cols, signed=not grouped)
+    zero = unpack_zero_points(stored["weight_zero_point"], rows) if grouped else None
+    return QuantizedWeight(precision, codes, stored["weight_scale"], zero, group_size)
+
+
+def _suffixes(precision: Precision, group_size: int | None) -> tuple[str, ...]:
+    if precision is Precision.INT8:
+        return ("weight", "weight_scale")
+    return ("weight_packed", "weight_scale", "weight_shape") + (("weight_zero_point",) if group_size else ())
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct tensor storage the model holds (parameters and buffers)."""
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type != "meta":
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())

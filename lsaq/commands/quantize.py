@@ -1,0 +1,77 @@
+"""``lsaq quantize`` (plan -> artifact directory) and ``lsaq generate`` (greedy decoding from an artifact)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("quantize", help="quantize a model following a plan into a per-device artifact directory")
+    q.add_argument("--plan", required=True, help="plan JSON from `lsaq plan`")
+    q.add_argument("--model", default=None, help="model to quantize (default: the one the plan was made for)")
+    q.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
+    q.set_defaults(func=run_quantize)
+
+    g = sub.add_parser("generate", help="greedy generation from an artifact on lsaq's packed runtime")
+    g.add_argument("artifact", help="artifact directory from `lsaq quantize`")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--dtype", default="bfloat16", help="activation dtype: bfloat16 (default) or float32")
+    g.set_defaults(func=run_generate)
+
+
+def _plan_model_source(plan) -> str | None:
+    """The model a plan was made for: its recorded source path, else its id ("default" means the default)."""
+    model = plan.model
+    if model.get("id") in (None, "default"):
+        return None
+    return model.get("source") or model.get("id")
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..artifact import write_artifact
+    from ..model import load_model
+    from ..planner import Plan
+
+    plan = Plan.load(args.plan)
+    if not plan.model.get("content_hash") and args.model is None:
+        raise ValueError(f"plan {args.plan} was made from a bare config ({plan.model.get('id')}); pass --model")
+    start = time.perf_counter()
+    loaded = load_model(args.model if args.model is not None else _plan_model_source(plan))
+    with tqdm(total=plan.shape.num_layers, desc="quantizing", unit="layer", file=sys.stderr) as bar:
+        out = write_artifact(loaded, plan, args.out, progress=lambda i: bar.update(1))
+    counts = ", ".join(f"{n} {p}" for p, n in plan.counts.items() if n)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({counts}; {size / 2**20:.1f} MiB on disk) in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import psutil
+    import torch
+
+    from ..artifact import load_quantized
+
+    dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    if args.dtype not in dtypes:
+        raise ValueError(f"unknown --dtype {args.dtype!r}; valid: {', '.join(dtypes)}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    loaded = load_quantized(args.artifact, dtype=dtypes[args.dtype])
+    tok = loaded.tokenizer
+    ids = tok(args.prompt, return_tensors="pt")
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = loaded.model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                    pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        seconds = time.perf_counter() - start
+    new = out[0, ids["input_ids"].shape[1]:]
+    print(args.prompt + tok.decode(new, skip_special_tokens=True))
+    rss = psutil.Process().memory_info().rss / 2**20
+    print(f"\n{len(new)} tokens in {seconds:.2f}s = {len(new) / seconds:.1f} tokens/s; resident memory {rss:.0f} MiB",
+          file=sys.stderr)
+    return 0
