@@ -3,8 +3,9 @@
 CPU paths (torch 2.13, checked by reading its kernels and by measurement on a 2-core AVX2 EPYC):
 
 * INT8: ``aten._weight_int8pack_mm(x [M, K], codes int8 [N, K], scales [N]) -> [M, N]``; x, scales and
-  output share one dtype (fp32, bf16 or fp16). Only the bf16 kernel is vectorized: fp32/fp16 are scalar
-  loops 10-20x slower than bf16 (4096x4096, 1 token: bf16 0.8 ms, fp32 13 ms, fp32 F.linear 3 ms).
+  output share one dtype (fp32, bf16 or fp16; we cast the fp16 scales per call). Only the bf16 kernel is
+  vectorized: fp32/fp16 are scalar loops 10-20x slower (4096x4096, 1 token: bf16 0.7 ms, fp32 9-13 ms,
+  against 2.7 ms for fp32 F.linear).
   The bf16 kernel reads x with aligned 16-/32-byte loads in steps of 8 (AVX2) or 16 (AVX512) columns and
   has no tail loop: K % 8 != 0 returns garbage or segfaults here, so we require K % 16 == 0 and a
   64-byte-aligned x (copied when not).
@@ -18,8 +19,8 @@ CPU paths (torch 2.13, checked by reading its kernels and by measurement on a 2-
     constant per shape, g = the largest accepted size dividing K) and the output is multiplied by the
     row's fp16 scale in fp32. This keeps the fp16 scale exact and adds no per-layer memory.
   - group-wise asymmetric: ``(u - z) * s = (u - 8) * s + (8 - z) * s``, so sz = (s, (8 - z) * s), built per
-    call from the resident fp16 scale and packed zero points (keeping sz resident would cost ~2.3% more
-    memory than the artifact at g = 128).
+    call from the resident fp16 scale and packed zero points (keeping sz resident costs 6% more memory
+    than the stored layer at g = 128; opt in with Int4Linear.cache_kernel_scales()).
 
 Every float input (fp32, fp16, bf16) is therefore cast to bf16 for the kernels (``kernel_dtype``; set it
 to torch.float32 for exact-but-slow scalar kernels), and the output is returned in the input dtype. With
@@ -52,26 +53,34 @@ from lsaq.quant import (
 
 PATHS = ("auto", "kernel", "dequant")
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # accepted by _weight_int4pack_mm_for_cpu, largest first
-# Token counts from which the fp32 dequantize path beats the bf16 kernel on the 2-core AVX2 EPYC
-# (measured with benchmarks/bench_kernels.py --sweep, see the table in DEQUANT_MIN_TOKENS_NOTES).
-DEQUANT_MIN_TOKENS = {Precision.INT8: 48, Precision.INT4: 48}
-# With kernel_dtype=float32 the kernels are scalar loops: the dequantize path wins from 2 tokens.
-FP32_KERNEL_DEQUANT_MIN_TOKENS = 2
+# Token counts from which the fp32 dequantize path replaces the bf16 kernel. Measured on the 2-core AVX2
+# EPYC, torch 2.13, bf16 input, ms per call, kernel / dequantize path (benchmarks/bench_kernels.py --sweep
+# and the same sweep at the SmolLM2 shapes):
+#   shape (out x in)   INT8 @64     INT8 @96     INT4 @96     INT4 @128    INT4 g=128/64 @128
+#   4096 x 4096        28.2 / 29.7  39.9 / 35.0  37.4 / 43.5  56.2 / 47.6  57.0 / 50.7
+#   576 x 576          0.56 / 0.68  1.05 / 0.78  0.85 / 1.00  1.09 / 1.17  1.20 / 1.27
+#   1536 x 576         1.41 / 1.57  2.10 / 2.09  2.10 / 2.47  2.86 / 2.72  3.09 / 3.10
+#   576 x 1536         1.47 / 1.02  1.98 / 1.34  2.06 / 1.68  2.69 / 2.00  2.84 / 2.09
+# The INT4 dequantize path costs more (unpacking torch's blocked layout: ~13 ms for 4096x4096 against
+# ~3 ms for INT8), so its crossover is later. Single thresholds, chosen near the middle of the crossovers:
+DEQUANT_MIN_TOKENS = {Precision.INT8: 64, Precision.INT4: 128}
+# With kernel_dtype fp32 or fp16 the kernels are scalar loops that lose to the dequantize path even for one
+# token (4096x4096 INT8: 9.1 ms fp32 kernel vs 5.1 ms; INT4 17.2 vs 16.4; 576x1536 INT8 0.45 vs 0.20), so
+# "auto" never picks them; path="kernel" still runs them (exact results, used by the tests).
+FP32_KERNEL_DEQUANT_MIN_TOKENS = 1
 _DEQUANT_BLOCK_ELEMS = 1 << 21  # rows dequantized per F.linear call: ~8 MB of fp32 weight at a time
 
 _shared_consts: dict[tuple, torch.Tensor] = {}
 
 
-def _shared_const(kind: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Shared read-only constants: 'ones' [N] (int8 kernel scales) or 'unit_sz' [G, N, 2] = (1, 0)."""
-    key = (kind, shape, dtype, device)
+def _unit_scales_and_zeros(n_groups: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Shared read-only (1, 0) scales_and_zeros [G, N, 2] for per-channel INT4 (one per shape and dtype:
+    a few hundred KB per model, not counted in any module's resident_bytes)."""
+    key = (n_groups, n, dtype)
     t = _shared_consts.get(key)
     if t is None:
-        if kind == "ones":
-            t = torch.ones(shape, dtype=dtype, device=device)
-        else:
-            t = torch.zeros(shape, dtype=dtype, device=device)
-            t[..., 0] = 1
+        t = torch.zeros((n_groups, n, 2), dtype=dtype)
+        t[..., 0] = 1
         _shared_consts[key] = t
     return t
 
@@ -91,7 +100,9 @@ _LAYOUT_CANDIDATES = (("halves", 32), ("halves", 64), ("pairs", 32), ("pairs", 6
 _detected_layout: tuple[str, int] | None | bool = False  # False = not probed yet, None = unknown
 
 
-def _unpack_cpu_int4pack(packed: torch.Tensor, n: int, k: int, layout: tuple[str, int], r0: int = 0, r1: int | None = None) -> torch.Tensor:
+def _unpack_cpu_int4pack(
+    packed: torch.Tensor, n: int, k: int, layout: tuple[str, int], r0: int = 0, r1: int | None = None
+) -> torch.Tensor:
     """Rows [r0, r1) of a CPU-int4pack tensor -> uint8 codes [r1 - r0, k] in [0, 15]. r0 must be a
     multiple of the block size BN; r1 a multiple of BN or n."""
     kind, bn = layout
@@ -151,52 +162,75 @@ class _QuantLinear(nn.Module):
         self._row_block = 64  # dequantize blocks of rows aligned to this (multiple of every layout block)
 
     @property
+    def path(self) -> str:
+        """'auto' (kernel below dequant_min_tokens tokens, else dequantize), 'kernel' or 'dequant'."""
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        if value not in PATHS:
+            raise ValueError(f"unknown path {value!r}; valid paths: {', '.join(PATHS)}")
+        self._path = value
+
+    @property
+    def kernel_dtype(self) -> torch.dtype:
+        """Activation dtype the CPU kernels run in: bf16 (vectorized, default) or fp32/fp16 (scalar, exact)."""
+        return self._kernel_dtype
+
+    @kernel_dtype.setter
+    def kernel_dtype(self, value: torch.dtype) -> None:
+        if value not in (torch.bfloat16, torch.float32, torch.float16):
+            raise ValueError(f"unknown kernel_dtype {value}; valid: torch.bfloat16, torch.float32, torch.float16")
+        self._kernel_dtype = value
+
+    @property
     def resident_bytes(self) -> int:
         """Bytes held by this module: the sum of its buffers' nbytes (no float weight is kept)."""
         return sum(b.nbytes for b in self.buffers(recurse=False))
 
     def _choose_kernel(self, x2: torch.Tensor) -> bool:
-        if self.path not in PATHS:
-            raise ValueError(f"unknown path {self.path!r}; valid paths: {', '.join(PATHS)}")
-        if self.kernel_dtype not in (torch.bfloat16, torch.float32, torch.float16):
-            raise ValueError(f"kernel_dtype must be torch.bfloat16, torch.float32 or torch.float16, got {self.kernel_dtype}")
+        path = self._path
+        if path == "dequant" or x2.shape[0] == 0:
+            return False
         ok = (
             x2.device.type == "cpu"
-            and x2.shape[0] > 0
             and self._kernel_ok()
-            and not (torch.is_grad_enabled() and x2.requires_grad)  # the kernels have no backward
+            and not (x2.requires_grad and torch.is_grad_enabled())  # the kernels have no backward
         )
-        if self.path == "kernel":
+        if path == "kernel":
             if not ok:
-                raise ValueError(f"{type(self).__name__} {self.out_features}x{self.in_features}: the kernel path is not available here")
+                name = f"{type(self).__name__} {self.out_features}x{self.in_features}"
+                raise ValueError(f"{name}: the kernel path is not available here (shape, device or grad)")
             return True
-        if self.path == "dequant" or not ok:
-            return False
-        limit = FP32_KERNEL_DEQUANT_MIN_TOKENS if self.kernel_dtype != torch.bfloat16 else self.dequant_min_tokens
-        return x2.shape[0] < limit
+        limit = self.dequant_min_tokens if self._kernel_dtype == torch.bfloat16 else FP32_KERNEL_DEQUANT_MIN_TOKENS
+        return ok and x2.shape[0] < limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self._choose_kernel(x2):
-            y = self._kernel_mm(x2)
+            y = self._kernel_mm(x2, x.dtype)  # kernel dtype, or fp32 where a scale was applied in fp32
         elif x2.device.type == "cpu":
             y = self._dequant_mm_fp32(x2)
         else:  # CUDA and other devices: dequantize to the activation dtype, one GEMM
             y = F.linear(x2, self._dequant_rows(0, self.out_features, x2.dtype))
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _dequant_mm_fp32(self, x2: torch.Tensor) -> torch.Tensor:
         """fp32 F.linear over blocks of dequantized rows (bounds the fp32 weight temporary)."""
         xf = x2.to(torch.float32)
         n = self.out_features
-        step = max(self._row_block, _DEQUANT_BLOCK_ELEMS // max(self.in_features, 1) // self._row_block * self._row_block)
+        rb = self._row_block
+        step = max(rb, _DEQUANT_BLOCK_ELEMS // max(self.in_features, 1) // rb * rb)
         if step >= n:
             return F.linear(xf, self._dequant_rows(0, n, torch.float32))
-        return torch.cat([F.linear(xf, self._dequant_rows(r, min(n, r + step), torch.float32)) for r in range(0, n, step)], dim=1)
+        blocks = [F.linear(xf, self._dequant_rows(r, min(n, r + step), torch.float32)) for r in range(0, n, step)]
+        return torch.cat(blocks, dim=1)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full dequantized weight [out, in] (a new tensor; for tests and debugging)."""
@@ -215,14 +249,16 @@ class Int8Linear(_QuantLinear):
         if codes.dtype != torch.int8 or codes.dim() != 2:
             raise ValueError(f"codes must be int8 [out, in], got {codes.dtype} {tuple(codes.shape)}")
         out_f, in_f = codes.shape
-        if tuple(scale.shape) not in ((out_f, 1), (out_f,)):
-            raise ValueError(f"scale must be [{out_f}, 1], got {tuple(scale.shape)}")
+        if scale.dtype != torch.float16 or tuple(scale.shape) not in ((out_f, 1), (out_f,)):
+            raise ValueError(f"scale must be fp16 [{out_f}, 1], got {scale.dtype} {tuple(scale.shape)}")
         super().__init__(in_f, out_f, bias)
         self.register_buffer("codes", _aligned(codes), persistent=False)
-        self.register_buffer("scale", scale.detach().to(torch.float16).reshape(out_f, 1).contiguous(), persistent=False)
+        self.register_buffer("scale", scale.detach().reshape(out_f, 1).contiguous(), persistent=False)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, device: torch.device | str | None = None) -> "Int8Linear":
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, device: torch.device | str | None = None
+    ) -> "Int8Linear":
         if qw.precision is not Precision.INT8:
             raise ValueError(f"expected an int8 QuantizedWeight, got {qw.precision.value}")
         dev = torch.device(device) if device is not None else qw.codes.device
@@ -239,11 +275,11 @@ class Int8Linear(_QuantLinear):
     def _kernel_ok(self) -> bool:
         return self.in_features % 16 == 0 and self.codes.device.type == "cpu"
 
-    def _kernel_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        kdt = self.kernel_dtype
-        ones = _shared_const("ones", (self.out_features,), kdt, x2.device)
-        y = torch.ops.aten._weight_int8pack_mm(_aligned(x2.to(kdt)), self.codes, ones)
-        return y.mul(self.scale.view(-1))  # kdt * fp16 -> fp32: the exact fp16 scale, no bf16 rounding
+    def _kernel_mm(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        kdt = self._kernel_dtype
+        # scales in the kernel dtype: one cast of [N] per call (bf16 rounds the fp16 scale by <= 2^-9,
+        # as much as the bf16 rounding of the output itself)
+        return torch.ops.aten._weight_int8pack_mm(_aligned(x2.to(kdt)), self.codes, self.scale.view(-1).to(kdt))
 
     def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         w = self.codes[r0:r1].to(torch.float32).mul_(self.scale[r0:r1].to(torch.float32))
@@ -275,12 +311,16 @@ class Int4Linear(_QuantLinear):
         out_f, in_f = codes.shape
         if (zero is None) != (group_size is None):
             raise ValueError("group-wise INT4 needs both zero and group_size; per-channel needs neither")
+        want = torch.int8 if group_size is None else torch.uint8
+        if codes.dtype != want:
+            kind = "per-channel" if group_size is None else "group-wise"
+            raise ValueError(f"{kind} INT4 codes must be {want}, got {codes.dtype}")
         n_groups = 1 if group_size is None else math.ceil(in_f / group_size)
-        if tuple(scale.shape) != (out_f, n_groups):
-            raise ValueError(f"scale must be [{out_f}, {n_groups}], got {tuple(scale.shape)}")
+        if scale.dtype != torch.float16 or tuple(scale.shape) != (out_f, n_groups):
+            raise ValueError(f"scale must be fp16 [{out_f}, {n_groups}], got {scale.dtype} {tuple(scale.shape)}")
         super().__init__(in_f, out_f, bias)
         self.group_size = group_size
-        self.register_buffer("scale", scale.detach().to(torch.float16).contiguous(), persistent=False)
+        self.register_buffer("scale", scale.detach().contiguous(), persistent=False)
         self.register_buffer("zero", None if zero is None else pack_zero_points(zero), persistent=False)
         self.register_buffer("kernel_sz", None, persistent=False)  # see cache_kernel_scales()
         self.kernel_group_size = self._pick_kernel_group(codes.device)
@@ -301,14 +341,19 @@ class Int4Linear(_QuantLinear):
             self._row_block = 8
 
     def _pick_kernel_group(self, device: torch.device) -> int | None:
-        if device.type != "cpu" or self.out_features % 16 != 0 or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        if device.type != "cpu" or self.out_features % 16 != 0:
+            return None
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             return None
         if self.group_size is None:  # every group of a row shares the row scale: any accepted size works
             return next((g for g in KERNEL_GROUP_SIZES if self.in_features % g == 0), None)
-        return self.group_size if self.group_size in KERNEL_GROUP_SIZES and self.in_features % self.group_size == 0 else None
+        g = self.group_size
+        return g if g in KERNEL_GROUP_SIZES and self.in_features % g == 0 else None
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, device: torch.device | str | None = None) -> "Int4Linear":
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, device: torch.device | str | None = None
+    ) -> "Int4Linear":
         if qw.precision is not Precision.INT4:
             raise ValueError(f"expected an int4 QuantizedWeight, got {qw.precision.value}")
         dev = torch.device(device) if device is not None else qw.codes.device
@@ -337,16 +382,18 @@ class Int4Linear(_QuantLinear):
     def _kernel_ok(self) -> bool:
         return self.layout is not None and self.packed.device.type == "cpu"
 
-    def _kernel_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        kdt = self.kernel_dtype
+    def _kernel_mm(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        kdt = self._kernel_dtype
         g = self.kernel_group_size
-        n_groups = self.in_features // g
         xk = x2.to(kdt).contiguous()
         if self.zero is None:
-            sz = _shared_const("unit_sz", (n_groups, self.out_features, 2), kdt, x2.device)
+            sz = _unit_scales_and_zeros(self.in_features // g, self.out_features, kdt)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, self.packed, g, sz)
-            return y.mul(self.scale.view(-1))  # kdt * fp16 -> fp32 with the exact row scale
-        sz = self.kernel_sz if self.kernel_sz is not None and self.kernel_sz.dtype == kdt else self._build_kernel_sz(kdt)
+            # times the exact fp16 row scale, computed in fp32 (kdt * fp16 promotes), rounded once
+            return y.mul_(self.scale.view(-1)) if out_dtype == kdt else y.mul(self.scale.view(-1))
+        sz = self.kernel_sz
+        if sz is None or sz.dtype != kdt:
+            sz = self._build_kernel_sz(kdt)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(xk, self.packed, g, sz)
 
     def _build_kernel_sz(self, kdt: torch.dtype) -> torch.Tensor:
@@ -363,7 +410,7 @@ class Int4Linear(_QuantLinear):
         is ~2x the kernel time on SmolLM2-sized layers (1 token) and a few % at 4096x4096."""
         if self.zero is None or self.layout is None:
             return  # per-channel already uses a shared constant; the fallback layout has no kernel
-        self.kernel_sz = self._build_kernel_sz(self.kernel_dtype) if enabled else None
+        self.kernel_sz = self._build_kernel_sz(self._kernel_dtype) if enabled else None
 
     def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         w = self._codes_unsigned(r0, r1).to(torch.float32)  # [r, in]
@@ -371,7 +418,8 @@ class Int4Linear(_QuantLinear):
         if self.zero is None:
             w.sub_(8.0).mul_(s)
         else:
-            z = unpack_zero_points(self.zero, self.out_features)[r0:r1].to(torch.float32)
+            # zero points are packed 8 rows per int32 along dim 0; row blocks start at multiples of 8
+            z = unpack_zero_points(self.zero[r0 // 8 : math.ceil(r1 / 8)], r1 - r0).to(torch.float32)
             g, k = self.group_size, self.in_features
             full = k // g * g
             if full:

@@ -42,12 +42,12 @@ INT8_QMIN, INT8_QMAX = -128, 127
 INT4_QMIN, INT4_QMAX = -8, 7
 INT4_UMAX = 15
 INT4_OFFSET = 8  # signed code + 8 = unsigned nibble
-DEFAULT_GROUP_SIZE = 128
+DEFAULT_GROUP_SIZE = 128  # the issue's default when group-wise INT4 is chosen (quantize_int4 defaults to per-channel)
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal): floor for scales
-FP16_MAX = 65504.0
-# Rows are quantized in chunks of about this many elements so the fp32 temporaries stay in cache
-# (measured on the 2-core EPYC: 256K-1M elements per chunk reach 70-85% of memcpy bandwidth; see
-# benchmarks/bench_kernels.py); one chunk-sized temporary is alive at a time, never a full-size one.
+# Rows are quantized in chunks of about this many elements so the fp32 temporaries stay in cache: one
+# chunk-sized temporary is alive at a time, never a full-size one. On the 2-core EPYC (4096x4096 fp32,
+# memcpy 4.5 ms) chunks of 128K/256K/512K/1M/2M elements took 22/15/11/9.5/30 ms for INT8 and
+# 31/21/15.5/15/26 ms for group-wise INT4: 512K is just below the cache cliff. See bench_kernels.py.
 _CHUNK_ELEMS = 1 << 19
 
 
@@ -59,15 +59,18 @@ def _check_weight(w: torch.Tensor) -> None:
 
 
 def _round_up_fp16(s: torch.Tensor) -> torch.Tensor:
-    """fp32 scales -> fp16 scales >= s (next representable value up), floored at FP16_TINY."""
-    if not bool(torch.isfinite(s).all()) or bool((s > FP16_MAX).any()):
-        raise ValueError("weight has non-finite values or a range too large for fp16 scales")
+    """fp32 scales -> fp16 scales >= s (next representable value up), floored at FP16_TINY.
+
+    No host synchronisation here (it runs once per chunk); callers check the result with _check_scales."""
     s16 = s.to(torch.float16)
-    too_small = s16.to(torch.float32) < s
-    if bool(too_small.any()):
-        up = torch.nextafter(s16, torch.full_like(s16, math.inf))
-        s16 = torch.where(too_small, up, s16)
+    s16 = torch.where(s16.to(torch.float32) < s, torch.nextafter(s16, torch.full_like(s16, math.inf)), s16)
     return s16.clamp_min_(FP16_TINY)
+
+
+def _check_scales(scale16: torch.Tensor) -> None:
+    # NaN/inf weights give NaN scales; a range above fp16's gives inf
+    if not bool(torch.isfinite(scale16).all()):
+        raise ValueError("weight has non-finite values or a range too large for fp16 scales")
 
 
 def _row_chunks(rows: int, cols: int) -> range:
@@ -92,6 +95,7 @@ def _symmetric(w: torch.Tensor, half_levels: float, qmin: int, qmax: int) -> tup
         t = torch.div(chunk, s16.to(torch.float32)[:, None])  # fp32 chunk-sized temporary
         t.round_().clamp_(qmin, qmax)
         codes[r0 : r0 + step].copy_(t)  # integral floats -> int8 is exact
+    _check_scales(scale16)
     return codes, scale16
 
 
@@ -103,8 +107,6 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         ``(codes, scale)``: codes int8 ``[out, in]`` in [-128, 127]; scale fp16 ``[out, 1]``.
     """
-    if w.numel() == 0:
-        _check_weight(w)
     return _symmetric(w, 127.5, INT8_QMIN, INT8_QMAX)
 
 
@@ -139,6 +141,7 @@ def _asymmetric_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
             # write through an int8 view: fp32 -> int8 is vectorized, fp32 -> uint8 is ~6x slower on
             # CPU; values 0..15 have the same bits in both.
             codes_i8[r0:r1, c0 : c0 + ng * width].view(r1 - r0, ng, width).copy_(t)
+    _check_scales(scale16)
     return codes, scale16, zero
 
 
@@ -162,7 +165,7 @@ def quantize_int4(
         return codes, scale, None
     if not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be None (per-channel) or a positive int, got {group_size!r}")
-    return _asymmetric_groups(w.detach(), group_size)
+    return _asymmetric_groups(w.detach().contiguous(), group_size)  # contiguous: groups are views
 
 
 def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -360,6 +363,28 @@ class QuantizedWeight:
         if self.zero is not None:
             out["weight_zero_point"] = pack_zero_points(self.zero)
         return out
+
+    @classmethod
+    def from_compressed_tensors(
+        cls, tensors: dict[str, torch.Tensor], group_size: int | None = None
+    ) -> "QuantizedWeight":
+        """Inverse of :meth:`compressed_tensors` (``group_size`` is required for group-wise INT4)."""
+        if "weight_packed" in tensors:
+            rows, cols = (int(v) for v in tensors["weight_shape"].tolist())
+            scale = tensors["weight_scale"]
+            zp = tensors.get("weight_zero_point")
+            if (zp is None) != (group_size is None):
+                raise ValueError("group-wise INT4 tensors need weight_zero_point and group_size; per-channel neither")
+            if group_size is not None and scale.shape[1] != math.ceil(cols / group_size):
+                raise ValueError(
+                    f"group_size {group_size} does not match weight_scale {tuple(scale.shape)} for {cols} columns"
+                )
+            codes = unpack_int32_to_int4(tensors["weight_packed"], cols, signed=zp is None)
+            zero = None if zp is None else unpack_zero_points(zp, rows)
+            return cls(Precision.INT4, codes, scale, zero, group_size)
+        if tensors.get("weight") is not None and tensors["weight"].dtype == torch.int8:
+            return cls(Precision.INT8, tensors["weight"], tensors["weight_scale"])
+        raise ValueError(f"not an int8 'weight' or int4 'weight_packed' tensor set: {sorted(tensors)}")
 
     def storage_nbytes(self) -> int:
         """Bytes of the stored tensors (what :meth:`compressed_tensors` returns, without weight_shape)."""
