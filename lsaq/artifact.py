@@ -30,7 +30,7 @@ from .memory import weight_tensor_bytes
 from .model import LoadedModel, ModelInfo, decoder_parts
 from .planner import Plan
 from .precision import Precision
-from .quant import QuantizedWeight, unpack_int32_to_int4, unpack_zero_points
+from .quant import QuantizedWeight
 from .records import atomic_dir, atomic_write_json, file_sha256, read_record
 
 MANIFEST = "lsaq_artifact.json"
@@ -193,7 +193,7 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, che
                     continue
                 full = plan.shape.layer_name(i, lin.name)
                 stored = {s: take(f"{full}.{s}") for s in _suffixes(precision, group_size)}
-                qw = _from_compressed(stored, precision, group_size)
+                qw = QuantizedWeight.from_compressed_tensors(stored, group_size if precision is Precision.INT4 else None)
                 bias = take(f"{full}.bias") if lin.bias else None
                 parts.layers[i].set_submodule(lin.name, quantized_linear(qw, bias))
         rest = {n: take(n).to(dtype) for n in sorted(names - taken)}
@@ -207,17 +207,6 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, che
     tokenizer = AutoTokenizer.from_pretrained(path)
     info = ModelInfo.from_json(manifest["model"] | {"config": config.to_dict()})
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
-
-
-def _from_compressed(stored: dict[str, torch.Tensor], precision: Precision, group_size: int | None) -> QuantizedWeight:
-    """Inverse of ``QuantizedWeight.compressed_tensors``: plain codes from the stored tensors."""
-    if precision is Precision.INT8:
-        return QuantizedWeight(precision, stored["weight"], stored["weight_scale"])
-    rows, cols = (int(x) for x in stored["weight_shape"].tolist())
-    grouped = group_size is not None
-    codes = unpack_int32_to_int4(stored["weight_packed"], cols, signed=not grouped)
-    zero = unpack_zero_points(stored["weight_zero_point"], rows) if grouped else None
-    return QuantizedWeight(precision, codes, stored["weight_scale"], zero, group_size)
 
 
 def _suffixes(precision: Precision, group_size: int | None) -> tuple[str, ...]:
