@@ -4,8 +4,10 @@
 
 All in one run, each configuration in its own subprocess so that peak RSS is its own:
 float32 and bfloat16 (the float model), all-INT8, all-INT4 (per-channel) and a mixed plan (lsaq rule on
-cosine importance, 200 MiB budget), each loaded the way users run it (`lsaq.load_quantized`, bf16 activations).
-Ratios are against bfloat16 measured in the same run. Then the 4096x4096 kernel table from bench_kernels.py.
+cosine importance, 200 MiB budget), each loaded the way users run it (`lsaq.load_quantized`), with bf16
+activations and again with fp32 activations (`/fp32`: CPUs without native bf16, such as AVX2-only ones, run
+bf16 matmuls slowly). Decode ratios are against bfloat16 and float32 measured in the same run. Then the
+4096x4096 kernel table from bench_kernels.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,24 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-CONFIGS = ("float32", "bfloat16", "int8", "int4", "mixed")
+# name -> (weights, activation dtype); quantized artifacts are loaded with lsaq.load_quantized at that dtype.
+CONFIGS = {
+    "float32": ("float", "float32"), "bfloat16": ("float", "bfloat16"),
+    "int8": ("int8", "bfloat16"), "int4": ("int4", "bfloat16"), "mixed": ("mixed", "bfloat16"),
+    "int8/fp32": ("int8", "float32"), "int4/fp32": ("int4", "float32"), "mixed/fp32": ("mixed", "float32"),
+}
+
+
+def peak_rss_mib() -> float:
+    """This process's resident high-water mark. VmHWM belongs to the address space, so it starts afresh at
+    exec; ru_maxrss would carry over the parent's peak into the child."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _one(args: argparse.Namespace) -> dict:
@@ -33,11 +52,12 @@ def _one(args: argparse.Namespace) -> dict:
     from lsaq.model import load_model
 
     start = time.perf_counter()
-    if args.one in ("float32", "bfloat16"):
+    weights, act = CONFIGS[args.one]
+    if weights == "float":
         loaded = load_model(args.model)
-        loaded.model.to(getattr(torch, args.one))
+        loaded.model.to(getattr(torch, act))
     else:
-        loaded = load_quantized(Path(args.workdir) / args.one, dtype=torch.bfloat16)
+        loaded = load_quantized(Path(args.workdir) / weights, dtype=getattr(torch, act))
     load_s = time.perf_counter() - start
     model, tok = loaded.model, loaded.tokenizer
     text = "The history of the city begins in the early middle ages, when a small settlement grew " * 20
@@ -56,7 +76,7 @@ def _one(args: argparse.Namespace) -> dict:
     return {
         "config": args.one, "load_s": load_s, "first_token_s": first, "decode_tok_s": args.new_tokens / decode,
         "weights_mib": resident_bytes(model) / 2**20,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
     }
 
 
@@ -138,11 +158,13 @@ def main() -> None:
                 raise SystemExit(f"{config} failed:\n{res.stderr[-3000:]}")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     bf16 = next(r for r in rows if r["config"] == "bfloat16")
+    fp32 = next(r for r in rows if r["config"] == "float32")
     print(f"\nprompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, torch threads {torch.get_num_threads()}")
-    print(f"{'config':<9} {'weights MiB':>11} {'peak RSS MiB':>12} {'first token s':>13} {'decode tok/s':>12} {'vs bf16':>8}")
+    print(f"{'config':<10} {'weights MiB':>11} {'peak RSS MiB':>12} {'first token s':>13} {'decode tok/s':>12} {'vs bf16':>8} {'vs fp32':>8}")
     for r in rows:
-        print(f"{r['config']:<9} {r['weights_mib']:>11.1f} {r['peak_rss_mib']:>12.0f} {r['first_token_s']:>13.3f} "
-              f"{r['decode_tok_s']:>12.1f} {r['decode_tok_s'] / bf16['decode_tok_s']:>7.2f}x")
+        print(f"{r['config']:<10} {r['weights_mib']:>11.1f} {r['peak_rss_mib']:>12.0f} {r['first_token_s']:>13.3f} "
+              f"{r['decode_tok_s']:>12.1f} {r['decode_tok_s'] / bf16['decode_tok_s']:>7.2f}x "
+              f"{r['decode_tok_s'] / fp32['decode_tok_s']:>7.2f}x")
     if not args.skip_kernels:
         print("\n4096x4096 kernels (benchmarks/bench_kernels.py):", flush=True)
         subprocess.run([sys.executable, str(HERE / "bench_kernels.py")], check=True)

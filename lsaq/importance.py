@@ -1,10 +1,12 @@
-"""Layer importance: LSAQ's top-k Jaccard through the logit lens, and the LWQ cosine baseline.
+"""Layer importance: LSAQ's top-k Jaccard through the logit lens, the LWQ cosine baseline, measured sensitivity.
 
 For decoder layer i with input hidden state ``h_i`` and output ``h_{i+1}`` (both ``[B, T, H]``):
 
 * ``jaccard`` (LSAQ): decode both through the logit lens (final norm, then LM head), take the top-k token set
   at every position and score ``1 - mean Jaccard(topk(lens(h_i)), topk(lens(h_{i+1})))``.
 * ``cosine`` (LWQ): ``1 - mean cos(h_i, h_{i+1})``.
+* ``sensitivity``: the KL divergence of next-token distributions when only layer i is INT4 (the ground truth the
+  two proxies estimate; about L/2 forward passes per batch instead of one, see :mod:`lsaq.sensitivity`).
 
 One forward pass per batch does it all: hooks on the decoder layers see every hidden state as it is produced,
 project it through the lens in chunks of positions (one ``[chunk, V]`` logits buffer, reused) and keep only the
@@ -15,7 +17,7 @@ full-vocabulary logits never exist for more than one chunk at a time.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
@@ -35,8 +37,9 @@ VERSION = 1
 
 
 class Method(str, Enum):
-    JACCARD = "jaccard"
-    COSINE = "cosine"
+    JACCARD = "jaccard"  # LSAQ: 1 - Jaccard of the logit-lens top-k sets of a layer's input and output
+    COSINE = "cosine"  # LWQ baseline: 1 - cosine of a layer's input and output hidden states
+    SENSITIVITY = "sensitivity"  # measured: KL of next-token distributions with only that layer INT4
 
     @classmethod
     def parse(cls, value: "str | Method") -> "Method":
@@ -60,6 +63,7 @@ class LayerImportance:
     std: tuple[float, ...]  # standard deviation of the per-sample importance
     lsaq_version: str = __version__
     wall_time_s: float = 0.0
+    params: dict[str, Any] = field(default_factory=dict)  # method settings besides k (sensitivity: the probe)
 
     @property
     def num_layers(self) -> int:
@@ -80,6 +84,8 @@ class LayerImportance:
             "calibration": self.calibration.get("hash"),
             "importance": list(self.importance),
         }
+        if self.params:  # absent for jaccard/cosine so their ids stay what they were
+            key["params"] = self.params
         return sha256_hex(canonical_json(key))
 
     def to_json(self) -> dict[str, Any]:
@@ -91,6 +97,7 @@ class LayerImportance:
             "num_layers": self.num_layers,
             "method": self.method,
             "k": self.k,
+            "params": self.params,
             "calibration": self.calibration,
             "importance": list(self.importance),
             "std": list(self.std),
@@ -110,6 +117,7 @@ class LayerImportance:
             std=tuple(float(x) for x in obj["std"]),
             lsaq_version=obj.get("lsaq_version", "?"),
             wall_time_s=float(obj.get("wall_time_s", 0.0)),
+            params=dict(obj.get("params") or {}),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -169,8 +177,15 @@ def score_samples(
     chunk: int = 1024,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Per-sample, per-layer importance ``[N, num_layers]`` (float64), one forward pass per batch."""
+    """Per-sample, per-layer importance ``[N, num_layers]`` (float64), one forward pass per batch.
+
+    ``sensitivity`` is delegated to :func:`lsaq.sensitivity.sensitivity_samples` (per-channel INT4 probe).
+    """
     method = Method.parse(method)
+    if method is Method.SENSITIVITY:
+        from .sensitivity import sensitivity_samples
+
+        return sensitivity_samples(model, calib, batch_size=batch_size, chunk=chunk, progress=progress)
     parts = decoder_parts(model)
     vocab = parts.lm_head.weight.shape[0] if hasattr(parts.lm_head, "weight") else model.config.vocab_size
     if method is Method.JACCARD and not 1 <= k <= vocab:
@@ -233,6 +248,7 @@ def score_importance(
         model=info,
         method=method.value,
         k=k if method is Method.JACCARD else None,
+        params={"probe": "int4", "group_size": None} if method is Method.SENSITIVITY else {},
         calibration=calib.info(),
         importance=tuple(float(x) for x in per_sample.mean(axis=0)),
         std=tuple(float(x) for x in std),

@@ -68,3 +68,28 @@ def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     A zero vector has similarity 0 with anything (``eps`` guards the division), never NaN.
     """
     return torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1, eps=1e-8)
+
+
+def spearman(x: "list[float] | tuple[float, ...] | torch.Tensor", y: "list[float] | tuple[float, ...] | torch.Tensor") -> float:
+    """Spearman rank correlation of two equally long score vectors (ties get their average rank), in [-1, 1].
+
+    Used to compare layer rankings: two importance methods, or two halves of a calibration set.
+    """
+    a, b = torch.as_tensor(x, dtype=torch.float64).flatten(), torch.as_tensor(y, dtype=torch.float64).flatten()
+    if a.numel() != b.numel() or a.numel() < 2:
+        raise ValueError(f"spearman needs two vectors of equal length >= 2, got {a.numel()} and {b.numel()}")
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float((ra.square().sum() * rb.square().sum()).sqrt())
+    return float((ra * rb).sum()) / den if den > 0 else float("nan")
+
+
+def _average_ranks(v: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..n-1 of ``v`` ``[n]`` with ties sharing the mean of their ranks."""
+    order = torch.argsort(v, stable=True)
+    ranks = torch.empty_like(v)
+    ranks[order] = torch.arange(v.numel(), dtype=v.dtype)
+    uniq, inverse = torch.unique(v, return_inverse=True)
+    sums = torch.zeros(uniq.numel(), dtype=v.dtype).index_add_(0, inverse, ranks)
+    counts = torch.zeros(uniq.numel(), dtype=v.dtype).index_add_(0, inverse, torch.ones_like(v))
+    return (sums / counts)[inverse]

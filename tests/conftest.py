@@ -36,3 +36,38 @@ def shared_model(shared_gguf):
     from lsaq.model import load_model
 
     return load_model(shared_gguf)
+
+
+def plan_with_precisions(info, precisions, group_size=None):
+    """A plan for a loaded model with explicit per-layer precisions (1 GiB test device: it fits the real model)."""
+    import dataclasses
+
+    from lsaq.devices import DeviceProfile, MemoryKind
+    from lsaq.memory import WeightPolicy
+    from lsaq.planner import MODEL_KEYS, PlanOptions, make_plan
+    from lsaq.shapes import model_shape
+
+    shape = model_shape(info.config)
+    device = DeviceProfile(name="test-1gib", memory=2**30, kind=MemoryKind.SYSTEM, reserve=0, notes="test")
+    options = PlanOptions(context=256, policy=WeightPolicy(group_size=group_size))
+    base = make_plan(shape, [1.0] * shape.num_layers, device, options,
+                     model={k: getattr(info, k, None) for k in MODEL_KEYS})
+    return dataclasses.replace(base, precisions=tuple(precisions))
+
+
+@pytest.fixture(scope="session")
+def mixed_artifact(shared_gguf, tmp_path_factory):
+    """The shared model quantized with layers cycling FP16, INT8, INT4 (per-channel): ``(artifact dir, plan)``.
+
+    Written once per session from a fresh load (quantizing works in place, so ``shared_model`` is not used).
+    """
+    from lsaq.artifact import write_artifact
+    from lsaq.model import load_model
+    from lsaq.precision import Precision
+
+    mix = (Precision.FP16, Precision.INT8, Precision.INT4)
+    loaded = load_model(shared_gguf)
+    plan = plan_with_precisions(loaded.info, [mix[i % 3] for i in range(loaded.info.num_layers)])
+    out = tmp_path_factory.mktemp("art") / "mixed"
+    write_artifact(loaded, plan, out)
+    return out, plan

@@ -12,6 +12,7 @@ from lsaq.calibration import CalibrationSet, load_calibration
 from lsaq.cli import main
 from lsaq.importance import LayerImportance, score_importance, score_samples
 from lsaq.model import SUPPORTED_MODEL_TYPES, decoder_parts, load_model
+from lsaq.similarity import spearman
 
 TINY = dict(
     vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -80,11 +81,6 @@ def test_real_model_scores_are_sane_and_deterministic(shared_model, real_calib, 
     assert a.importance == b.importance and a.id == b.id  # identical inputs, identical scores
     assert sorted(a.ranking) == list(range(30))
     assert a.calibration["hash"] == real_calib.hash and a.model.content_hash == shared_model.info.content_hash
-
-
-def spearman(x, y) -> float:
-    rx, ry = torch.tensor(x).argsort().argsort().double(), torch.tensor(y).argsort().argsort().double()
-    return torch.corrcoef(torch.stack([rx, ry]))[0, 1].item()
 
 
 def test_ranking_agrees_across_disjoint_calibration_halves(shared_model, wiki_valid):

@@ -161,3 +161,22 @@ def test_cli_writes_report(real, tmp_path, monkeypatch, capsys):
     report = json.loads(out.read_text())
     assert report["schema"] == "lsaq.eval" and report["perplexity"]["windows"] == 2
     assert report["perplexity"]["tokens"] == 2 * 63 and report["tasks"] == {}
+
+
+@pytest.mark.model
+def test_all_int8_perplexity_is_within_two_percent_of_float(real):
+    """All decoder layers INT8 on lsaq's packed runtime (fp32 activations): perplexity within 2% of float."""
+    import copy
+
+    from conftest import plan_with_precisions
+    from lsaq.apply import quantize_model
+    from lsaq.precision import Precision
+
+    wiki = str(_shared(WIKI_TEST_REL))
+    base = perplexity(real.model, real.tokenizer, wiki, seq_len=512, max_windows=4)
+    plan = plan_with_precisions(real.info, [Precision.INT8] * real.info.num_layers)
+    model = quantize_model(copy.deepcopy(real.model), real.info, plan).float()
+    quant = perplexity(model, real.tokenizer, wiki, seq_len=512, max_windows=4)
+    assert quant.tokens == base.tokens and quant.source_hash == base.source_hash
+    assert quant.ppl != base.ppl  # the weights really changed
+    assert abs(quant.ppl / base.ppl - 1) < 0.02, (base.ppl, quant.ppl)

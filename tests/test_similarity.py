@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from lsaq.similarity import cosine, intersection_size, jaccard, topk_indices, topk_jaccard
+from lsaq.similarity import cosine, intersection_size, jaccard, spearman, topk_indices, topk_jaccard
 
 
 def naive_topk(row: list[float], k: int) -> list[int]:
@@ -79,3 +79,33 @@ def test_cosine_basics():
     assert torch.allclose(cosine(x, x), torch.ones(4))
     assert torch.allclose(cosine(x, -x), -torch.ones(4))
     assert cosine(torch.zeros(16), x[0]).item() == 0.0
+
+
+def _naive_spearman(x: list[float], y: list[float]) -> float:
+    """Pearson correlation of average ranks, written out element by element."""
+    def ranks(v: list[float]) -> list[float]:
+        return [sum(1 for u in v if u < a) + (sum(1 for u in v if u == a) - 1) / 2 for a in v]
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return num / den
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5)), min_size=2, max_size=30))
+def test_spearman_matches_naive_average_rank_reference(pairs):
+    x, y = [float(a) for a, _ in pairs], [float(b) for _, b in pairs]
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return  # a constant vector has no rank correlation
+    assert spearman(x, y) == pytest.approx(_naive_spearman(x, y), abs=1e-12)
+
+
+def test_spearman_identities():
+    v = [0.3, 0.1, 0.9, 0.5]
+    assert spearman(v, v) == pytest.approx(1.0)
+    assert spearman(v, [-a for a in v]) == pytest.approx(-1.0)
+    assert spearman(v, [a * 10 + 3 for a in v]) == pytest.approx(1.0)  # monotone maps keep ranks
+    with pytest.raises(ValueError, match="equal length"):
+        spearman([1.0, 2.0], [1.0, 2.0, 3.0])

@@ -8,10 +8,10 @@ import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("score", help="rank decoder layers by importance (LSAQ jaccard or LWQ cosine)")
+    p = sub.add_parser("score", help="rank decoder layers by importance (LSAQ jaccard, LWQ cosine or measured sensitivity)")
     p.add_argument("--model", default=None, help="local HF directory, .gguf file or hub id (default: SmolLM2-135M)")
     p.add_argument("--revision", default=None, help="hub revision (hub ids only)")
-    p.add_argument("--method", default="jaccard", help="jaccard (LSAQ, default) or cosine (LWQ)")
+    p.add_argument("--method", default="jaccard", help="jaccard (LSAQ, default), cosine (LWQ) or sensitivity (KL with one layer INT4; ~L/2x slower)")
     p.add_argument("--k", type=int, default=10, help="top-k token set size for jaccard (default 10)")
     p.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")

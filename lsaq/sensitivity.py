@@ -1,0 +1,141 @@
+"""Measured layer sensitivity: how far the model's next-token distribution moves when one layer is quantized.
+
+For decoder layer ``i``, sensitivity_i is the mean (over positions and samples) of
+``KL(p_float || p_i)``, where ``p_float`` is the float model's next-token distribution and ``p_i`` the
+distribution with only layer ``i``'s linears quantized (per-channel INT4 by default, the lowest precision the
+planner uses) and every other layer float. It is the ground truth that the cheap proxies (``jaccard``,
+``cosine``) try to predict, and it is usable by the planner as an importance itself (non-negative, in nats).
+
+Cost: one float forward pass per batch that records every layer's input and call arguments, then for each layer
+``i`` a replay of layers ``i..L-1`` from the recorded input (about ``L/2`` extra forward passes in total) and one
+LM-head projection. The replay calls each layer with exactly the arguments the model passed it (rotary
+embeddings, masks), so it works for any family :func:`lsaq.model.decoder_parts` supports.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibration import CalibrationSet
+from .model import DecoderParts, decoder_parts
+from .precision import Precision
+from .quant import QuantizedWeight
+
+DEFAULT_PROBE = Precision.INT4
+
+
+@contextmanager
+def quantized_layer(layer: nn.Module, precision: Precision, group_size: int | None = None) -> Iterator[None]:
+    """Within the block, every ``nn.Linear`` of ``layer`` holds its ``precision`` round trip (codes -> weights).
+
+    The weights are the exact dequantized values of :meth:`QuantizedWeight.quantize`, i.e. what the packed
+    runtime multiplies by; the float weights are restored on exit.
+    """
+    saved: list[tuple[nn.Linear, torch.Tensor]] = []
+    try:
+        for module in layer.modules():
+            if isinstance(module, nn.Linear):
+                w = module.weight.data
+                saved.append((module, w))
+                module.weight.data = QuantizedWeight.quantize(w, precision, group_size).dequantize(w.dtype)
+        yield
+    finally:
+        for module, w in saved:
+            module.weight.data = w
+
+
+def _logprobs(parts: DecoderParts, h: torch.Tensor) -> torch.Tensor:
+    """``h`` ``[P, H]`` (last layer output) -> next-token log-probabilities ``[P, V]`` in fp32."""
+    return F.log_softmax(parts.lm_head(parts.final_norm(h)).float(), dim=-1)
+
+
+def _kl_per_sample(parts: DecoderParts, ref: torch.Tensor, h: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean over positions of KL(ref || lens(h)) per sample. ``ref``: ``[B, T, V]`` log-probs; ``h``: ``[B, T, H]``."""
+    b, t = h.shape[:2]
+    flat_h, flat_ref = h.reshape(b * t, -1), ref.view(b * t, -1)
+    kl = torch.empty(b * t, dtype=torch.float64)
+    for s in range(0, b * t, chunk):
+        lp_ref, lp = flat_ref[s : s + chunk], _logprobs(parts, flat_h[s : s + chunk])
+        kl[s : s + chunk] = (lp_ref.exp() * (lp_ref - lp)).sum(-1).double()  # [chunk]
+    return kl.view(b, t).mean(-1)
+
+
+def _hidden(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def sensitivity_samples(
+    model: nn.Module,
+    calib: CalibrationSet,
+    *,
+    precision: Precision | str = DEFAULT_PROBE,
+    group_size: int | None = None,
+    batch_size: int = 4,
+    chunk: int = 1024,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Per-sample, per-layer sensitivity ``[N, num_layers]`` (float64, nats), see the module docstring."""
+    precision = Precision.parse(precision)
+    if precision is Precision.FP16:
+        raise ValueError("sensitivity needs a quantized probe precision; valid: int8, int4")
+    parts = decoder_parts(model)
+    layers = list(parts.layers)
+    n, n_layers = calib.samples, len(layers)
+    scores = np.zeros((n, n_layers), dtype=np.float64)
+    calls: list[tuple[tuple, dict] | None] = [None] * n_layers
+    last: dict[str, torch.Tensor] = {}
+
+    def record(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls[index] = (args, dict(kwargs))
+
+        return hook
+
+    def keep_last(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        last["h"] = _hidden(output)
+
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(layers[-1].register_forward_hook(keep_last, with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            for s in range(0, n, batch_size):
+                ids = calib.tokens[s : s + batch_size]  # [B, T]
+                parts.base(input_ids=ids, use_cache=False)
+                b, t = ids.shape
+                ref = torch.cat([_logprobs(parts, c) for c in last["h"].reshape(b * t, -1).split(chunk)]).view(b, t, -1)
+                recorded = list(calls)
+                for i in range(n_layers):
+                    with quantized_layer(layers[i], precision, group_size):
+                        h = _replay(layers, recorded, i)
+                    scores[s : s + b, i] = _kl_per_sample(parts, ref, h, chunk).numpy()
+                del ref
+                if progress is not None:
+                    progress(b)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return scores
+
+
+def _replay(layers: list[nn.Module], recorded: list[tuple[tuple, dict] | None], start: int) -> torch.Tensor:
+    """Run layers ``start..`` from layer ``start``'s recorded input, each with its recorded other arguments."""
+    h: torch.Tensor | None = None
+    for j in range(start, len(layers)):
+        entry = recorded[j]
+        assert entry is not None, f"layer {j} was not called in the float pass"
+        args, kwargs = entry
+        if h is None:  # the recorded input of the first replayed layer
+            h = args[0] if args else kwargs["hidden_states"]
+        if args:
+            out = layers[j](h, *args[1:], **kwargs)
+        else:
+            out = layers[j](**{**kwargs, "hidden_states": h})
+        h = _hidden(out)
+    assert h is not None
+    return h
