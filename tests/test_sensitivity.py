@@ -11,7 +11,7 @@ from lsaq.calibration import CalibrationSet
 from lsaq.devices import budget_profile
 from lsaq.importance import LayerImportance, score_importance
 from lsaq.model import decoder_parts
-from lsaq.planner import make_plan
+from lsaq.planner import PlanOptions, make_plan
 from lsaq.precision import Precision
 from lsaq.sensitivity import quantized_layer, sensitivity_samples
 from lsaq.shapes import model_shape
@@ -77,7 +77,7 @@ def test_real_model_sensitivity_plans(shared_model, tmp_path):
     loaded = LayerImportance.load(a.save(tmp_path / "sens.json"))
     assert loaded == a and loaded.id == a.id
     shape = model_shape(shared_model.info.config)
-    plan = make_plan(shape, a.importance, budget_profile("200MiB"))
+    plan = make_plan(shape, a.importance, budget_profile("200MiB"), PlanOptions(context=512))
     # The planner keeps the most sensitive layer at the highest precision any layer gets.
     top = a.ranking[0]
     assert list(Precision).index(plan.precisions[top]) == min(list(Precision).index(p) for p in plan.precisions)
