@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibration import CalibrationSet
+from .importance import _hidden
 from .model import DecoderParts, decoder_parts
 from .precision import Precision
 from .quant import QuantizedWeight
@@ -64,10 +65,6 @@ def _kl_per_sample(parts: DecoderParts, ref: torch.Tensor, h: torch.Tensor, chun
         lp_ref, lp = flat_ref[s : s + chunk], _logprobs(parts, flat_h[s : s + chunk])
         kl[s : s + chunk] = (lp_ref.exp() * (lp_ref - lp)).sum(-1).double()  # [chunk]
     return kl.view(b, t).mean(-1)
-
-
-def _hidden(x: Any) -> torch.Tensor:
-    return x[0] if isinstance(x, (tuple, list)) else x
 
 
 def sensitivity_samples(

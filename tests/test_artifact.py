@@ -12,32 +12,21 @@ import torch
 from lsaq.apply import PlanMismatchError
 from lsaq.artifact import ArtifactError, load_quantized, resident_bytes, verify_artifact, write_artifact
 from lsaq.cli import main
-from lsaq.devices import DeviceProfile, MemoryKind
-from lsaq.memory import WeightPolicy
 from lsaq.model import load_model
-from lsaq.planner import MODEL_KEYS, Plan, PlanOptions, make_plan
+from lsaq.planner import Plan
 from lsaq.precision import Precision
-from lsaq.shapes import model_shape
+
+from conftest import plan_with_precisions
 
 MIX = (Precision.FP16, Precision.INT8, Precision.INT4)
 PROMPT = "The capital of France is"
-
-
-def plan_for(info, precisions, group_size=None) -> Plan:
-    """A plan for the real model with explicit per-layer precisions (budget large enough to fit)."""
-    shape = model_shape(info.config)
-    device = DeviceProfile(name="test-1gib", memory=2**30, kind=MemoryKind.SYSTEM, reserve=0, notes="test")
-    options = PlanOptions(context=256, policy=WeightPolicy(group_size=group_size))
-    base = make_plan(shape, [1.0] * shape.num_layers, device, options,
-                     model={k: getattr(info, k, None) for k in MODEL_KEYS})
-    return dataclasses.replace(base, precisions=tuple(precisions))
 
 
 @pytest.fixture(scope="module")
 def mixed(shared_gguf, tmp_path_factory):
     """Layers cycle FP16, INT8, INT4 (per-channel): write the artifact once for the module."""
     loaded = load_model(shared_gguf)
-    plan = plan_for(loaded.info, [MIX[i % 3] for i in range(loaded.info.num_layers)])
+    plan = plan_with_precisions(loaded.info, [MIX[i % 3] for i in range(loaded.info.num_layers)])
     out = tmp_path_factory.mktemp("art") / "mixed"
     write_artifact(loaded, plan, out)
     return out, plan
@@ -87,7 +76,7 @@ def test_resident_memory_matches_prediction(mixed):
 
 def test_int8_heavy_plan_generates_coherent_text(shared_gguf, tmp_path, capsys):
     loaded = load_model(shared_gguf)
-    plan = plan_for(loaded.info, [Precision.FP16 if i in (0, 29) else Precision.INT8 for i in range(30)])
+    plan = plan_with_precisions(loaded.info, [Precision.FP16 if i in (0, 29) else Precision.INT8 for i in range(30)])
     write_artifact(loaded, plan, tmp_path / "int8")
     assert main(["generate", str(tmp_path / "int8"), "--prompt", PROMPT, "--max-new-tokens", "8"]) == 0
     captured = capsys.readouterr()
@@ -107,7 +96,7 @@ def test_groupwise_int4_artifact_decodes_like_compressed_tensors(shared_gguf, tm
     from safetensors import safe_open
 
     loaded = load_model(shared_gguf)
-    plan = plan_for(loaded.info, [Precision.INT4 if i % 2 else Precision.FP16 for i in range(30)], group_size=64)
+    plan = plan_with_precisions(loaded.info, [Precision.INT4 if i % 2 else Precision.FP16 for i in range(30)], group_size=64)
     out = write_artifact(loaded, plan, tmp_path / "g64")
     ours = load_quantized(out, dtype=torch.float32)
     scheme = QuantizationScheme(targets=["Linear"], format="pack-quantized", weights=QuantizationArgs(
@@ -124,7 +113,7 @@ def test_groupwise_int4_artifact_decodes_like_compressed_tensors(shared_gguf, tm
 
 def test_plan_for_another_model_is_refused(shared_gguf, tmp_path):
     loaded = load_model(shared_gguf)
-    plan = plan_for(loaded.info, [Precision.INT8] * 30)
+    plan = plan_with_precisions(loaded.info, [Precision.INT8] * 30)
     other = dataclasses.replace(plan, model=plan.model | {"content_hash": "0" * 64})
     with pytest.raises(PlanMismatchError, match="content hash"):
         write_artifact(loaded, other, tmp_path / "x")
