@@ -18,7 +18,7 @@ setup: $(STAMP)
 # quantize it into an artifact and generate from that artifact on the packed runtime.
 run: $(STAMP)
 	mkdir -p $(OUT)
-	.venv/bin/lsaq score --method jaccard --out $(OUT)/importance.json
+	.venv/bin/lsaq score --out $(OUT)/importance.json
 	.venv/bin/lsaq plan --importance $(OUT)/importance.json --budget 200MiB --context 512 --out $(OUT)/plan.json
 	.venv/bin/lsaq quantize --plan $(OUT)/plan.json --out $(OUT)/artifact
 	.venv/bin/lsaq generate $(OUT)/artifact --prompt "The capital of France is" --max-new-tokens 24

@@ -7,7 +7,6 @@ disjoint in text, which is what a stability check of the importance ranking need
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .records import canonical_json, file_sha256, sha256_hex
+from .records import canonical_json, file_sha256, read_jsonl, sha256_hex
 
 WIKITEXT_VALID = "data/wikitext-2-raw/wiki.valid.raw"
 HF_DEFAULT = "wikitext:wikitext-2-raw-v1:validation"
@@ -90,17 +89,10 @@ def read_text(source: str) -> tuple[str, str]:
     if path.is_file():
         if path.suffix == ".jsonl":
             texts = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-                text = row.get("text") if isinstance(row, dict) else None
-                if not isinstance(text, str):
+            for n, row in read_jsonl(path):
+                if not isinstance(row.get("text"), str):
                     raise ValueError(f"{path}:{n}: each .jsonl line needs a string field 'text'")
-                texts.append(text)
+                texts.append(row["text"])
             return "\n\n".join(texts), file_sha256(path)
         return path.read_text(encoding="utf-8"), file_sha256(path)
     if path.suffix in {".txt", ".raw", ".jsonl"} or source.startswith((".", "/", "~")):

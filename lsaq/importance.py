@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,27 +27,13 @@ from torch import nn
 
 from . import __version__
 from .calibration import CalibrationSet
+from .methods import DEFAULT_K, DEFAULT_METHOD, Method
 from .model import ModelInfo, decoder_parts
 from .records import atomic_write_json, canonical_json, read_record, sha256_hex
 from .similarity import cosine, jaccard, topk_indices
 
 SCHEMA = "lsaq.layer_importance"
 VERSION = 1
-
-
-class Method(str, Enum):
-    JACCARD = "jaccard"  # LSAQ: 1 - Jaccard of the logit-lens top-k sets of a layer's input and output
-    COSINE = "cosine"  # LWQ baseline: 1 - cosine of a layer's input and output hidden states
-    SENSITIVITY = "sensitivity"  # measured: KL of next-token distributions with only that layer INT4
-
-    @classmethod
-    def parse(cls, value: "str | Method") -> "Method":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(
-                f"unknown importance method {value!r}; valid methods: {', '.join(m.value for m in cls)}"
-            ) from None
 
 
 @dataclass(frozen=True)
@@ -170,8 +155,8 @@ def _hidden(x: Any) -> torch.Tensor:
 def score_samples(
     model: nn.Module,
     calib: CalibrationSet,
-    method: str | Method = Method.JACCARD,
-    k: int = 10,
+    method: str | Method = DEFAULT_METHOD,
+    k: int = DEFAULT_K,
     *,
     batch_size: int = 4,
     chunk: int = 1024,
@@ -233,8 +218,8 @@ def score_importance(
     model: nn.Module,
     info: ModelInfo,
     calib: CalibrationSet,
-    method: str | Method = Method.JACCARD,
-    k: int = 10,
+    method: str | Method = DEFAULT_METHOD,
+    k: int = DEFAULT_K,
     *,
     batch_size: int = 4,
     progress: Callable[[int], None] | None = None,

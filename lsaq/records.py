@@ -107,3 +107,20 @@ def read_record(path: str | os.PathLike, schema: str, max_version: int) -> dict[
     if not isinstance(version, int) or not 1 <= version <= max_version:
         raise RecordError(f"{path}: {schema} version {version!r} is not supported (supported: 1..{max_version})")
     return obj
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSON Lines file; each line must be a JSON object."""
+    path = Path(path)
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append((n, row))
+    return rows

@@ -18,18 +18,13 @@ from lsaq.precision import Precision
 
 from conftest import plan_with_precisions
 
-MIX = (Precision.FP16, Precision.INT8, Precision.INT4)
 PROMPT = "The capital of France is"
 
 
-@pytest.fixture(scope="module")
-def mixed(shared_gguf, tmp_path_factory):
-    """Layers cycle FP16, INT8, INT4 (per-channel): write the artifact once for the module."""
-    loaded = load_model(shared_gguf)
-    plan = plan_with_precisions(loaded.info, [MIX[i % 3] for i in range(loaded.info.num_layers)])
-    out = tmp_path_factory.mktemp("art") / "mixed"
-    write_artifact(loaded, plan, out)
-    return out, plan
+@pytest.fixture
+def mixed(mixed_artifact):
+    """Layers cycle FP16, INT8, INT4 (per-channel): conftest writes the artifact once per session."""
+    return mixed_artifact
 
 
 def test_artifact_files_and_bytes_match_the_memory_model(mixed):

@@ -127,8 +127,8 @@ def test_cli_rejects_bad_input_and_writes_nothing(tmp_path, capsys, shared_gguf,
         (["--k", "0"], "--k must be at least 1, got 0"),
         (["--model", str(tmp_path / "nope")], "does not exist"),
         (["--model", str(unsupported)], "unsupported architecture: model_type 'bert'"),
-        (["--model", str(shared_gguf), "--k", "50000", "--calib", str(wiki_valid), "--samples", "1",
-          "--seq-len", "16"], "k must be in [1, 49152]"),
+        (["--model", str(shared_gguf), "--method", "jaccard", "--k", "50000", "--calib", str(wiki_valid),
+          "--samples", "1", "--seq-len", "16"], "k must be in [1, 49152]"),
         (["--model", str(shared_gguf), "--calib", str(empty)], "calibration text is empty"),
         (["--model", str(shared_gguf), "--calib", str(short), "--samples", "2", "--seq-len", "64"], "too short"),
         (["--model", str(shared_gguf), "--calib", str(tmp_path / "missing.txt")], "does not exist"),
@@ -144,3 +144,30 @@ def test_offline_hub_id_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="could not be resolved on the Hugging Face hub"):
         load_model("nobody-here/no-such-model-xyz")
+
+
+def test_calibration_jsonl_joins_text_fields_and_names_bad_lines(tmp_path):
+    from lsaq.calibration import read_text
+
+    good = tmp_path / "calib.jsonl"
+    good.write_text('{"text": "first"}\n\n{"text": "second", "id": 2}\n')
+    text, digest = read_text(str(good))
+    assert text == "first\n\nsecond" and len(digest) == 64
+    for body, message in [('{"text": "a"}\n{"txt": "b"}\n', r":2: each .jsonl line needs a string field 'text'"),
+                          ('{"text": "a"}\n{oops\n', r":2: not valid JSON"),
+                          ('["text"]\n', r":1: expected a JSON object, got list")]:
+        good.write_text(body)
+        with pytest.raises(ValueError, match=message):
+            read_text(str(good))
+
+
+def test_cli_scores_with_the_study_defaults(tmp_path, capsys, shared_gguf, wiki_valid):
+    from lsaq.methods import DEFAULT_K, DEFAULT_METHOD
+
+    base = ["--model", str(shared_gguf), "--calib", str(wiki_valid), "--samples", "2", "--seq-len", "64"]
+    assert run_cli(tmp_path, *base) == (0, True)
+    rec = LayerImportance.load(tmp_path / "imp.json")
+    assert rec.method == DEFAULT_METHOD.value and rec.num_layers == 30
+    assert f"method={DEFAULT_METHOD.value}" in capsys.readouterr().out
+    assert run_cli(tmp_path, *base, "--method", "jaccard") == (0, True)
+    assert LayerImportance.load(tmp_path / "imp.json").k == DEFAULT_K

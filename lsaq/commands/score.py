@@ -6,13 +6,17 @@ import argparse
 import sys
 import time
 
+from ..methods import DEFAULT_K, DEFAULT_METHOD, Method
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="rank decoder layers by importance (LSAQ jaccard, LWQ cosine or measured sensitivity)")
     p.add_argument("--model", default=None, help="local HF directory, .gguf file or hub id (default: SmolLM2-135M)")
     p.add_argument("--revision", default=None, help="hub revision (hub ids only)")
-    p.add_argument("--method", default="jaccard", help="jaccard (LSAQ, default), cosine (LWQ) or sensitivity (KL with one layer INT4; ~L/2x slower)")
-    p.add_argument("--k", type=int, default=10, help="top-k token set size for jaccard (default 10)")
+    p.add_argument("--method", default=DEFAULT_METHOD.value,
+                   help=f"jaccard (LSAQ), cosine (LWQ) or sensitivity (KL with one layer INT4; ~L/2x slower); "
+                        f"default {DEFAULT_METHOD.value}, the study's winner")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help=f"top-k token set size for jaccard (default {DEFAULT_K})")
     p.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--calib", default=None, help="calibration .txt/.jsonl file or dataset name (default WikiText-2 valid)")
@@ -25,8 +29,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Check what can be checked before loading anything, so bad input fails fast and writes nothing."""
-    from ..importance import Method
-
     Method.parse(args.method)
     if args.k < 1:
         raise ValueError(f"--k must be at least 1, got {args.k}")

@@ -19,13 +19,12 @@ What differs from the hub data:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..calibration import shared_dir
-from ..records import canonical_json, file_sha256, sha256_hex
+from ..records import canonical_json, file_sha256, read_jsonl, sha256_hex
 
 HELLASWAG_ITEMS = 10_042
 
@@ -43,18 +42,7 @@ class TaskSpec:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    return [row for _, row in read_jsonl(path)]
 
 
 def _read_labels(path: Path) -> list[int]:
