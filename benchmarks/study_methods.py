@@ -37,6 +37,7 @@ from lsaq.eval.harness import evaluate_tasks
 from lsaq.eval.perplexity import read_eval_text, tokenize_eval_windows, window_nll
 from lsaq.importance import LayerImportance, score_importance
 from lsaq.memory import layer_linear_bytes
+from lsaq.methods import DEFAULT_K
 from lsaq.model import LoadedModel, decoder_parts, load_model
 from lsaq.planner import MODEL_KEYS, Plan, PlanOptions, budget_for, make_plan
 from lsaq.precision import Precision
@@ -71,7 +72,7 @@ def importance(loaded: LoadedModel, out: Path, method: str, k: int | None, sampl
             return rec
     calib = load_calibration(loaded.tokenizer, source, samples=samples, seq_len=seq_len, seed=0)
     log(f"importance {name}: scoring")
-    rec = score_importance(loaded.model, loaded.info, calib, method, k if k is not None else 10)
+    rec = score_importance(loaded.model, loaded.info, calib, method, k if k is not None else DEFAULT_K)
     rec.save(path)
     log(f"importance {name}: {rec.wall_time_s:.0f}s, ranking {rec.ranking[:8]}...")
     return rec

@@ -27,10 +27,11 @@ from torch import nn
 
 from . import __version__
 from .calibration import CalibrationSet
-from .methods import DEFAULT_K, DEFAULT_METHOD, Method
+from .methods import DEFAULT_K, DEFAULT_METHOD, SENSITIVITY_PROBE, Method
 from .model import ModelInfo, decoder_parts
 from .records import atomic_write_json, canonical_json, read_record, sha256_hex
 from .similarity import cosine, jaccard, topk_indices
+from .solvers import ranking
 
 SCHEMA = "lsaq.layer_importance"
 VERSION = 1
@@ -57,7 +58,7 @@ class LayerImportance:
     @property
     def ranking(self) -> list[int]:
         """Layer indices, most important first; equal scores keep layer order."""
-        return sorted(range(self.num_layers), key=lambda i: (-self.importance[i], i))
+        return ranking(self.importance)
 
     @property
     def id(self) -> str:
@@ -233,7 +234,7 @@ def score_importance(
         model=info,
         method=method.value,
         k=k if method is Method.JACCARD else None,
-        params={"probe": "int4", "group_size": None} if method is Method.SENSITIVITY else {},
+        params={"probe": SENSITIVITY_PROBE.value, "group_size": None} if method is Method.SENSITIVITY else {},
         calibration=calib.info(),
         importance=tuple(float(x) for x in per_sample.mean(axis=0)),
         std=tuple(float(x) for x in std),

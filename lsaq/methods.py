@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from .precision import Precision
+
 
 class Method(str, Enum):
     """How a decoder layer's importance is measured (higher = keep it at higher precision)."""
@@ -33,3 +35,5 @@ class Method(str, Enum):
 DEFAULT_METHOD = Method.COSINE
 # For jaccard: of k = 1, 5, 10, 20, 50, the top-1 set agreed best with the measured per-layer sensitivity.
 DEFAULT_K = 1
+# For sensitivity: the precision its probe puts one layer at (the lowest the planner uses), per-channel scales.
+SENSITIVITY_PROBE = Precision.INT4

@@ -70,6 +70,11 @@ def _finite(values: Sequence[Any], what: str) -> list[float]:
     return out
 
 
+def _layers_width(n: int) -> float:
+    """Figure width in inches for ``n`` decoder layers along x: about 0.22 in per layer, 6 to 18 in."""
+    return min(18.0, max(6.0, 0.22 * n + 2))
+
+
 def _unit(n: int) -> tuple[float, str]:
     return (2**30, "GiB") if n >= 2**30 else (2**20, "MiB")
 
@@ -91,7 +96,7 @@ def plot_importance(series: Mapping[str, Sequence[float]], path: str | Path, *, 
     if min(lengths.values()) == 0 or len(set(lengths.values())) != 1:
         raise ValueError(f"every series needs the same, non-zero number of layers; got {lengths}")
     n = next(iter(lengths.values()))
-    fig = _figure(min(18.0, max(6.0, 0.22 * n + 2)), 3.6)
+    fig = _figure(_layers_width(n), 3.6)
     ax = fig.add_subplot()
     for name, values in data.items():
         scale = max(abs(v) for v in values) or 1.0
@@ -110,7 +115,7 @@ def plot_plan_strip(plan: "Plan", path: str | Path) -> Path:
     path = _png_path(path)
     n, precisions = plan.shape.num_layers, plan.precisions
     levels = list(Precision)
-    fig = _figure(min(18.0, max(6.0, 0.22 * n + 2)), 3.4)
+    fig = _figure(_layers_width(n), 3.4)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1.2, 1.0])
     colors = [PRECISION_COLORS[p] for p in precisions]
     top.bar(range(n), plan.importance, color=colors, width=0.8)

@@ -24,12 +24,10 @@ from torch import nn
 
 from .calibration import CalibrationSet
 from .importance import _hidden
+from .methods import SENSITIVITY_PROBE
 from .model import DecoderParts, decoder_parts
 from .precision import Precision
 from .quant import QuantizedWeight
-
-DEFAULT_PROBE = Precision.INT4
-
 
 @contextmanager
 def quantized_layer(layer: nn.Module, precision: Precision, group_size: int | None = None) -> Iterator[None]:
@@ -71,7 +69,7 @@ def sensitivity_samples(
     model: nn.Module,
     calib: CalibrationSet,
     *,
-    precision: Precision | str = DEFAULT_PROBE,
+    precision: Precision | str = SENSITIVITY_PROBE,
     group_size: int | None = None,
     batch_size: int = 4,
     chunk: int = 1024,

@@ -171,6 +171,31 @@ def _evaluate(loaded: Any, args: argparse.Namespace, label: str) -> tuple[Any, d
     return ppl, tasks
 
 
+def _measure(args: argparse.Namespace, source: ModelSource, label: str, *,
+             content_hash: str | None = None) -> dict[str, Any]:
+    """Load ``source``, run the requested metrics and free the model again: its run record
+    (:func:`lsaq.eval.report.run_record`, seconds counted from the start of loading).
+
+    ``content_hash``: the float weights the model must have (an artifact's baseline), checked before any metric.
+    """
+    import gc
+
+    from ..eval.report import run_record
+
+    start = time.perf_counter()
+    loaded = _load(source)
+    if content_hash and loaded.info.content_hash != content_hash:
+        raise ValueError(f"baseline model {source.path} (content {loaded.info.content_hash[:12]}) is not the "
+                         f"model the artifact was made from (content {content_hash[:12]}); pass --baseline-model "
+                         "or --no-baseline")
+    ppl, tasks = _evaluate(loaded, args, label)
+    record = run_record(loaded.info, perplexity=ppl, tasks=tasks, seconds=time.perf_counter() - start,
+                        dtype=args.dtype, artifact=str(source.path) if source.artifact else None)
+    del loaded, ppl, tasks
+    gc.collect()  # free this model before the next one is loaded
+    return record
+
+
 def run(args: argparse.Namespace) -> int:
     validate(args)
     path = args.model_path or args.model
@@ -181,21 +206,9 @@ def run(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..records import atomic_write_json
 
-    start = time.perf_counter()
-    loaded = _load(ModelSource(path, args.dtype))
-    report: dict[str, Any] = {
-        "schema": SCHEMA,
-        "version": VERSION,
-        "lsaq_version": __version__,
-        "model": {k: v for k, v in loaded.info.to_json().items() if k != "config"},
-        "dtype": args.dtype,
-        "perplexity": None,
-        "tasks": {},
-    }
-    ppl, tasks = _evaluate(loaded, args, "")
-    report["perplexity"] = ppl.to_json() if ppl is not None else None
-    report["tasks"] = {name: r.to_json() for name, r in tasks.items()}
-    report["seconds"] = time.perf_counter() - start
+    run = _measure(args, ModelSource(path, args.dtype), "")
+    del run["artifact"]  # the plain record has no artifact field: {model, dtype, perplexity, tasks, seconds}
+    report: dict[str, Any] = {"schema": SCHEMA, "version": VERSION, "lsaq_version": __version__, **run}
     print(format_report(report))
     if args.out:
         atomic_write_json(args.out, report)
@@ -222,10 +235,8 @@ def _check_baseline_reachable(source: str | None) -> None:
 
 def run_artifact(args: argparse.Namespace, path: str) -> int:
     """``lsaq eval DIR`` on an artifact: quantized run, then the float baseline, one in memory at a time."""
-    import gc
-
     from ..artifact import PLAN, verify_artifact
-    from ..eval.report import build_report, markdown_path, render_markdown, run_record, write_report
+    from ..eval.report import build_report, markdown_path, render_markdown, write_report
     from ..planner import Plan
 
     start = time.perf_counter()
@@ -239,27 +250,11 @@ def run_artifact(args: argparse.Namespace, path: str) -> int:
         markdown_path(args.out)  # a bad --out fails now, not after the evaluation
     report = None
     if evaluate:
-        t = time.perf_counter()
-        loaded = _load(ModelSource(path, args.dtype, artifact=True))
-        ppl, tasks = _evaluate(loaded, args, " (quantized)")
-        quantized = run_record(loaded.info, perplexity=ppl, tasks=tasks, seconds=time.perf_counter() - t,
-                               dtype=args.dtype, artifact=str(path))
-        del loaded, ppl, tasks
-        gc.collect()  # free the quantized model before the float one is loaded
+        quantized = _measure(args, ModelSource(path, args.dtype, artifact=True), " (quantized)")
         baseline = None
         if args.baseline:
-            t = time.perf_counter()
-            loaded = _load(ModelSource(base_src, args.dtype))
-            want = manifest["model"].get("content_hash")
-            if want and loaded.info.content_hash != want:
-                raise ValueError(f"baseline model {base_src} (content {loaded.info.content_hash[:12]}) is not the "
-                                 f"model the artifact was made from (content {want[:12]}); pass --baseline-model "
-                                 "or --no-baseline")
-            ppl, tasks = _evaluate(loaded, args, " (baseline)")
-            baseline = run_record(loaded.info, perplexity=ppl, tasks=tasks, seconds=time.perf_counter() - t,
-                                  dtype=args.dtype)
-            del loaded, ppl, tasks
-            gc.collect()
+            baseline = _measure(args, ModelSource(base_src, args.dtype), " (baseline)",
+                                content_hash=manifest["model"].get("content_hash"))
         settings = {"dtype": args.dtype, "ppl_source": args.ppl_source if args.ppl else None,
                     "seq_len": args.seq_len if args.ppl else None, "max_windows": args.max_windows,
                     "ppl_batch_size": args.ppl_batch_size, "tasks": list(args.tasks) if args.tasks else None,

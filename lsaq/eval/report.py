@@ -171,7 +171,7 @@ def compare(baseline: Mapping[str, Any] | None, quantized: Mapping[str, Any]) ->
         mb = b.get(key)
         vb, vq = (mb["value"] if mb else None), mq["value"]
         delta = vq - vb if vb is not None else None
-        is_ppl = "perplexity" in mq["metric"]
+        is_ppl = _is_perplexity(mq["metric"])
         rows.append({
             "key": key, "task": mq["task"], "metric": mq["metric"], "label": mq["label"], "detail": mq["detail"],
             "n": mq["n"],
@@ -218,19 +218,27 @@ def build_report(
 # ------------------------------------------------------------------------------------------- rendering
 
 
+def _is_perplexity(metric: str) -> bool:
+    """Perplexities (WikiText, LAMBADA's, word/byte) get 3 decimals and relative deltas; accuracies 4 and none."""
+    return "perplexity" in metric
+
+
+def _number(v: float, metric: str, sign: str = "") -> str:
+    return f"{v:{sign}.3f}" if _is_perplexity(metric) else f"{v:{sign}.4f}"
+
+
 def _value(v: float | None, metric: str, err: float | None = None) -> str:
     if v is None:
         return "-"
-    s = f"{v:.3f}" if "perplexity" in metric else f"{v:.4f}"
-    return s + (f" ± {err:.4f}" if err is not None and math.isfinite(err) and "perplexity" not in metric else "")
+    show_err = err is not None and math.isfinite(err) and not _is_perplexity(metric)
+    return _number(v, metric) + (f" ± {err:.4f}" if show_err else "")
 
 
 def _delta(row: Mapping[str, Any]) -> str:
-    d = row["delta"]
-    if d is None:
+    if row["delta"] is None:
         return "-"
-    s = f"{d:+.3f}" if "perplexity" in row["metric"] else f"{d:+.4f}"
-    return s + (f" ({row['delta_pct']:+.2f}%)" if row.get("delta_pct") is not None else "")
+    return _number(row["delta"], row["metric"], "+") + (
+        f" ({row['delta_pct']:+.2f}%)" if row.get("delta_pct") is not None else "")
 
 
 def metrics_table(rows: Sequence[Mapping[str, Any]]) -> str:
