@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from lsaq.calibration import load_calibration
-from lsaq.importance import score_samples
-from lsaq.model import decoder_parts, load_model
+from lsaq.importance.calibration import load_calibration
+from lsaq.importance.scoring import score_samples
+from lsaq.models.loading import load_model
+from lsaq.models.parts import decoder_parts
 
 
 def timed(fn) -> float:

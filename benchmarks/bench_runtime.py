@@ -48,8 +48,8 @@ def peak_rss_mib() -> float:
 
 def _one(args: argparse.Namespace) -> dict:
     """Measure one configuration in this process; print a JSON line."""
-    from lsaq.artifact import load_quantized, resident_bytes
-    from lsaq.model import load_model
+    from lsaq.quantization.artifact import load_quantized, resident_bytes
+    from lsaq.models.loading import load_model
 
     start = time.perf_counter()
     weights, act = CONFIGS[args.one]
@@ -82,15 +82,16 @@ def _one(args: argparse.Namespace) -> dict:
 
 def _build_artifacts(args: argparse.Namespace, workdir: Path) -> list[str]:
     """Write the INT8 / INT4 / mixed artifacts; return quantization throughput lines."""
-    from lsaq.artifact import write_artifact
-    from lsaq.calibration import load_calibration
-    from lsaq.devices import DeviceProfile
-    from lsaq.importance import score_importance
-    from lsaq.model import decoder_parts, load_model
-    from lsaq.planner import MODEL_KEYS, PlanOptions, make_plan
+    from lsaq.quantization.artifact import write_artifact
+    from lsaq.importance.calibration import load_calibration
+    from lsaq.planning.devices import DeviceProfile
+    from lsaq.importance.scoring import score_importance
+    from lsaq.models.loading import load_model
+    from lsaq.models.parts import decoder_parts
+    from lsaq.planning.planner import MODEL_KEYS, PlanOptions, make_plan
     from lsaq.precision import Precision
-    from lsaq.quant import QuantizedWeight
-    from lsaq.shapes import model_shape
+    from lsaq.quantization.primitives import QuantizedWeight
+    from lsaq.models.families import model_shape
 
     loaded = load_model(args.model)
     info = loaded.info

@@ -10,9 +10,9 @@ that fits, quantizes, and measures WikiText-2 test perplexity (and task accuracy
 each method's Spearman correlation with the measured sensitivity and writes ``study.json``, ``study.md`` and the
 plots ``ppl_vs_bits.png`` and ``importance.png`` into ``--out``.
 
-Quantized weights are the exact dequantized codes of :class:`lsaq.quant.QuantizedWeight` swapped into one float32
+Quantized weights are the exact dequantized codes of :class:`lsaq.quantization.primitives.QuantizedWeight` swapped into one float32
 copy of the model (every distinct plan evaluated once), i.e. the product lsaq's packed modules compute on their
-dequantize path; one plan is re-checked through the real packed runtime (``lsaq.apply.quantize_model``).
+dequantize path; one plan is re-checked through the real packed runtime (``lsaq.quantization.apply.quantize_model``).
 Importance records are cached in ``--out/importance/`` and reused when their settings match.
 """
 
@@ -30,21 +30,23 @@ import numpy as np
 import torch
 
 from lsaq import __version__
-from lsaq.artifact import load_quantized, write_artifact
-from lsaq.calibration import load_calibration
-from lsaq.devices import DeviceProfile, MemoryKind
+from lsaq.quantization.artifact import load_quantized, write_artifact
+from lsaq.importance.calibration import load_calibration
+from lsaq.planning.devices import DeviceProfile, MemoryKind
 from lsaq.eval.harness import evaluate_tasks
 from lsaq.eval.perplexity import read_eval_text, tokenize_eval_windows, window_nll
-from lsaq.importance import LayerImportance, score_importance
-from lsaq.memory import layer_linear_bytes
+from lsaq.importance.scoring import LayerImportance, score_importance
+from lsaq.planning.memory import layer_linear_bytes
 from lsaq.methods import DEFAULT_K
-from lsaq.model import LoadedModel, decoder_parts, load_model
-from lsaq.planner import MODEL_KEYS, Plan, PlanOptions, budget_for, make_plan
+from lsaq.models.loading import LoadedModel, load_model
+from lsaq.models.parts import decoder_parts
+from lsaq.planning.planner import MODEL_KEYS, Plan, PlanOptions, budget_for, make_plan
 from lsaq.precision import Precision
-from lsaq.quant import QuantizedWeight
+from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.records import atomic_write_bytes, atomic_write_json
-from lsaq.shapes import ModelShape, model_shape
-from lsaq.similarity import spearman
+from lsaq.models.families import model_shape
+from lsaq.models.shapes import ModelShape
+from lsaq.importance.similarity import spearman
 
 SCHEMA, VERSION = "lsaq.study", 1
 MAIN = ("jaccard", "cosine", "sensitivity")

@@ -8,8 +8,8 @@ import logging
 import pkgutil
 import sys
 
-from . import __version__, commands
-from .records import RecordError
+from lsaq import __version__, commands
+from lsaq.records import RecordError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,14 +1,15 @@
 """The importance methods a layer ranking can come from, and the defaults the study chose.
 
 Kept free of torch so that the command line (and, later, pipeline parameters) can name and validate methods
-without loading the numeric stack; the scoring itself is in :mod:`lsaq.importance` and :mod:`lsaq.sensitivity`.
+without loading the numeric stack; the scoring itself is in :mod:`lsaq.importance.scoring` and :mod:`lsaq.importance.sensitivity`.
 """
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import Sequence
 
-from .precision import Precision
+from lsaq.precision import Precision
 
 
 class Method(str, Enum):
@@ -37,3 +38,8 @@ DEFAULT_METHOD = Method.COSINE
 DEFAULT_K = 1
 # For sensitivity: the precision its probe puts one layer at (the lowest the planner uses), per-channel scales.
 SENSITIVITY_PROBE = Precision.INT4
+
+
+def ranking(importance: Sequence[float]) -> list[int]:
+    """Layer indices, most important first; equal importance: the earlier layer first."""
+    return sorted(range(len(importance)), key=lambda i: (-importance[i], i))

@@ -14,14 +14,14 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .precision import Precision
-from .records import atomic_write_bytes
-from .units import format_bytes
+from lsaq.precision import Precision
+from lsaq.records import atomic_write_bytes
+from lsaq.units import format_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .planner import Plan
+    from lsaq.planning.planner import Plan
 
 MATPLOTLIB_HINT = ("plots need matplotlib: pip install -c constraints.txt matplotlib==3.11.2 "
                    "(or pip install 'lsaq[eval]')")

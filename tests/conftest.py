@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lsaq.calibration import shared_dir
+from lsaq.paths import shared_dir
 
 MODEL_REL = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI_VALID_REL = "data/wikitext-2-raw/wiki.valid.raw"
@@ -33,7 +33,7 @@ def wiki_valid() -> Path:
 @pytest.fixture(scope="session")
 def shared_model(shared_gguf):
     """The real SmolLM2-135M (30 Llama layers), loaded once per session as float32."""
-    from lsaq.model import load_model
+    from lsaq.models.loading import load_model
 
     return load_model(shared_gguf)
 
@@ -42,10 +42,10 @@ def plan_with_precisions(info, precisions, group_size=None):
     """A plan for a loaded model with explicit per-layer precisions (1 GiB test device: it fits the real model)."""
     import dataclasses
 
-    from lsaq.devices import DeviceProfile, MemoryKind
-    from lsaq.memory import WeightPolicy
-    from lsaq.planner import MODEL_KEYS, PlanOptions, make_plan
-    from lsaq.shapes import model_shape
+    from lsaq.planning.devices import DeviceProfile, MemoryKind
+    from lsaq.planning.memory import WeightPolicy
+    from lsaq.planning.planner import MODEL_KEYS, PlanOptions, make_plan
+    from lsaq.models.families import model_shape
 
     shape = model_shape(info.config)
     device = DeviceProfile(name="test-1gib", memory=2**30, kind=MemoryKind.SYSTEM, reserve=0, notes="test")
@@ -61,8 +61,8 @@ def mixed_artifact(shared_gguf, tmp_path_factory):
 
     Written once per session from a fresh load (quantizing works in place, so ``shared_model`` is not used).
     """
-    from lsaq.artifact import write_artifact
-    from lsaq.model import load_model
+    from lsaq.quantization.artifact import write_artifact
+    from lsaq.models.loading import load_model
     from lsaq.precision import Precision
 
     mix = (Precision.FP16, Precision.INT8, Precision.INT4)

@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
-from lsaq.apply import PlanMismatchError
-from lsaq.artifact import ArtifactError, load_quantized, resident_bytes, verify_artifact, write_artifact
+from lsaq.quantization.apply import PlanMismatchError
+from lsaq.quantization.artifact import ArtifactError, load_quantized, resident_bytes, verify_artifact, write_artifact
 from lsaq.cli import main
-from lsaq.model import load_model
-from lsaq.planner import Plan
+from lsaq.models.loading import load_model
+from lsaq.planning.planner import Plan
 from lsaq.precision import Precision
 
 from conftest import plan_with_precisions

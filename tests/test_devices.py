@@ -8,10 +8,10 @@ import types
 
 import pytest
 
-from lsaq import detect as detect_mod
+from lsaq.planning import detect as detect_mod
 from lsaq.cli import main
-from lsaq.detect import MemoryWaitTimeout, detect, detect_local, wait_for_memory
-from lsaq.devices import DeviceProfile, MemoryKind, list_devices, load_catalog, parse_device_file, resolve_device
+from lsaq.planning.detect import MemoryWaitTimeout, detect, detect_local, wait_for_memory
+from lsaq.planning.devices import DeviceProfile, MemoryKind, list_devices, load_catalog, parse_device_file, resolve_device
 
 GIB, MIB = 1024**3, 1024**2
 REQUIRED = [

@@ -8,11 +8,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lsaq.calibration import CalibrationSet, load_calibration
+from lsaq.importance.calibration import CalibrationSet, load_calibration
 from lsaq.cli import main
-from lsaq.importance import LayerImportance, score_importance, score_samples
-from lsaq.model import SUPPORTED_MODEL_TYPES, decoder_parts, load_model
-from lsaq.similarity import spearman
+from lsaq.importance.scoring import LayerImportance, score_importance, score_samples
+from lsaq.models.families import SUPPORTED_MODEL_TYPES
+from lsaq.models.loading import load_model
+from lsaq.models.parts import decoder_parts
+from lsaq.importance.similarity import spearman
 
 TINY = dict(
     vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -48,7 +50,7 @@ def test_every_supported_family_scores(model_type):
 def test_unsupported_architecture_is_named():
     cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=64)
     model = AutoModelForCausalLM.from_config(cfg)
-    with pytest.raises(ValueError, match=r"unsupported architecture 'GPT2LMHeadModel'.*supported model types"):
+    with pytest.raises(ValueError, match=r"unsupported architecture: model_type 'gpt2' \(GPT2LMHeadModel\).*supported model types"):
         decoder_parts(model)
 
 
@@ -147,7 +149,7 @@ def test_offline_hub_id_is_a_clear_error(monkeypatch):
 
 
 def test_calibration_jsonl_joins_text_fields_and_names_bad_lines(tmp_path):
-    from lsaq.calibration import read_text
+    from lsaq.importance.calibration import read_text
 
     good = tmp_path / "calib.jsonl"
     good.write_text('{"text": "first"}\n\n{"text": "second", "id": 2}\n')

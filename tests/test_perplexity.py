@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lsaq.calibration import shared_dir
+from lsaq.paths import shared_dir
 from lsaq.cli import main
 from lsaq.eval.perplexity import perplexity, read_eval_text
 
@@ -48,7 +48,7 @@ def tiny() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def real():
     """The shared SmolLM2-135M, loaded once for this module."""
-    from lsaq.model import load_model
+    from lsaq.models.loading import load_model
 
     return load_model(_shared(MODEL_REL))
 
@@ -169,7 +169,7 @@ def test_all_int8_perplexity_is_within_two_percent_of_float(real):
     import copy
 
     from conftest import plan_with_precisions
-    from lsaq.apply import quantize_model
+    from lsaq.quantization.apply import quantize_model
     from lsaq.precision import Precision
 
     wiki = str(_shared(WIKI_TEST_REL))

@@ -10,12 +10,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lsaq.cli import main
-from lsaq.devices import budget_profile, resolve_device
-from lsaq.memory import WeightPolicy
-from lsaq.planner import InfeasiblePlanError, Plan, PlanOptions, budget_for, make_plan, uniform_plan
+from lsaq.planning.devices import budget_profile, resolve_device
+from lsaq.planning.memory import WeightPolicy
+from lsaq.planning.planner import InfeasiblePlanError, Plan, PlanOptions, budget_for, make_plan, uniform_plan
 from lsaq.precision import Precision
-from lsaq.shapes import model_shape
-from lsaq.solvers import default_quality, lp_upper_bound, lsaq_assign, objective, optimal_assign, ranking
+from lsaq.models.families import model_shape
+from lsaq.methods import ranking
+from lsaq.planning.solvers import default_quality, lp_upper_bound, lsaq_assign, objective, optimal_assign
 
 FP16, INT8, INT4 = Precision.FP16, Precision.INT8, Precision.INT4
 LEVEL = {p: i for i, p in enumerate(Precision)}  # 0 = most precise
@@ -271,8 +272,8 @@ def test_cli_plan_from_shipped_config(tmp_path, capsys):
 
 
 def test_cli_plan_with_importance_record_and_budget(tmp_path, capsys):
-    from lsaq.importance import LayerImportance
-    from lsaq.model import ModelInfo
+    from lsaq.importance.scoring import LayerImportance
+    from lsaq.models.loading import ModelInfo
 
     cfg = {**small_config(64, 128, 4, 4, 2, 256, True), "architectures": ["LlamaForCausalLM"]}
     info = ModelInfo("tiny", "/models/tiny", None, "f" * 64, "LlamaForCausalLM", "llama", 4, cfg)
@@ -314,8 +315,8 @@ def test_cli_plan_bare_vector(tmp_path, capsys):
 
 
 def test_cli_wait_for_memory_local(monkeypatch, capsys):
-    import lsaq.detect as d
-    from lsaq.devices import DeviceProfile, MemoryKind
+    import lsaq.planning.detect as d
+    from lsaq.planning.devices import DeviceProfile, MemoryKind
 
     seen = iter([1 * 1024**3, 30 * 1024**3])
     monkeypatch.setattr(d, "detect_local", lambda: DeviceProfile("local", next(seen), MemoryKind.SYSTEM, 0))

@@ -10,9 +10,9 @@ from importlib import resources
 import pytest
 
 from lsaq import plots
-from lsaq.devices import resolve_device
-from lsaq.planner import PlanOptions, make_plan
-from lsaq.shapes import model_shape
+from lsaq.planning.devices import resolve_device
+from lsaq.planning.planner import PlanOptions, make_plan
+from lsaq.models.families import model_shape
 
 pytest.importorskip("matplotlib")
 

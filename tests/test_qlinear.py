@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from lsaq.precision import Precision
-from lsaq.qlinear import (
+from lsaq.quantization.qlinear import (
     DEQUANT_MIN_TOKENS,
     Int4Linear,
     Int8Linear,
     _cpu_int4pack_layout,
 )
-from lsaq.quant import QuantizedWeight
+from lsaq.quantization.primitives import QuantizedWeight
 
 BF16_EPS = 2.0**-8  # bf16 unit roundoff is 2^-9; the kernels round x, the sum and (group-wise) s and z
 
@@ -178,7 +178,7 @@ def test_storage_form_round_trip(kind: str, shape: tuple[int, int]) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_dequantize_path_in_row_blocks(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Row-blocked dequantization (64 rows at a time here) over full and short layout blocks."""
-    import lsaq.qlinear as qlinear
+    import lsaq.quantization.qlinear as qlinear
 
     monkeypatch.setattr(qlinear, "_DEQUANT_BLOCK_ELEMS", 64 * 256)
     mod = _module(kind, _linear(176, 256))  # 176 = 5 * 32 + 16 = 2 * 64 + 48

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lsaq.precision import Precision
-from lsaq.quant import (
+from lsaq.quantization.primitives import (
     QuantizedWeight,
     dequantize_int4,
     dequantize_int8,

@@ -8,10 +8,10 @@ import math
 import pytest
 
 from lsaq.cli import main
-from lsaq.devices import DeviceProfile, MemoryKind
+from lsaq.planning.devices import DeviceProfile, MemoryKind
 from lsaq.eval import report as rep
-from lsaq.planner import PlanOptions, make_plan
-from lsaq.shapes import model_shape
+from lsaq.planning.planner import PlanOptions, make_plan
+from lsaq.models.families import model_shape
 
 PNG = b"\x89PNG\r\n\x1a\n"
 MODEL = {"id": "tiny", "source": "/models/tiny", "revision": None, "content_hash": "c" * 64,

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lsaq.calibration import CalibrationSet
-from lsaq.devices import budget_profile
-from lsaq.importance import LayerImportance, score_importance
-from lsaq.model import decoder_parts
-from lsaq.planner import PlanOptions, make_plan
+from lsaq.importance.calibration import CalibrationSet
+from lsaq.planning.devices import budget_profile
+from lsaq.importance.scoring import LayerImportance, score_importance
+from lsaq.models.parts import decoder_parts
+from lsaq.planning.planner import PlanOptions, make_plan
 from lsaq.precision import Precision
-from lsaq.sensitivity import quantized_layer, sensitivity_samples
-from lsaq.shapes import model_shape
+from lsaq.importance.sensitivity import quantized_layer, sensitivity_samples
+from lsaq.models.families import model_shape
 
 from test_importance import FAMILIES, tiny_model
 

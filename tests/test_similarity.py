@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from lsaq.similarity import cosine, intersection_size, jaccard, spearman, topk_indices, topk_jaccard
+from lsaq.importance.similarity import cosine, intersection_size, jaccard, spearman, topk_indices, topk_jaccard
 
 
 def naive_topk(row: list[float], k: int) -> list[int]:

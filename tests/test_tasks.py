@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from lsaq.calibration import shared_dir
+from lsaq.paths import shared_dir
 from lsaq.cli import main
 from lsaq.eval.tasks import TASK_NAMES, TASKS, load_local_docs, parse_hellaswag, resolve_tasks
 
@@ -32,7 +32,7 @@ def _shared(rel: str):
 @pytest.fixture(scope="module")
 def real():
     """The shared SmolLM2-135M, loaded once for this module."""
-    from lsaq.model import load_model
+    from lsaq.models.loading import load_model
 
     return load_model(_shared(MODEL_REL))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..planner import Plan
+    from lsaq.planning.planner import Plan
 
 SCHEMA = "lsaq.eval"
 VERSION = 1
@@ -62,8 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Check what can be checked before loading anything, so bad input fails fast and writes nothing."""
-    from ..eval.harness import DATA_CHOICES
-    from ..eval.tasks import resolve_tasks
+    from lsaq.eval.harness import DATA_CHOICES
+    from lsaq.eval.tasks import resolve_tasks
 
     if args.model_path and args.model and args.model_path != args.model:
         raise ValueError(f"two models given: {args.model_path!r} and --model {args.model!r}; give one")
@@ -84,7 +84,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.baseline_model and not args.baseline:
         raise ValueError("--baseline-model and --no-baseline contradict each other; give one")
     if args.plots:
-        from ..plots import MATPLOTLIB_HINT
+        from lsaq.plots import MATPLOTLIB_HINT
 
         if importlib.util.find_spec("matplotlib") is None:
             raise ValueError(MATPLOTLIB_HINT)
@@ -107,7 +107,7 @@ def validate(args: argparse.Namespace) -> None:
 
 def default_ppl_source() -> str:
     """WikiText-2 raw test: the shared local copy when present, else the hub dataset (needs network)."""
-    from ..calibration import shared_dir
+    from lsaq.paths import shared_dir
 
     shared = shared_dir()
     local = shared / "data" / "wikitext-2-raw" / "wiki.test.raw" if shared is not None else None
@@ -125,7 +125,7 @@ class ModelSource:
 
 def is_artifact(path: str | None) -> bool:
     """A directory written by ``lsaq quantize`` (it has the manifest or the plan; a partial one is refused later)."""
-    from ..artifact import MANIFEST, PLAN
+    from lsaq.quantization.artifact import MANIFEST, PLAN
 
     return path is not None and Path(path).is_dir() and any((Path(path) / f).is_file() for f in (MANIFEST, PLAN))
 
@@ -133,17 +133,17 @@ def is_artifact(path: str | None) -> bool:
 def _load(source: ModelSource) -> Any:
     """Load what ``lsaq eval`` evaluates; returns a ``LoadedModel``.
 
-    An artifact directory loads onto lsaq's packed runtime (:func:`lsaq.artifact.load_quantized`, sha256 of every
-    file checked); anything else goes through :func:`lsaq.model.load_model`. Float parts in ``source.dtype``.
+    An artifact directory loads onto lsaq's packed runtime (:func:`lsaq.quantization.artifact.load_quantized`, sha256 of every
+    file checked); anything else goes through :func:`lsaq.models.loading.load_model`. Float parts in ``source.dtype``.
     """
     import torch
 
     dtype = getattr(torch, source.dtype)
     if source.artifact:
-        from ..artifact import load_quantized
+        from lsaq.quantization.artifact import load_quantized
 
         return load_quantized(source.path, dtype=dtype)
-    from ..model import load_model
+    from lsaq.models.loading import load_model
 
     return load_model(source.path, dtype=dtype)
 
@@ -154,7 +154,7 @@ def _evaluate(loaded: Any, args: argparse.Namespace, label: str) -> tuple[Any, d
     if args.ppl:
         from tqdm import tqdm
 
-        from ..eval.perplexity import perplexity
+        from lsaq.eval.perplexity import perplexity
 
         with tqdm(desc=f"perplexity{label}", unit="window", file=sys.stderr) as bar:
             ppl = perplexity(
@@ -162,7 +162,7 @@ def _evaluate(loaded: Any, args: argparse.Namespace, label: str) -> tuple[Any, d
                 batch_size=args.ppl_batch_size, progress=bar.update,
             )
     if args.tasks:
-        from ..eval.harness import evaluate_tasks
+        from lsaq.eval.harness import evaluate_tasks
 
         tasks = evaluate_tasks(
             loaded.model, loaded.tokenizer, args.tasks, limit=args.limit, batch_size=args.task_batch_size,
@@ -180,7 +180,7 @@ def _measure(args: argparse.Namespace, source: ModelSource, label: str, *,
     """
     import gc
 
-    from ..eval.report import run_record
+    from lsaq.eval.report import run_record
 
     start = time.perf_counter()
     loaded = _load(source)
@@ -203,8 +203,8 @@ def run(args: argparse.Namespace) -> int:
         args.ppl_source = args.ppl_source or default_ppl_source()
     if is_artifact(path):
         return run_artifact(args, path)
-    from .. import __version__
-    from ..records import atomic_write_json
+    from lsaq import __version__
+    from lsaq.records import atomic_write_json
 
     run = _measure(args, ModelSource(path, args.dtype), "")
     del run["artifact"]  # the plain record has no artifact field: {model, dtype, perplexity, tasks, seconds}
@@ -226,7 +226,7 @@ def baseline_source(plan: "Plan", manifest: dict[str, Any]) -> str | None:
 
 
 def _check_baseline_reachable(source: str | None) -> None:
-    from ..model import _is_hub_id
+    from lsaq.models.loading import _is_hub_id
 
     if source is not None and not Path(source).expanduser().exists() and not _is_hub_id(source):
         raise ValueError(f"the artifact's base model {source} does not exist here; pass --baseline-model PATH, "
@@ -235,9 +235,9 @@ def _check_baseline_reachable(source: str | None) -> None:
 
 def run_artifact(args: argparse.Namespace, path: str) -> int:
     """``lsaq eval DIR`` on an artifact: quantized run, then the float baseline, one in memory at a time."""
-    from ..artifact import PLAN, verify_artifact
-    from ..eval.report import build_report, markdown_path, render_markdown, write_report
-    from ..planner import Plan
+    from lsaq.quantization.artifact import PLAN, verify_artifact
+    from lsaq.eval.report import build_report, markdown_path, render_markdown, write_report
+    from lsaq.planning.planner import Plan
 
     start = time.perf_counter()
     manifest = verify_artifact(path, checksums=False)  # fail fast; loading checks every sha256
@@ -266,7 +266,7 @@ def run_artifact(args: argparse.Namespace, path: str) -> int:
                               seconds=time.perf_counter() - start)
         print(render_markdown(report))
     if args.plots:
-        from ..plots import plot_memory, plot_plan_strip
+        from lsaq.plots import plot_memory, plot_plan_strip
 
         for written in (plot_plan_strip(plan, Path(args.plots) / "plan_strip.png"),
                         plot_memory(plan, Path(args.plots) / "memory.png")):

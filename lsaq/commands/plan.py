@@ -42,11 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_devices(args: argparse.Namespace) -> int:
-    from ..devices import list_devices
-    from ..units import format_bytes
+    from lsaq.planning.devices import list_devices
+    from lsaq.units import format_bytes
 
     if args.detect:
-        from ..detect import detect
+        from lsaq.planning.detect import detect
 
         d = detect()
         print(f"NVML: {d.nvml_status}")
@@ -101,8 +101,8 @@ def load_config(spec: str) -> tuple[dict[str, Any], str, str]:
 
 def load_importance(path: str) -> tuple[list[float], dict[str, Any], Any]:
     """``(values, reference, ModelInfo or None)`` from an importance record or a bare JSON list."""
-    from ..importance import LayerImportance
-    from ..records import canonical_json, sha256_hex
+    from lsaq.importance.scoring import LayerImportance
+    from lsaq.records import canonical_json, sha256_hex
 
     try:
         obj = json.loads(Path(path).read_text())
@@ -122,7 +122,7 @@ def load_importance(path: str) -> tuple[list[float], dict[str, Any], Any]:
 
 
 def _model_identity(config: dict[str, Any], model_id: str, source: str, info: Any) -> dict[str, Any]:
-    from ..records import canonical_json, sha256_hex
+    from lsaq.records import canonical_json, sha256_hex
 
     ident = {
         "id": model_id, "source": source, "revision": None, "content_hash": None,
@@ -136,8 +136,8 @@ def _model_identity(config: dict[str, Any], model_id: str, source: str, info: An
 
 
 def build_options(args: argparse.Namespace):
-    from ..memory import WeightPolicy
-    from ..planner import PlanOptions
+    from lsaq.planning.memory import WeightPolicy
+    from lsaq.planning.planner import PlanOptions
 
     allowed = tuple(s.strip() for s in args.allowed.split(",") if s.strip())
     policy = WeightPolicy(group_size=args.group_size, embed=args.embed_precision, head=args.head_precision)
@@ -145,9 +145,9 @@ def build_options(args: argparse.Namespace):
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from ..devices import LOCAL, budget_profile, resolve_device
-    from ..planner import budget_for, make_plan
-    from ..shapes import model_shape
+    from lsaq.planning.devices import LOCAL, budget_profile, resolve_device
+    from lsaq.planning.planner import budget_for, make_plan
+    from lsaq.models.families import model_shape
 
     options = build_options(args)  # bad option values fail before any file is read
     if (args.device is None) == (args.budget is None):
@@ -170,7 +170,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.budget is not None:
         device = budget_profile(args.budget)
     elif args.device == LOCAL and args.wait_for_memory is not None:
-        from ..detect import wait_for_memory
+        from lsaq.planning.detect import wait_for_memory
 
         levels = [options.strategy.uniform] if options.strategy.uniform else list(options.allowed)
         need = budget_for(shape, options).min_required(levels, shape.num_layers)
@@ -192,8 +192,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def format_plan(plan) -> str:
-    from ..solvers import ranking
-    from ..units import format_bytes
+    from lsaq.methods import ranking
+    from lsaq.units import format_bytes
 
     o, bd, m = plan.options, plan.breakdown, plan.model
     rank = {layer: r for r, layer in enumerate(ranking(plan.importance), 1)}
@@ -226,7 +226,7 @@ def format_plan(plan) -> str:
 
 def comparison_rows(shape, values, device, options, model, ref) -> list[dict[str, Any]]:
     """Every strategy on the same inputs: fits, counts, bytes, average bits, objective (or the minimum needed)."""
-    from ..planner import PlanOptions, Strategy, budget_for, make_plan
+    from lsaq.planning.planner import PlanOptions, Strategy, budget_for, make_plan
 
     rows = []
     for s in Strategy:
@@ -245,7 +245,7 @@ def comparison_rows(shape, values, device, options, model, ref) -> list[dict[str
 
 
 def format_comparison(shape, values, device, options, model, ref) -> str:
-    from ..units import format_bytes
+    from lsaq.units import format_bytes
 
     lines = [f"strategies for {model['id']} on {device.describe()}, context {options.context} x batch {options.batch}:",
              "| strategy | fits | fp16/int8/int4 | avg bits (linears / all) | weights | needs (weights+KV+workspace) | headroom | objective |",

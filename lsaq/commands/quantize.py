@@ -33,9 +33,9 @@ def _plan_model_source(plan) -> str | None:
 def run_quantize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..artifact import write_artifact
-    from ..model import load_model
-    from ..planner import Plan
+    from lsaq.quantization.artifact import write_artifact
+    from lsaq.models.loading import load_model
+    from lsaq.planning.planner import Plan
 
     plan = Plan.load(args.plan)
     if not plan.model.get("content_hash") and args.model is None:
@@ -54,7 +54,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import psutil
     import torch
 
-    from ..artifact import load_quantized
+    from lsaq.quantization.artifact import load_quantized
 
     dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
     if args.dtype not in dtypes:

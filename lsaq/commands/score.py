@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ..methods import DEFAULT_K, DEFAULT_METHOD, Method
+from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     validate(args)
     from tqdm import tqdm
 
-    from ..calibration import load_calibration
-    from ..importance import score_importance
-    from ..model import load_model
+    from lsaq.importance.calibration import load_calibration
+    from lsaq.importance.scoring import score_importance
+    from lsaq.models.loading import load_model
 
     start = time.perf_counter()
     loaded = load_model(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)

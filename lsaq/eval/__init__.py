@@ -6,12 +6,12 @@ any causal LM module and its tokenizer, so quantized models work unchanged. ``re
 ``lsaq.eval_report`` record of an artifact: its plan and its metrics beside the float baseline's, with deltas.
 """
 
-from .harness import TaskResult, evaluate_tasks
-from .perplexity import PerplexityResult, perplexity
-from .report import (
+from lsaq.eval.harness import TaskResult, evaluate_tasks
+from lsaq.eval.perplexity import PerplexityResult, perplexity
+from lsaq.eval.report import (
     build_report, compare, load_report, metrics_table, plan_summary, render_markdown, run_record, write_report,
 )
-from .tasks import TASK_NAMES, parse_hellaswag, resolve_tasks
+from lsaq.eval.tasks import TASK_NAMES, parse_hellaswag, resolve_tasks
 
 __all__ = [
     "PerplexityResult",

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from torch import nn
 
-from .tasks import TASKS, data_root, has_local_data, load_local_docs, resolve_tasks
+from lsaq.eval.tasks import TASKS, data_root, has_local_data, load_local_docs, resolve_tasks
 
 DATA_CHOICES = ("auto", "local", "hub")
 # Seed the harness's simple_evaluate gives the few-shot sampler; unused at 0 shots but set the same way.

@@ -12,7 +12,7 @@ Sources:
   of the Hugging Face ``wikitext-2-raw-v1`` dataset (one row per line, newline kept, whitespace-only lines
   become ``""``), then joined with ``"\\n\\n"`` as GPTQ joins ``load_dataset(...)["text"]``, so local and hub
   runs tokenize the same string;
-* any other ``.txt``/``.jsonl`` file, read by :func:`lsaq.calibration.read_text` (``.txt`` as one text,
+* any other ``.txt``/``.jsonl`` file, read by :func:`lsaq.importance.calibration.read_text` (``.txt`` as one text,
   ``.jsonl`` ``text`` fields joined with ``"\\n\\n"``);
 * a Hugging Face dataset ``NAME[:CONFIG[:SPLIT]]`` (split defaults to ``test``; needs the hub). All rows are
   joined with ``"\\n\\n"``, empty ones included, as GPTQ does.
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration import read_text
-from ..records import file_sha256, sha256_hex
+from lsaq.importance.calibration import read_text
+from lsaq.records import file_sha256, sha256_hex
 
 DEFAULT_SEQ_LEN = 2048
 # Windows per forward pass when batch_size is not given: about 4096 tokens, so one batch's fp32 logits

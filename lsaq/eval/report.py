@@ -39,10 +39,10 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .. import __version__
-from ..planner import Plan
-from ..records import atomic_write_bytes, canonical_json, read_record
-from ..units import format_bytes
+from lsaq import __version__
+from lsaq.planning.planner import Plan
+from lsaq.records import atomic_write_bytes, canonical_json, read_record
+from lsaq.units import format_bytes
 
 SCHEMA = "lsaq.eval_report"
 VERSION = 1
@@ -67,7 +67,7 @@ def run_record(
 ) -> dict[str, Any]:
     """One evaluated model as a JSON-ready dict.
 
-    ``model`` is a :class:`~lsaq.model.ModelInfo` or its JSON (the bulky ``config`` is dropped); ``perplexity`` a
+    ``model`` is a :class:`~lsaq.models.loading.ModelInfo` or its JSON (the bulky ``config`` is dropped); ``perplexity`` a
     ``PerplexityResult`` or its JSON; ``tasks`` maps task names to ``TaskResult`` or their JSON; ``artifact`` is the
     artifact directory a quantized run was loaded from (None for a float model).
     """

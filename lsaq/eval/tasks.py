@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..calibration import shared_dir
-from ..records import canonical_json, file_sha256, read_jsonl, sha256_hex
+from lsaq.paths import shared_dir
+from lsaq.records import canonical_json, file_sha256, read_jsonl, sha256_hex
 
 HELLASWAG_ITEMS = 10_042
 

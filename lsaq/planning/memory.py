@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
-from .precision import Precision
-from .shapes import ModelShape
+from lsaq.precision import Precision
+from lsaq.models.shapes import ModelShape
 
 FP16_BYTES = 2
 SHAPE_TENSOR_BYTES = 16  # weight_shape: int64 [2]

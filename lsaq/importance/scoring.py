@@ -6,7 +6,7 @@ For decoder layer i with input hidden state ``h_i`` and output ``h_{i+1}`` (both
   at every position and score ``1 - mean Jaccard(topk(lens(h_i)), topk(lens(h_{i+1})))``.
 * ``cosine`` (LWQ): ``1 - mean cos(h_i, h_{i+1})``.
 * ``sensitivity``: the KL divergence of next-token distributions when only layer i is INT4 (the ground truth the
-  two proxies estimate; about L/2 forward passes per batch instead of one, see :mod:`lsaq.sensitivity`).
+  two proxies estimate; about L/2 forward passes per batch instead of one, see :mod:`lsaq.importance.sensitivity`).
 
 One forward pass per batch does it all: hooks on the decoder layers see every hidden state as it is produced,
 project it through the lens in chunks of positions (one ``[chunk, V]`` logits buffer, reused) and keep only the
@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .calibration import CalibrationSet
-from .methods import DEFAULT_K, DEFAULT_METHOD, SENSITIVITY_PROBE, Method
-from .model import ModelInfo, decoder_parts
-from .records import atomic_write_json, canonical_json, read_record, sha256_hex
-from .similarity import cosine, jaccard, topk_indices
-from .solvers import ranking
+from lsaq import __version__
+from lsaq.importance.calibration import CalibrationSet
+from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, SENSITIVITY_PROBE, Method, ranking
+from lsaq.models.loading import ModelInfo
+from lsaq.models.parts import decoder_parts, layer_output
+from lsaq.records import atomic_write_json, canonical_json, read_record, sha256_hex
+from lsaq.importance.similarity import cosine, jaccard, topk_indices
 
 SCHEMA = "lsaq.layer_importance"
 VERSION = 1
@@ -149,10 +149,6 @@ class _Lens:
         return out.view(*h.shape[:-1], self.k)
 
 
-def _hidden(x: Any) -> torch.Tensor:
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
 def score_samples(
     model: nn.Module,
     calib: CalibrationSet,
@@ -165,11 +161,11 @@ def score_samples(
 ) -> np.ndarray:
     """Per-sample, per-layer importance ``[N, num_layers]`` (float64), one forward pass per batch.
 
-    ``sensitivity`` is delegated to :func:`lsaq.sensitivity.sensitivity_samples` (per-channel INT4 probe).
+    ``sensitivity`` is delegated to :func:`lsaq.importance.sensitivity.sensitivity_samples` (per-channel INT4 probe).
     """
     method = Method.parse(method)
     if method is Method.SENSITIVITY:
-        from .sensitivity import sensitivity_samples
+        from lsaq.importance.sensitivity import sensitivity_samples
 
         return sensitivity_samples(model, calib, batch_size=batch_size, chunk=chunk, progress=progress)
     parts = decoder_parts(model)
@@ -190,7 +186,7 @@ def score_samples(
 
     def on_output(index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            cur = represent(_hidden(output))
+            cur = represent(layer_output(output))
             sim = jaccard(state["prev"], cur) if method is Method.JACCARD else cosine(state["prev"], cur)
             state["sim"][:, index] = (1.0 - sim.double()).mean(-1)  # [B] mean over positions
             state["prev"] = cur

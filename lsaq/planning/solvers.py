@@ -30,7 +30,8 @@ from fractions import Fraction
 from math import lcm
 from typing import Mapping, Sequence
 
-from .precision import Precision
+from lsaq.methods import ranking
+from lsaq.precision import Precision
 
 MAX_FRONTIER = 200_000
 LayerCosts = Sequence[Mapping[Precision, int]]
@@ -47,11 +48,6 @@ def precision_levels(allowed: Sequence[Precision | str]) -> list[Precision]:
     if not levels:
         raise ValueError(f"no precision allowed; valid precisions: {', '.join(p.value for p in Precision)}")
     return levels
-
-
-def ranking(importance: Sequence[float]) -> list[int]:
-    """Layer indices, most important first; equal importance: the earlier layer first."""
-    return sorted(range(len(importance)), key=lambda i: (-importance[i], i))
 
 
 def objective(

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .records import canonical_json, file_sha256, read_jsonl, sha256_hex
+from lsaq.paths import shared_dir
+from lsaq.records import canonical_json, file_sha256, read_jsonl, sha256_hex
 
 WIKITEXT_VALID = "data/wikitext-2-raw/wiki.valid.raw"
 HF_DEFAULT = "wikitext:wikitext-2-raw-v1:validation"
@@ -60,16 +61,6 @@ class CalibrationSet:
     def split(self, parts: int) -> list["CalibrationSet"]:
         """Split into ``parts`` disjoint subsets (their windows never overlap), each with its own hash."""
         return [_make(chunk, self.source, self.source_hash, self.seed) for chunk in self.tokens.chunk(parts)]
-
-
-def shared_dir() -> Path | None:
-    """The shared material folder: ``$LSAQ_SHARED``, else ``../shared`` beside the working directory or repo."""
-    candidates = [os.environ.get("LSAQ_SHARED")] if os.environ.get("LSAQ_SHARED") else []
-    candidates += [Path.cwd().parent / "shared", Path(__file__).resolve().parents[2] / "shared"]
-    for c in candidates:
-        if c and Path(c).is_dir():
-            return Path(c)
-    return None
 
 
 def default_source() -> str:

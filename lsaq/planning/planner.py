@@ -1,10 +1,10 @@
 """Per-device plans: the precision of each decoder layer such that the model fits a device, as a versioned record.
 
 Everything outside the decoder layers' linear weights is a fixed cost: embedding, LM head, all norms, KV cache,
-workspace (:mod:`lsaq.memory`). A plan chooses one allowed precision per layer within
+workspace (:mod:`lsaq.planning.memory`). A plan chooses one allowed precision per layer within
 ``capacity = (memory - reserve) - fixed`` bytes, with a strategy: ``lsaq`` (the paper's demotion rule),
 ``optimal`` (exact importance-weighted knapsack) or a uniform baseline ``fp16``/``int8``/``int4``; see
-:mod:`lsaq.solvers` for both algorithms and the objective.
+:mod:`lsaq.planning.solvers` for both algorithms and the objective.
 
 The :class:`Plan` record (schema ``lsaq.plan``, version 1) carries what the quantize stage needs: model identity,
 importance reference, device, options, the per-layer linear shapes, per-layer precisions, bytes per component.
@@ -17,21 +17,22 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import __version__
-from .devices import DeviceProfile, load_catalog
-from .memory import (
+from lsaq import __version__
+from lsaq.planning.devices import DeviceProfile, load_catalog
+from lsaq.planning.memory import (
     FP16_BYTES, MemoryBreakdown, WeightPolicy, average_bits, embedding_bytes, kv_cache_bytes, layer_linear_bytes,
     layer_norm_bytes, memory_breakdown, workspace_bytes,
 )
-from .precision import Precision
-from .records import atomic_write_json, canonical_json, read_record, sha256_hex
-from .shapes import ModelShape
-from .solvers import SolverInfo, default_quality, lsaq_assign, objective, optimal_assign, precision_levels, ranking
-from .units import format_bytes
+from lsaq.precision import Precision
+from lsaq.records import atomic_write_json, canonical_json, read_record, sha256_hex
+from lsaq.models.shapes import ModelShape
+from lsaq.methods import ranking
+from lsaq.planning.solvers import SolverInfo, default_quality, lsaq_assign, objective, optimal_assign, precision_levels
+from lsaq.units import format_bytes
 
 SCHEMA = "lsaq.plan"
 VERSION = 1
-OBJECTIVE = "sum_i importance_i * q(precision_i); q(fp16)=1, q(int8)=1-2^-4, q(int4)=0 (see lsaq.solvers)"
+OBJECTIVE = "sum_i importance_i * q(precision_i); q(fp16)=1, q(int8)=1-2^-4, q(int4)=0 (see lsaq.planning.solvers)"
 MODEL_KEYS = ("id", "source", "revision", "content_hash", "config_hash", "architecture", "model_type", "num_layers")
 
 

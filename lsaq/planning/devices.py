@@ -18,12 +18,12 @@ from typing import Any, Mapping
 
 import yaml
 
-from .units import format_bytes, parse_bytes
+from lsaq.units import format_bytes, parse_bytes
 
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
-LOCAL = "local"  # resolved live on the machine running the command (see lsaq.detect)
+LOCAL = "local"  # resolved live on the machine running the command (see lsaq.planning.detect)
 BUDGET = "budget"  # the pseudo-device of an explicit --budget
 RESERVED_NAMES = (LOCAL, BUDGET)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -238,7 +238,7 @@ def list_devices(device_file: str | Path | None = None) -> list[DeviceProfile]:
 def resolve_device(name: str, device_file: str | Path | None = None) -> DeviceProfile:
     """The profile called ``name``: from ``device_file``, the catalog, or ``local`` (detected live)."""
     if name == LOCAL:
-        from .detect import detect_local
+        from lsaq.planning.detect import detect_local
 
         return detect_local()
     profiles = {p.name: p for p in list_devices(device_file)}

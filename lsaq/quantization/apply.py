@@ -1,6 +1,6 @@
 """Apply a plan to a loaded float model: swap each decoder layer's linears for packed quantized modules.
 
-"Decide" (:mod:`lsaq.planner`) produced per-layer precisions from shapes alone; this module checks the plan
+"Decide" (:mod:`lsaq.planning.planner`) produced per-layer precisions from shapes alone; this module checks the plan
 against the real model and quantizes layer by layer. Each float weight is released as soon as its quantized
 module replaces it, so peak memory stays near the float model plus one layer's temporaries.
 """
@@ -12,12 +12,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .model import DecoderParts, ModelInfo, decoder_parts
-from .planner import Plan
-from .precision import Precision
-from .qlinear import Int4Linear, Int8Linear
-from .quant import QuantizedWeight
-from .shapes import model_shape
+from lsaq.models.loading import ModelInfo
+from lsaq.models.parts import DecoderParts, decoder_parts
+from lsaq.planning.planner import Plan
+from lsaq.precision import Precision
+from lsaq.quantization.qlinear import Int4Linear, Int8Linear
+from lsaq.quantization.primitives import QuantizedWeight
+from lsaq.models.families import model_shape
 
 
 QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
@@ -70,7 +71,7 @@ def quantize_model(
 ) -> nn.Module:
     """Quantize ``model`` in place following ``plan`` and return it.
 
-    INT8/INT4 layers get packed modules (:mod:`lsaq.qlinear`); FP16 layers and the rest (norms, embeddings, the
+    INT8/INT4 layers get packed modules (:mod:`lsaq.quantization.qlinear`); FP16 layers and the rest (norms, embeddings, the
     LM head under the default policy) are cast to fp16. The model's activations then run in the dtype the
     caller picks with ``model.to(dtype)`` for float parts; packed modules follow their input's dtype.
     """

@@ -1,8 +1,7 @@
-"""Loading causal LMs (local directory, hub id, GGUF file) and finding their decoder parts.
+"""Loading causal LMs (local directory, hub id, GGUF file) with the identity record every result carries.
 
 ``load_model`` returns the model, its tokenizer and a :class:`ModelInfo` identity record (id, revision, content
-hash, architecture, config) that every downstream result carries. ``decoder_parts`` finds the decoder layers, the
-final norm and the LM head: the pieces the logit lens and the quantizer need.
+hash, architecture, config) that every downstream result carries.
 """
 
 from __future__ import annotations
@@ -19,38 +18,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .records import atomic_dir, atomic_write_json, canonical_json, file_sha256, sha256_hex
+from lsaq.models.families import family
+from lsaq.models.parts import decoder_parts
+from lsaq.paths import cache_dir
+from lsaq.records import atomic_dir, atomic_write_json, canonical_json, file_sha256, sha256_hex
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors",)
-# Where each supported model family keeps its decoder stack: (path to the module holding layers and norm,
-# layers attribute, final norm attribute). Resolved on the CausalLM object.
-_LAYOUTS: dict[str, tuple[str, str, str]] = {
-    "llama": ("model", "layers", "norm"),
-    "mistral": ("model", "layers", "norm"),
-    "mixtral": ("model", "layers", "norm"),
-    "qwen2": ("model", "layers", "norm"),
-    "qwen3": ("model", "layers", "norm"),
-    "qwen3_moe": ("model", "layers", "norm"),
-    "gemma": ("model", "layers", "norm"),
-    "gemma2": ("model", "layers", "norm"),
-    "gemma3_text": ("model", "layers", "norm"),
-    "gemma3": ("model.language_model", "layers", "norm"),
-    "phi3": ("model", "layers", "norm"),
-    "granite": ("model", "layers", "norm"),
-    "olmo2": ("model", "layers", "norm"),
-    "smollm3": ("model", "layers", "norm"),
-    "gpt_neox": ("gpt_neox", "layers", "final_layer_norm"),
-}
-SUPPORTED_MODEL_TYPES = tuple(sorted(_LAYOUTS))
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
 
-def cache_dir() -> Path:
-    """lsaq's cache root: ``$LSAQ_CACHE``, else ``$XDG_CACHE_HOME/lsaq``, else ``~/.cache/lsaq``."""
-    if env := os.environ.get("LSAQ_CACHE"):
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "lsaq"
+def storage_dtype(declared: str | None) -> torch.dtype:
+    """The 16-bit dtype an artifact stores float tensors in: float16 only when the source says float16.
+
+    bfloat16 otherwise (source bfloat16, float32, or unknown as for a GGUF): most current checkpoints are
+    bf16-native, and a bf16-trained model's activations can overflow float16's range (65504).
+    """
+    return torch.float16 if declared == "float16" else torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -65,6 +50,9 @@ class ModelInfo:
     model_type: str  # e.g. "llama"
     num_layers: int
     config: dict[str, Any]  # the HF config as a dict: enough to plan without weights
+    # The float dtype the checkpoint declares for its weights ("bfloat16", "float16", "float32"), or None when it
+    # says nothing usable (a GGUF file). Artifacts store their 16-bit tensors in :func:`storage_dtype` of it.
+    dtype: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,46 +68,6 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     info: ModelInfo
-
-
-@dataclass(frozen=True)
-class DecoderParts:
-    """The pieces of a decoder-only LM that the logit lens and the quantizer work on."""
-
-    base: nn.Module  # the decoder stack without the LM head (embeddings -> layers -> final norm)
-    layers: nn.ModuleList
-    final_norm: nn.Module
-    lm_head: nn.Module
-    embed: nn.Module
-
-
-def _getattr_path(obj: Any, path: str) -> Any:
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
-
-
-def decoder_parts(model: nn.Module) -> DecoderParts:
-    """Find decoder layers, final norm, LM head and input embedding; ``ValueError`` for unknown architectures."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", type(model).__name__)
-    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
-    layout = _LAYOUTS.get(model_type)
-    if layout is None:
-        raise ValueError(
-            f"unsupported architecture {arch!r} (model_type {model_type!r}); "
-            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    base_path, layers_attr, norm_attr = layout
-    try:
-        base = _getattr_path(model, base_path)
-        layers, norm = getattr(base, layers_attr), getattr(base, norm_attr)
-    except AttributeError as e:
-        raise ValueError(f"architecture {arch!r} ({model_type}) does not have the expected layout: {e}") from e
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or head is None:
-        raise ValueError(f"architecture {arch!r} ({model_type}): no decoder layers or no LM head found")
-    return DecoderParts(base=base, layers=layers, final_norm=norm, lm_head=head, embed=embed)
 
 
 # ----------------------------------------------------------------------------------------------- hashing
@@ -218,7 +166,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local HF directory, a ``.gguf`` file or a hub id.
 
-    ``source=None`` loads the embedded default model (see :mod:`lsaq.default_model`). GGUF files are
+    ``source=None`` loads the embedded default model (see :mod:`lsaq.models.default`). GGUF files are
     dequantized once and cached as a float safetensors checkpoint, so later loads are fast. Only safetensors
     weights are read; ``trust_remote_code`` is off unless asked for.
     """
@@ -226,7 +174,7 @@ def load_model(
 
     model_id = "default" if source is None else str(source)
     if source is None:
-        from .default_model import default_model_path
+        from lsaq.models.default import default_model_path
 
         source = default_model_path()
     path = Path(source).expanduser()
@@ -253,12 +201,11 @@ def load_model(
     config_file = load_dir / "config.json"
     if not config_file.is_file():
         raise ValueError(f"model directory {load_dir} has no config.json")
-    model_type = json.loads(config_file.read_text()).get("model_type", "?")
-    if model_type not in _LAYOUTS:
-        raise ValueError(
-            f"unsupported architecture: model_type {model_type!r} in {config_file}; "
-            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    raw_config = json.loads(config_file.read_text())
+    model_type = raw_config.get("model_type", "?")
+    # A GGUF's converted float copy declares the conversion dtype, not the source's: no usable dtype there.
+    declared = None if path.suffix == ".gguf" else raw_config.get("dtype") or raw_config.get("torch_dtype")
+    family(model_type, f" in {config_file}")
     model = AutoModelForCausalLM.from_pretrained(
         load_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
@@ -275,6 +222,7 @@ def load_model(
         model_type=model_type,
         num_layers=len(parts.layers),
         config=json.loads(json.dumps(config, default=str)),
+        dtype=declared if declared in FLOAT_DTYPES else None,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 

@@ -9,7 +9,7 @@ planner uses) and every other layer float. It is the ground truth that the cheap
 Cost: one float forward pass per batch that records every layer's input and call arguments, then for each layer
 ``i`` a replay of layers ``i..L-1`` from the recorded input (about ``L/2`` extra forward passes in total) and one
 LM-head projection. The replay calls each layer with exactly the arguments the model passed it (rotary
-embeddings, masks), so it works for any family :func:`lsaq.model.decoder_parts` supports.
+embeddings, masks), so it works for any family :func:`lsaq.models.loading.decoder_parts` supports.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import CalibrationSet
-from .importance import _hidden
-from .methods import SENSITIVITY_PROBE
-from .model import DecoderParts, decoder_parts
-from .precision import Precision
-from .quant import QuantizedWeight
+from lsaq.importance.calibration import CalibrationSet
+from lsaq.methods import SENSITIVITY_PROBE
+from lsaq.models.parts import DecoderParts, decoder_parts, layer_output
+from lsaq.precision import Precision
+from lsaq.quantization.primitives import QuantizedWeight
 
 @contextmanager
 def quantized_layer(layer: nn.Module, precision: Precision, group_size: int | None = None) -> Iterator[None]:
@@ -93,7 +92,7 @@ def sensitivity_samples(
         return hook
 
     def keep_last(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        last["h"] = _hidden(output)
+        last["h"] = layer_output(output)
 
     handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles.append(layers[-1].register_forward_hook(keep_last, with_kwargs=True))
@@ -131,6 +130,6 @@ def _replay(layers: list[nn.Module], recorded: list[tuple[tuple, dict] | None], 
             out = layers[j](h, *args[1:], **kwargs)
         else:
             out = layers[j](**{**kwargs, "hidden_states": h})
-        h = _hidden(out)
+        h = layer_output(out)
     assert h is not None
     return h

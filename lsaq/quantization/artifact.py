@@ -24,20 +24,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .apply import artifact_state_dict, quantize_model, quantized_linear
-from .memory import weight_tensor_bytes
-from .model import LoadedModel, ModelInfo, decoder_parts
-from .planner import Plan
-from .precision import Precision
-from .quant import QuantizedWeight
-from .records import atomic_dir, atomic_write_json, file_sha256, read_record
+from lsaq import __version__
+from lsaq.quantization.apply import artifact_state_dict, quantize_model, quantized_linear
+from lsaq.planning.memory import weight_tensor_bytes
+from lsaq.models.loading import LoadedModel, ModelInfo
+from lsaq.models.parts import decoder_parts
+from lsaq.planning.planner import Plan
+from lsaq.precision import Precision
+from lsaq.quantization.primitives import QuantizedWeight
+from lsaq.records import atomic_dir, atomic_write_json, file_sha256, read_record
 
 MANIFEST = "lsaq_artifact.json"
 PLAN = "lsaq_plan.json"
 WEIGHTS = "model.safetensors"
 REQUIRED = ("config.json", WEIGHTS, PLAN, MANIFEST)
-SCHEMA, VERSION = "lsaq.artifact", 1
+SCHEMA, VERSION = "lsaq.quantization.artifact", 1
 
 
 class ArtifactError(ValueError):

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .devices import LOCAL, DeviceProfile, MemoryKind
-from .units import format_bytes
+from lsaq.planning.devices import LOCAL, DeviceProfile, MemoryKind
+from lsaq.units import format_bytes
 
 log = logging.getLogger(__name__)
 

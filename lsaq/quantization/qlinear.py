@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lsaq.precision import Precision
-from lsaq.quant import (
+from lsaq.quantization.primitives import (
     QuantizedWeight,
     pack_int4_to_int32,
     pack_zero_points,

@@ -1,0 +1,51 @@
+"""The parts of a decoder-only LM that the logit lens, the sensitivity probe and the quantizer work on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lsaq.models.families import family
+
+
+@dataclass(frozen=True)
+class DecoderParts:
+    """The pieces of a decoder-only LM that the logit lens and the quantizer work on."""
+
+    base: nn.Module  # the decoder stack without the LM head (embeddings -> layers -> final norm)
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    lm_head: nn.Module
+    embed: nn.Module
+
+
+def _getattr_path(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def decoder_parts(model: nn.Module) -> DecoderParts:
+    """Find decoder layers, final norm, LM head and input embedding; ``ValueError`` for unknown architectures."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    fam = family(model_type, f" ({arch})")
+    base_path, layers_attr, norm_attr = fam.stack, fam.layers, fam.final_norm
+    try:
+        base = _getattr_path(model, base_path)
+        layers, norm = getattr(base, layers_attr), getattr(base, norm_attr)
+    except AttributeError as e:
+        raise ValueError(f"architecture {arch!r} ({model_type}) does not have the expected layout: {e}") from e
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or head is None:
+        raise ValueError(f"architecture {arch!r} ({model_type}): no decoder layers or no LM head found")
+    return DecoderParts(base=base, layers=layers, final_norm=norm, lm_head=head, embed=embed)
+
+
+def layer_output(output: Any) -> torch.Tensor:
+    """The hidden state ``[B, T, H]`` a decoder layer returns (some families return a tuple, others a tensor)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
