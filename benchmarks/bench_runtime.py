@@ -88,7 +88,8 @@ def _build_artifacts(args: argparse.Namespace, workdir: Path) -> list[str]:
     from lsaq.importance.scoring import score_importance
     from lsaq.models.loading import load_model
     from lsaq.models.parts import decoder_parts
-    from lsaq.planning.planner import MODEL_KEYS, PlanOptions, make_plan
+    from lsaq.models.identity import ModelRef
+    from lsaq.planning.planner import PlanOptions, make_plan
     from lsaq.precision import Precision
     from lsaq.quantization.primitives import QuantizedWeight
     from lsaq.models.families import model_shape
@@ -119,7 +120,7 @@ def _build_artifacts(args: argparse.Namespace, workdir: Path) -> list[str]:
     imp = score_importance(loaded.model, info, calib, "cosine")
     device = DeviceProfile(name="budget-200MiB", memory=200 * 2**20, kind=None, reserve=0, origin="--budget")
     base = make_plan(shape, imp.importance, device, PlanOptions(context=512),
-                     model={k: getattr(info, k, None) for k in MODEL_KEYS})
+                     model=ModelRef.from_info(info))
     plans = {"int8": dataclasses.replace(base, precisions=(Precision.INT8,) * shape.num_layers),
              "int4": dataclasses.replace(base, precisions=(Precision.INT4,) * shape.num_layers),
              "mixed": base}

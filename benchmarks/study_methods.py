@@ -40,7 +40,9 @@ from lsaq.planning.memory import layer_linear_bytes
 from lsaq.methods import DEFAULT_K
 from lsaq.models.loading import LoadedModel, load_model
 from lsaq.models.parts import decoder_parts
-from lsaq.planning.planner import MODEL_KEYS, Plan, PlanOptions, budget_for, make_plan
+from lsaq.methods import ImportanceRef
+from lsaq.models.identity import ModelRef
+from lsaq.planning.planner import Plan, PlanOptions, budget_for, make_plan
 from lsaq.precision import Precision
 from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.records import atomic_write_bytes, atomic_write_json
@@ -83,8 +85,8 @@ def importance(loaded: LoadedModel, out: Path, method: str, k: int | None, sampl
 # ------------------------------------------------------------------------------------------------ plans
 
 
-def budget_plan(shape: ModelShape, model: dict[str, Any], scores: Sequence[float], bits: float, strategy: str,
-                ref: dict[str, Any]) -> Plan:
+def budget_plan(shape: ModelShape, model: ModelRef, scores: Sequence[float], bits: float, strategy: str,
+                ref: ImportanceRef) -> Plan:
     """A plan whose decoder linears get at most ``bits`` per weight on average (a pseudo-device of that size)."""
     options = PlanOptions(context=2048, strategy=strategy)
     capacity = math.floor(bits * shape.num_layers * shape.linear_params_per_layer / 8)
@@ -176,7 +178,7 @@ def main() -> None:
 
     loaded = load_model(args.model)
     shape = model_shape(loaded.info.config)
-    model_id = {k: getattr(loaded.info, k, None) for k in MODEL_KEYS}
+    model_id = ModelRef.from_info(loaded.info)
 
     # 1. Rankings.
     recs = {
@@ -201,7 +203,7 @@ def main() -> None:
         for name, vals in scores.items():
             strategies = ("lsaq", "optimal") if name in MAIN else ("lsaq",)
             for strategy in strategies:
-                ref = {"id": recs[name].id if name in recs else "random", "method": name, "k": None}
+                ref = ImportanceRef(recs[name].id if name in recs else "random", name)
                 plan = budget_plan(shape, model_id, vals, bits, strategy, ref)
                 rows.append({"budget_bits": bits, "method": name, "strategy": strategy, "plan": plan})
         u = best_uniform(shape, bits)

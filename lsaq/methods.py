@@ -6,8 +6,10 @@ without loading the numeric stack; the scoring itself is in :mod:`lsaq.importanc
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from lsaq.precision import Precision
 
@@ -43,3 +45,24 @@ SENSITIVITY_PROBE = Precision.INT4
 def ranking(importance: Sequence[float]) -> list[int]:
     """Layer indices, most important first; equal importance: the earlier layer first."""
     return sorted(range(len(importance)), key=lambda i: (-importance[i], i))
+
+
+@dataclass(frozen=True)
+class ImportanceRef:
+    """Which importance a plan was made from: an ``lsaq.layer_importance`` record's id and method, a bare vector
+    (``method="vector"``, id = hash of the values), or none at all (``method="uniform"``, every layer 1.0)."""
+
+    id: str
+    method: str | None
+    k: int | None = None
+    source: str | None = None  # the file it was read from, when it came from one
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "ImportanceRef":
+        return cls(id=str(obj["id"]), method=obj.get("method"), k=obj.get("k"), source=obj.get("source"))
+
+
+UNIFORM_IMPORTANCE = ImportanceRef(id="none", method="uniform")

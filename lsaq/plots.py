@@ -145,7 +145,7 @@ def plot_plan_strip(plan: "Plan", path: str | Path) -> Path:
 
 def model_label(plan: "Plan") -> str:
     """A short name for the plan's model: a local path's file or folder name, else the recorded id."""
-    name = str(plan.model.get("id") or plan.shape.model_type)
+    name = plan.model.name
     return Path(name).name if name.startswith(("/", ".", "~")) or name.endswith(".gguf") else name
 
 

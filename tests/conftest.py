@@ -44,14 +44,15 @@ def plan_with_precisions(info, precisions, group_size=None):
 
     from lsaq.planning.devices import DeviceProfile, MemoryKind
     from lsaq.planning.memory import WeightPolicy
-    from lsaq.planning.planner import MODEL_KEYS, PlanOptions, make_plan
+    from lsaq.models.identity import ModelRef
+    from lsaq.planning.planner import PlanOptions, make_plan
     from lsaq.models.families import model_shape
 
     shape = model_shape(info.config)
     device = DeviceProfile(name="test-1gib", memory=2**30, kind=MemoryKind.SYSTEM, reserve=0, notes="test")
     options = PlanOptions(context=256, policy=WeightPolicy(group_size=group_size))
     base = make_plan(shape, [1.0] * shape.num_layers, device, options,
-                     model={k: getattr(info, k, None) for k in MODEL_KEYS})
+                     model=ModelRef.from_info(info))
     return dataclasses.replace(base, precisions=tuple(precisions))
 
 

@@ -109,10 +109,10 @@ def test_groupwise_int4_artifact_decodes_like_compressed_tensors(shared_gguf, tm
 def test_plan_for_another_model_is_refused(shared_gguf, tmp_path):
     loaded = load_model(shared_gguf)
     plan = plan_with_precisions(loaded.info, [Precision.INT8] * 30)
-    other = dataclasses.replace(plan, model=plan.model | {"content_hash": "0" * 64})
+    other = dataclasses.replace(plan, model=dataclasses.replace(plan.model, content_hash="0" * 64))
     with pytest.raises(PlanMismatchError, match="content hash"):
         write_artifact(loaded, other, tmp_path / "x")
-    fewer = dataclasses.replace(plan, model=plan.model | {"content_hash": None},
+    fewer = dataclasses.replace(plan, model=dataclasses.replace(plan.model, content_hash=None),
                                 shape=dataclasses.replace(plan.shape, num_layers=29), precisions=plan.precisions[:29])
     with pytest.raises(PlanMismatchError, match="29 layers"):
         write_artifact(loaded, fewer, tmp_path / "x")

@@ -11,7 +11,8 @@ import pytest
 from lsaq.planning import detect as detect_mod
 from lsaq.cli import main
 from lsaq.planning.detect import MemoryWaitTimeout, detect, detect_local, wait_for_memory
-from lsaq.planning.devices import DeviceProfile, MemoryKind, list_devices, load_catalog, parse_device_file, resolve_device
+from lsaq.planning.devices import DeviceProfile, MemoryKind, list_devices, load_catalog, parse_device_file
+from lsaq.planning.stage import DeviceRequest, resolve_device
 
 GIB, MIB = 1024**3, 1024**2
 REQUIRED = [
@@ -64,9 +65,9 @@ devices:
 def test_user_file_adds_and_replaces(tmp_path):
     f = tmp_path / "my_devices.yaml"
     f.write_text(GOOD)
-    mine = resolve_device("my-gpu", f)
+    mine = resolve_device(DeviceRequest("my-gpu", device_file=f))
     assert (mine.memory, mine.reserve, mine.origin) == (6 * GIB, 300 * MIB, str(f))
-    replaced = resolve_device("rtx3060", f)  # a plain number is GiB
+    replaced = resolve_device(DeviceRequest("rtx3060", device_file=f))  # a plain number is GiB
     assert (replaced.memory, replaced.reserve) == (11 * GIB, GIB // 2)
     assert len(list_devices(f)) == len(load_catalog()) + 1
 
@@ -74,7 +75,7 @@ def test_user_file_adds_and_replaces(tmp_path):
 def test_json_device_file(tmp_path):
     f = tmp_path / "d.json"
     f.write_text('{"devices": [{"name": "box", "memory": "16GB", "kind": "system", "reserve": "1GB"}]}')
-    assert resolve_device("box", f).memory == 16_000_000_000
+    assert resolve_device(DeviceRequest("box", device_file=f)).memory == 16_000_000_000
 
 
 ENTRY = "name: x1, memory: 8GiB, kind: dedicated, reserve: 1GiB"
@@ -100,7 +101,7 @@ def test_malformed_device_files_name_field_and_file(tmp_path, devices, match):
     f = tmp_path / "bad.yaml"
     f.write_text(f"devices: {devices}\n")
     with pytest.raises(ValueError, match=match) as e:
-        resolve_device("x1", f)
+        resolve_device(DeviceRequest("x1", device_file=f))
     assert str(f) in str(e.value)
 
 
@@ -117,7 +118,7 @@ def test_malformed_file_structure(text, match):
 
 def test_missing_device_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        resolve_device("rtx3060", tmp_path / "nope.yaml")
+        resolve_device(DeviceRequest("rtx3060", device_file=tmp_path / "nope.yaml"))
 
 
 def test_catalog_requires_sources():

@@ -10,12 +10,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lsaq.cli import main
-from lsaq.planning.devices import budget_profile, resolve_device
+from lsaq.planning.devices import budget_profile
+from lsaq.planning.stage import resolve_device
 from lsaq.planning.memory import WeightPolicy
 from lsaq.planning.planner import InfeasiblePlanError, Plan, PlanOptions, budget_for, make_plan, uniform_plan
 from lsaq.precision import Precision
 from lsaq.models.families import model_shape
-from lsaq.methods import ranking
+from lsaq.methods import ImportanceRef, ranking
+from lsaq.models.identity import ModelRef
 from lsaq.planning.solvers import default_quality, lp_upper_bound, lsaq_assign, objective, optimal_assign
 
 FP16, INT8, INT4 = Precision.FP16, Precision.INT8, Precision.INT4
@@ -242,7 +244,7 @@ def test_plan_json_roundtrip(tmp_path):
     shape = model_shape(json.loads(open(_cfg("llama-3-8b")).read()))
     imp = [1.0 / (1 + i) for i in range(32)]
     plan = make_plan(shape, imp, resolve_device("rtx3060"), PlanOptions(strategy="optimal"),
-                     model={"id": "llama-3-8b"}, importance_ref={"id": "abc", "method": "jaccard", "k": 10})
+                     model=ModelRef(id="llama-3-8b", model_type="llama", num_layers=32), importance_ref=ImportanceRef("abc", "jaccard", 10))
     path = plan.save(tmp_path / "plan.json")
     obj = json.loads(path.read_text())
     assert obj["schema"] == "lsaq.plan" and obj["version"] == 1 and obj["id"] == plan.id
@@ -268,12 +270,12 @@ def test_cli_plan_from_shipped_config(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| lsaq | yes | 10/22/0 |" in text and "| fp16 | no |" in text and "headroom" in text
     plan = Plan.load(out)
-    assert plan.importance_ref["id"] == "none" and plan.model["id"] == "llama-2-7b" and plan.fits
+    assert plan.importance_ref.id == "none" and plan.model.id == "llama-2-7b" and plan.fits
 
 
 def test_cli_plan_with_importance_record_and_budget(tmp_path, capsys):
     from lsaq.importance.scoring import LayerImportance
-    from lsaq.models.loading import ModelInfo
+    from lsaq.models.identity import ModelInfo
 
     cfg = {**small_config(64, 128, 4, 4, 2, 256, True), "architectures": ["LlamaForCausalLM"]}
     info = ModelInfo("tiny", "/models/tiny", None, "f" * 64, "LlamaForCausalLM", "llama", 4, cfg)
@@ -284,7 +286,7 @@ def test_cli_plan_with_importance_record_and_budget(tmp_path, capsys):
     assert main(["plan", "--importance", str(tmp_path / "imp.json"), "--budget", "420KiB", "--context", "16",
                  "--strategy", "optimal", "--out", str(out)]) == 0
     plan = Plan.load(out)
-    assert plan.importance_ref["id"] == rec.id and plan.model["content_hash"] == "f" * 64
+    assert plan.importance_ref.id == rec.id and plan.model.content_hash == "f" * 64
     assert plan.device.name == "budget" and plan.fits and plan.precisions[0] is not INT4
 
 
@@ -311,7 +313,7 @@ def test_cli_plan_bare_vector(tmp_path, capsys):
     assert main(["plan", "--config", "llama-2-7b", "--device", "rtx3060-8gb", "--importance", str(tmp_path / "v.json"),
                  "--strategy", "optimal", "--out", str(out)]) == 0
     plan = Plan.load(out)
-    assert plan.importance_ref["method"] == "vector" and plan.precisions[0] is not INT4
+    assert plan.importance_ref.method == "vector" and plan.precisions[0] is not INT4
 
 
 def test_cli_wait_for_memory_local(monkeypatch, capsys):

@@ -10,7 +10,9 @@ from importlib import resources
 import pytest
 
 from lsaq import plots
-from lsaq.planning.devices import resolve_device
+from lsaq.planning.stage import resolve_device
+from lsaq.methods import ImportanceRef
+from lsaq.models.identity import ModelRef
 from lsaq.planning.planner import PlanOptions, make_plan
 from lsaq.models.families import model_shape
 
@@ -32,7 +34,7 @@ def plan():
     cfg = json.loads(resources.files("lsaq").joinpath("data/configs/llama-3-8b.json").read_text())
     imp = [1.0 / (1 + i) for i in range(32)]
     return make_plan(model_shape(cfg), imp, resolve_device("rtx3060"), PlanOptions(strategy="optimal"),
-                     model={"id": "llama-3-8b"}, importance_ref={"id": "x", "method": "jaccard", "k": 10})
+                     model=ModelRef(id="llama-3-8b", model_type="llama", num_layers=32), importance_ref=ImportanceRef("x", "jaccard", 10))
 
 
 def test_plan_strip_and_memory(plan, tmp_path):

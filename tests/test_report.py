@@ -10,6 +10,8 @@ import pytest
 from lsaq.cli import main
 from lsaq.planning.devices import DeviceProfile, MemoryKind
 from lsaq.eval import report as rep
+from lsaq.methods import ImportanceRef
+from lsaq.models.identity import ModelRef
 from lsaq.planning.planner import PlanOptions, make_plan
 from lsaq.models.families import model_shape
 
@@ -23,7 +25,7 @@ def tiny_plan():
            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": True}
     device = DeviceProfile(name="toy", memory=420_000, kind=MemoryKind.SYSTEM, reserve=10_000)
     return make_plan(model_shape(cfg), [0.9, 0.2, 0.1, 0.5], device, PlanOptions(context=64, strategy="optimal"),
-                     model=MODEL, importance_ref={"id": "imp123", "method": "jaccard", "k": 10})
+                     model=ModelRef.from_json(MODEL), importance_ref=ImportanceRef("imp123", "jaccard", 10))
 
 
 def ppl(value, windows=2, seq_len=256):
@@ -177,7 +179,7 @@ def test_cli_evaluates_artifact_against_its_baseline(mixed_artifact, wiki_valid,
     (row,) = report["comparison"]
     assert row["key"] == "perplexity" and (row["baseline"], row["quantized"]) == (b["ppl"], q["ppl"])
     assert row["delta"] == q["ppl"] - b["ppl"] and row["delta_pct"] == pytest.approx(100 * row["delta"] / b["ppl"])
-    assert report["baseline"]["model"]["content_hash"] == plan.model["content_hash"] == report["model"]["content_hash"]
+    assert report["baseline"]["model"]["content_hash"] == plan.model.content_hash == report["model"]["content_hash"]
     assert report["baseline"]["artifact"] is None and report["quantized"]["artifact"] == str(art)
     assert report["plan"]["id"] == plan.id and report["plan"]["counts"] == {"fp16": 10, "int8": 10, "int4": 10}
     assert report["settings"]["dtype"] == "float32"

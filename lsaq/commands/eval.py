@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
 def baseline_source(plan: "Plan", manifest: dict[str, Any]) -> str | None:
     """The float model an artifact was made from: the plan's model, or the manifest's for a plan from a bare
     config. Its recorded source path, else its id; None means the default model."""
-    ident = plan.model if plan.model.get("content_hash") else manifest["model"]
+    ident = plan.model.to_json() if plan.model.content_hash else manifest["model"]
     if ident.get("id") in (None, "default"):
         return None
     return ident.get("source") or ident.get("id")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
-from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,69 +69,6 @@ def run_devices(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- plan
 
 
-def _shipped_configs() -> dict[str, Path]:
-    from importlib import resources
-
-    root = resources.files("lsaq").joinpath("data/configs")
-    return {Path(str(f)).stem: Path(str(f)) for f in root.iterdir() if str(f).endswith(".json")}
-
-
-def load_config(spec: str) -> tuple[dict[str, Any], str, str]:
-    """``(config dict, model id, source path)`` for a shipped name, a config.json, or a model directory."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    shipped = _shipped_configs()
-    if not path.is_file():
-        if spec not in shipped:
-            raise ValueError(f"--config {spec!r} is neither a file, a model directory nor a shipped config; "
-                             f"shipped configs: {', '.join(sorted(shipped))}")
-        path = shipped[spec]
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"--config {path}: not a readable JSON config ({e})") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"--config {path}: expected a JSON object")
-    return config, (spec if spec in shipped and not Path(spec).exists() else str(path)), str(path)
-
-
-def load_importance(path: str) -> tuple[list[float], dict[str, Any], Any]:
-    """``(values, reference, ModelInfo or None)`` from an importance record or a bare JSON list."""
-    from lsaq.importance.scoring import LayerImportance
-    from lsaq.records import canonical_json, sha256_hex
-
-    try:
-        obj = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"--importance {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"--importance {path}: not valid JSON ({e})") from e
-    if isinstance(obj, dict) and "schema" in obj:
-        rec = LayerImportance.load(path)
-        return list(rec.importance), {"id": rec.id, "method": rec.method, "k": rec.k, "source": str(path)}, rec.model
-    values = obj.get("importance") if isinstance(obj, dict) else obj
-    if not isinstance(values, list) or not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"--importance {path}: expected an lsaq importance record, a JSON list of numbers, "
-                         "or an object with an 'importance' list")
-    values = [float(v) for v in values]
-    return values, {"id": sha256_hex(canonical_json(values)), "method": "vector", "k": None, "source": str(path)}, None
-
-
-def _model_identity(config: dict[str, Any], model_id: str, source: str, info: Any) -> dict[str, Any]:
-    from lsaq.records import canonical_json, sha256_hex
-
-    ident = {
-        "id": model_id, "source": source, "revision": None, "content_hash": None,
-        "config_hash": sha256_hex(canonical_json(config)),
-        "architecture": (config.get("architectures") or [None])[0], "model_type": config.get("model_type"),
-    }
-    if info is not None:  # the weights the importance was measured on
-        ident.update(id=info.id, source=info.source, revision=info.revision, content_hash=info.content_hash,
-                     architecture=info.architecture)
-    return ident
-
-
 def build_options(args: argparse.Namespace):
     from lsaq.planning.memory import WeightPolicy
     from lsaq.planning.planner import PlanOptions
@@ -145,46 +79,19 @@ def build_options(args: argparse.Namespace):
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from lsaq.planning.devices import LOCAL, budget_profile, resolve_device
-    from lsaq.planning.planner import budget_for, make_plan
-    from lsaq.models.families import model_shape
+    from lsaq.planning.stage import DeviceRequest, compare_strategies, plan
 
     options = build_options(args)  # bad option values fail before any file is read
-    if (args.device is None) == (args.budget is None):
-        raise ValueError("give exactly one of --device NAME (see `lsaq devices`) or --budget SIZE (e.g. 6GiB)")
-    if args.wait_for_memory is not None and args.device != LOCAL:
-        raise ValueError("--wait-for-memory only applies to --device local (memory is polled on this machine)")
-    values, ref, info = load_importance(args.importance) if args.importance else (None, None, None)
-    if args.config is not None:
-        config, model_id, source = load_config(args.config)
-    elif info is not None:
-        config, model_id, source = info.config, info.id, info.source
-    else:
-        raise ValueError("give --config (a shipped name such as llama-2-7b, or a config.json) or an --importance "
-                         "record from `lsaq score`; a bare importance list carries no model")
-    shape = model_shape(config)
-    if values is None:
-        values, ref = [1.0] * shape.num_layers, {"id": "none", "method": "uniform", "k": None}
-        print(f"note: no --importance given: all {shape.num_layers} layers weigh 1.0 (earlier layers win ties)")
-    model = _model_identity(config, model_id, source, info if args.config is None else None)
-    if args.budget is not None:
-        device = budget_profile(args.budget)
-    elif args.device == LOCAL and args.wait_for_memory is not None:
-        from lsaq.planning.detect import wait_for_memory
-
-        levels = [options.strategy.uniform] if options.strategy.uniform else list(options.allowed)
-        need = budget_for(shape, options).min_required(levels, shape.num_layers)
-        device = wait_for_memory(need, args.wait_for_memory)
-    else:
-        device = resolve_device(args.device, args.device_file)
+    device = DeviceRequest(name=args.device, budget=args.budget, device_file=args.device_file,
+                           wait_seconds=args.wait_for_memory)
+    inputs = {"importance": args.importance, "config": args.config, "options": options}
     if args.compare:
-        print(format_comparison(shape, values, device, options, model, ref))
+        print(format_comparison(compare_strategies(device, **inputs)))
         print()
-    plan = make_plan(shape, values, device, options, model=model, importance_ref=ref)
-    print(format_plan(plan))
+    result = plan(device, **inputs, out=args.out)
+    print(format_plan(result))
     if args.out:
-        plan.save(args.out)
-        print(f"wrote {args.out} (plan {plan.id[:12]})")
+        print(f"wrote {args.out} (plan {result.id[:12]})")
     return 0
 
 
@@ -199,10 +106,10 @@ def format_plan(plan) -> str:
     rank = {layer: r for r, layer in enumerate(ranking(plan.importance), 1)}
     group = f"int4 group size {o.policy.group_size}" if o.policy.group_size else "int4 per-channel"
     lines = [
-        f"plan: {m['id']} ({m['model_type']}, {plan.shape.num_layers} layers) on {plan.device.describe()}",
+        f"plan: {m.name} ({m.model_type}, {plan.shape.num_layers} layers) on {plan.device.describe()}",
         f"strategy {o.strategy.value}, context {o.context} x batch {o.batch}, allowed {'/'.join(p.value for p in o.allowed)}, "
         f"{group}, embedding {o.policy.embed.value}, head {o.policy.head_precision.value if plan.shape.lm_head else 'tied'}",
-        f"importance: {plan.importance_ref.get('method')} [{str(plan.importance_ref.get('id'))[:12]}]",
+        f"importance: {plan.importance_ref.method} [{plan.importance_ref.id[:12]}]",
         "",
         f"{'layer':>5} {'rank':>4} {'importance':>10}  {'precision':<9} {'bytes':>12}",
     ]
@@ -224,38 +131,22 @@ def format_plan(plan) -> str:
     return "\n".join(lines)
 
 
-def comparison_rows(shape, values, device, options, model, ref) -> list[dict[str, Any]]:
-    """Every strategy on the same inputs: fits, counts, bytes, average bits, objective (or the minimum needed)."""
-    from lsaq.planning.planner import PlanOptions, Strategy, budget_for, make_plan
-
-    rows = []
-    for s in Strategy:
-        opts = PlanOptions(options.context, options.batch, s, options.allowed, options.policy, options.kv_bytes, options.quality)
-        try:
-            plan = make_plan(shape, values, device, opts, model=model, importance_ref=ref)
-        except ValueError:
-            levels = [s.uniform] if s.uniform else list(options.allowed)
-            rows.append({"strategy": s.value, "fits": False, "required": budget_for(shape, opts).min_required(levels, shape.num_layers)})
-            continue
-        bd = plan.breakdown
-        rows.append({"strategy": s.value, "fits": True, "counts": plan.counts, "weights": bd.weights, "required": bd.required,
-                     "headroom": plan.headroom, "bits": plan.avg_bits["quantizable_linears"],
-                     "bits_all": plan.avg_bits["all_weights"], "objective": plan.objective / (sum(values) or 1)})
-    return rows
-
-
-def format_comparison(shape, values, device, options, model, ref) -> str:
+def format_comparison(comparison) -> str:
+    """Markdown table of a :class:`lsaq.planning.stage.Comparison`."""
     from lsaq.units import format_bytes
 
-    lines = [f"strategies for {model['id']} on {device.describe()}, context {options.context} x batch {options.batch}:",
+    o = comparison.options
+    lines = [f"strategies for {comparison.model.name} on {comparison.device.describe()}, context {o.context} x batch {o.batch}:",
              "| strategy | fits | fp16/int8/int4 | avg bits (linears / all) | weights | needs (weights+KV+workspace) | headroom | objective |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in comparison_rows(shape, values, device, options, model, ref):
-        if not r["fits"]:
-            lines.append(f"| {r['strategy']} | no | - | - | - | at least {format_bytes(r['required'])} | "
-                         f"{format_bytes(device.usable - r['required'])} | - |")
+    for r in comparison.rows:
+        if r.plan is None:
+            lines.append(f"| {r.strategy.value} | no | - | - | - | at least {format_bytes(r.required)} | "
+                         f"{format_bytes(r.headroom)} | - |")
             continue
-        c = r["counts"]
-        lines.append(f"| {r['strategy']} | yes | {c['fp16']}/{c['int8']}/{c['int4']} | {r['bits']:.2f} / {r['bits_all']:.2f} | "
-                     f"{format_bytes(r['weights'])} | {format_bytes(r['required'])} | {format_bytes(r['headroom'])} | {r['objective']:.4f} |")
+        p, c = r.plan, r.plan.counts
+        lines.append(f"| {r.strategy.value} | yes | {c['fp16']}/{c['int8']}/{c['int4']} | "
+                     f"{p.avg_bits['quantizable_linears']:.2f} / {p.avg_bits['all_weights']:.2f} | "
+                     f"{format_bytes(p.breakdown.weights)} | {format_bytes(r.required)} | {format_bytes(r.headroom)} | "
+                     f"{p.objective / (sum(p.importance) or 1):.4f} |")
     return "\n".join(lines)

@@ -25,9 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _plan_model_source(plan) -> str | None:
     """The model a plan was made for: its recorded source path, else its id ("default" means the default)."""
     model = plan.model
-    if model.get("id") in (None, "default"):
+    if model.id in (None, "default"):
         return None
-    return model.get("source") or model.get("id")
+    return model.source or model.id
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -38,8 +38,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     from lsaq.planning.planner import Plan
 
     plan = Plan.load(args.plan)
-    if not plan.model.get("content_hash") and args.model is None:
-        raise ValueError(f"plan {args.plan} was made from a bare config ({plan.model.get('id')}); pass --model")
+    if not plan.model.content_hash and args.model is None:
+        raise ValueError(f"plan {args.plan} was made from a bare config ({plan.model.id}); pass --model")
     start = time.perf_counter()
     loaded = load_model(args.model if args.model is not None else _plan_model_source(plan))
     with tqdm(total=plan.shape.num_layers, desc="quantizing", unit="layer", file=sys.stderr) as bar:

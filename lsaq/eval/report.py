@@ -100,7 +100,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "required_bytes": bd.required,
         "headroom_bytes": plan.headroom,
         "fits": plan.fits,
-        "importance": {k: plan.importance_ref.get(k) for k in ("id", "method", "k")},
+        "importance": {"id": plan.importance_ref.id, "method": plan.importance_ref.method, "k": plan.importance_ref.k},
     }
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from lsaq import __version__
 from lsaq.importance.calibration import CalibrationSet
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, SENSITIVITY_PROBE, Method, ranking
-from lsaq.models.loading import ModelInfo
+from lsaq.models.identity import ModelInfo
 from lsaq.models.parts import decoder_parts, layer_output
 from lsaq.records import atomic_write_json, canonical_json, read_record, sha256_hex
 from lsaq.importance.similarity import cosine, jaccard, topk_indices

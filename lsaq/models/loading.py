@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lsaq.models.families import family
+from lsaq.models.identity import ModelInfo
 from lsaq.models.parts import decoder_parts
 from lsaq.paths import cache_dir
 from lsaq.records import atomic_dir, atomic_write_json, canonical_json, file_sha256, sha256_hex
@@ -36,31 +37,6 @@ def storage_dtype(declared: str | None) -> torch.dtype:
     bf16-native, and a bf16-trained model's activations can overflow float16's range (65504).
     """
     return torch.float16 if declared == "float16" else torch.bfloat16
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Identity of a loaded model, recorded in every result derived from it."""
-
-    id: str  # what the user named: a path, a hub id, or "default"
-    source: str  # resolved local path the weights were read from (a GGUF file or an HF directory)
-    revision: str | None  # hub commit, or None for local files
-    content_hash: str  # sha256 over the weight files (GGUF file, or safetensors files in name order)
-    architecture: str  # e.g. "LlamaForCausalLM"
-    model_type: str  # e.g. "llama"
-    num_layers: int
-    config: dict[str, Any]  # the HF config as a dict: enough to plan without weights
-    # The float dtype the checkpoint declares for its weights ("bfloat16", "float16", "float32"), or None when it
-    # says nothing usable (a GGUF file). Artifacts store their 16-bit tensors in :func:`storage_dtype` of it.
-    dtype: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "ModelInfo":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in obj.items() if k in names})
 
 
 @dataclass

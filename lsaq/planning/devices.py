@@ -233,15 +233,3 @@ def list_devices(device_file: str | Path | None = None) -> list[DeviceProfile]:
                 log.info("%s: profile %r replaces the catalog's", device_file, p.name)
             profiles[p.name] = p
     return list(profiles.values())
-
-
-def resolve_device(name: str, device_file: str | Path | None = None) -> DeviceProfile:
-    """The profile called ``name``: from ``device_file``, the catalog, or ``local`` (detected live)."""
-    if name == LOCAL:
-        from lsaq.planning.detect import detect_local
-
-        return detect_local()
-    profiles = {p.name: p for p in list_devices(device_file)}
-    if name not in profiles:
-        raise ValueError(f"unknown device {name!r}; valid devices: {', '.join(sorted(profiles))}, {LOCAL}")
-    return profiles[name]

@@ -26,14 +26,14 @@ from lsaq.planning.memory import (
 from lsaq.precision import Precision
 from lsaq.records import atomic_write_json, canonical_json, read_record, sha256_hex
 from lsaq.models.shapes import ModelShape
-from lsaq.methods import ranking
+from lsaq.methods import UNIFORM_IMPORTANCE, ImportanceRef, ranking
+from lsaq.models.identity import ModelRef
 from lsaq.planning.solvers import SolverInfo, default_quality, lsaq_assign, objective, optimal_assign, precision_levels
 from lsaq.units import format_bytes
 
 SCHEMA = "lsaq.plan"
 VERSION = 1
 OBJECTIVE = "sum_i importance_i * q(precision_i); q(fp16)=1, q(int8)=1-2^-4, q(int4)=0 (see lsaq.planning.solvers)"
-MODEL_KEYS = ("id", "source", "revision", "content_hash", "config_hash", "architecture", "model_type", "num_layers")
 
 
 class Strategy(str, Enum):
@@ -201,8 +201,8 @@ def infeasible_error(shape: ModelShape, options: PlanOptions, device: DeviceProf
 class Plan:
     """One model on one device: per-layer precisions and the bytes that follow from them."""
 
-    model: dict[str, Any]  # identity, keys MODEL_KEYS
-    importance_ref: dict[str, Any]  # {"id": importance record id or "none", "method", "k"}
+    model: ModelRef
+    importance_ref: ImportanceRef
     importance: tuple[float, ...]
     device: DeviceProfile
     options: PlanOptions
@@ -251,8 +251,8 @@ class Plan:
             "schema": SCHEMA,
             "version": VERSION,
             "lsaq_version": self.lsaq_version,
-            "model": self.model,
-            "importance": {**self.importance_ref, "values": list(self.importance)},
+            "model": self.model.to_json(),
+            "importance": {**self.importance_ref.to_json(), "values": list(self.importance)},
             "device": self.device.to_json(),
             "options": self.options.to_json(),
             "shape": self.shape.to_json(),
@@ -278,8 +278,8 @@ class Plan:
         imp = obj["importance"]
         s = obj["objective"]["solver"]
         plan = cls(
-            model=dict(obj["model"]),
-            importance_ref={k: v for k, v in imp.items() if k != "values"},
+            model=ModelRef.from_json(obj["model"]),
+            importance_ref=ImportanceRef.from_json(imp),
             importance=tuple(float(x) for x in imp["values"]),
             device=DeviceProfile.from_json(obj["device"]),
             options=PlanOptions.from_json(obj["options"]),
@@ -312,18 +312,22 @@ def make_plan(
     device: DeviceProfile,
     options: PlanOptions | None = None,
     *,
-    model: Mapping[str, Any] | None = None,
-    importance_ref: Mapping[str, Any] | None = None,
+    model: ModelRef | None = None,
+    importance_ref: ImportanceRef | None = None,
 ) -> Plan:
     """Plan ``shape`` for ``device``; :class:`InfeasiblePlanError` (a ``ValueError``) when nothing fits."""
     options = options or PlanOptions()
-    model = {k: (dict(model or {})).get(k) for k in MODEL_KEYS} | {"model_type": shape.model_type, "num_layers": shape.num_layers}
+    if model is None:
+        model = ModelRef(id=None, model_type=shape.model_type, num_layers=shape.num_layers)
+    elif (model.model_type, model.num_layers) != (shape.model_type, shape.num_layers):
+        raise ValueError(f"model {model.name!r} is a {model.num_layers}-layer {model.model_type}, but the shapes to plan "
+                         f"are a {shape.num_layers}-layer {shape.model_type}")
     assign, info = assign_precisions(shape, importance, device.usable, options)
     if assign is None:
-        raise infeasible_error(shape, options, device, model.get("id") or shape.model_type)
+        raise infeasible_error(shape, options, device, model.name)
     return Plan(
         model=model,
-        importance_ref=dict(importance_ref or {"id": "none", "method": None, "k": None}),
+        importance_ref=importance_ref or UNIFORM_IMPORTANCE,
         importance=tuple(float(w) for w in importance),
         device=device,
         options=options,

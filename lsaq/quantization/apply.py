@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lsaq.models.loading import ModelInfo
+from lsaq.models.identity import ModelInfo
 from lsaq.models.parts import DecoderParts, decoder_parts
 from lsaq.planning.planner import Plan
 from lsaq.precision import Precision
@@ -37,10 +37,9 @@ class PlanMismatchError(ValueError):
 def check_plan(plan: Plan, info: ModelInfo, parts: DecoderParts) -> None:
     """Refuse a plan that does not describe this model, naming the first difference."""
     planned = plan.model
-    name = planned.get("id") or planned.get("model_type")
-    if planned.get("content_hash") and planned["content_hash"] != info.content_hash:
+    if planned.content_hash and planned.content_hash != info.content_hash:
         raise PlanMismatchError(
-            f"plan was made for model {name!r} with content hash {planned['content_hash'][:16]}..., "
+            f"plan was made for model {planned.name!r} with content hash {planned.content_hash[:16]}..., "
             f"but {info.id!r} has content hash {info.content_hash[:16]}...; score and plan this model first"
         )
     if plan.shape.model_type != info.model_type:

@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 from lsaq import __version__
 from lsaq.quantization.apply import artifact_state_dict, quantize_model, quantized_linear
 from lsaq.planning.memory import weight_tensor_bytes
-from lsaq.models.loading import LoadedModel, ModelInfo
+from lsaq.models.identity import ModelInfo
+from lsaq.models.loading import LoadedModel
 from lsaq.models.parts import decoder_parts
 from lsaq.planning.planner import Plan
 from lsaq.precision import Precision

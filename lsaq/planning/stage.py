@@ -1,0 +1,236 @@
+"""The plan stage: resolve the target device, read the importance and the model's shapes, decide per-layer precisions.
+
+Two public functions, both free of weights and of torch:
+
+* :func:`resolve_device` turns a :class:`DeviceRequest` (a catalog or device-file profile, ``local`` measured live
+  with an optional wait for free memory, or an explicit budget) into a :class:`DeviceProfile`.
+* :func:`plan` turns an importance record (or a bare vector, or nothing: uniform) plus a model config (the record's
+  own, a shipped name, a ``config.json``) and a device into a :class:`Plan`, written atomically when ``out`` is given.
+
+:func:`compare_strategies` runs every strategy on the same inputs, fitting or not (``lsaq plan --compare``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from lsaq.importance.scoring import LayerImportance
+from lsaq.methods import UNIFORM_IMPORTANCE, ImportanceRef
+from lsaq.models.configs import load_config
+from lsaq.models.families import model_shape
+from lsaq.models.identity import ModelInfo, ModelRef
+from lsaq.models.shapes import ModelShape
+from lsaq.planning.detect import detect_local, wait_for_memory
+from lsaq.planning.devices import LOCAL, DeviceProfile, budget_profile, list_devices
+from lsaq.planning.planner import Plan, PlanOptions, Strategy, budget_for, make_plan
+from lsaq.precision import Precision
+from lsaq.records import canonical_json, sha256_hex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """Which device to plan for: a profile ``name`` (catalog, ``device_file`` or ``local``) or a ``budget``.
+
+    ``wait_seconds`` (``local`` only): poll this machine until the plan's minimum requirement is free, up to that long.
+    """
+
+    name: str | None = None
+    budget: str | int | None = None
+    device_file: str | None = None
+    wait_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.budget is None):
+            raise ValueError("give exactly one of a device name (--device NAME, see `lsaq devices`) or a budget "
+                             "(--budget SIZE, e.g. 6GiB)")
+        if self.wait_seconds is not None:
+            if self.name != LOCAL:
+                raise ValueError(f"waiting for memory only applies to --device {LOCAL} (memory is polled on this "
+                                 f"machine), not to {self.name or 'a budget'!r}")
+            if self.wait_seconds < 0:
+                raise ValueError(f"wait for memory must not be negative, got {self.wait_seconds}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "DeviceRequest":
+        return cls(**{k: obj.get(k) for k in ("name", "budget", "device_file", "wait_seconds")})
+
+
+def resolve_device(device: DeviceRequest | str, *, need: int | None = None) -> DeviceProfile:
+    """The :class:`DeviceProfile` a request names; a plain string is a profile name.
+
+    ``need``: bytes a plan needs at least, for a request that waits for memory on ``local``.
+    """
+    request = DeviceRequest(name=device) if isinstance(device, str) else device
+    if request.budget is not None:
+        return budget_profile(request.budget)
+    if request.name == LOCAL:
+        if request.wait_seconds is None:
+            return detect_local()
+        if need is None:
+            raise ValueError("waiting for memory needs the bytes to wait for (the plan's minimum requirement)")
+        return wait_for_memory(need, request.wait_seconds)
+    profiles = {p.name: p for p in list_devices(request.device_file)}
+    if request.name not in profiles:
+        raise ValueError(f"unknown device {request.name!r}; valid devices: {', '.join(sorted(profiles))}, {LOCAL}")
+    return profiles[request.name]
+
+
+@dataclass(frozen=True)
+class Importance:
+    """Per-layer importance values to plan with, where they came from, and the model they were measured on."""
+
+    values: tuple[float, ...]
+    ref: ImportanceRef
+    model: ModelInfo | None  # None for a bare vector
+
+
+def read_importance(source: LayerImportance | str | Path | Sequence[float]) -> Importance:
+    """An importance record (object or ``lsaq score`` file), a JSON list of numbers, or such a list itself."""
+    if isinstance(source, LayerImportance):
+        return Importance(source.importance, ImportanceRef(source.id, source.method, source.k), source.model)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            obj = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"importance {path}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"importance {path}: not valid JSON ({e})") from e
+        if isinstance(obj, dict) and "schema" in obj:
+            rec = LayerImportance.load(path)
+            return Importance(rec.importance, ImportanceRef(rec.id, rec.method, rec.k, str(path)), rec.model)
+        values = obj.get("importance") if isinstance(obj, dict) else obj
+        where = str(path)
+    else:
+        values, where = list(source), None
+    if not isinstance(values, list) or not values or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+    ):
+        raise ValueError(f"importance {where or values!r}: expected an lsaq importance record, a JSON list of numbers, "
+                         "or an object with an 'importance' list")
+    floats = tuple(float(v) for v in values)
+    return Importance(floats, ImportanceRef(sha256_hex(canonical_json(list(floats))), "vector", None, where), None)
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything a plan is decided from, besides the device and the options."""
+
+    shape: ModelShape
+    importance: Importance
+    model: ModelRef
+
+
+def plan_inputs(importance: LayerImportance | str | Path | Sequence[float] | None = None,
+                config: str | None = None) -> PlanInputs:
+    """The shapes, importance and model identity to plan from.
+
+    The config is ``config`` (a shipped name, a ``config.json`` or a model directory) when given, else the
+    importance record's own model. Without importance every layer weighs 1.0 (earlier layers win ties).
+    """
+    imp = read_importance(importance) if importance is not None else None
+    if config is not None:
+        named = load_config(config)
+        shape = model_shape(named.config)
+        model = ModelRef.from_config(named.config, named.id, named.source, shape.num_layers)
+    elif imp is not None and imp.model is not None:
+        shape = model_shape(imp.model.config)
+        model = ModelRef.from_info(imp.model)
+    else:
+        raise ValueError("give a model config (a shipped name such as llama-2-7b, or a config.json) or an importance "
+                         "record from `lsaq score`; a bare importance list carries no model")
+    if imp is None:
+        log.info("no importance given: all %d layers weigh 1.0 (earlier layers win ties)", shape.num_layers)
+        imp = Importance((1.0,) * shape.num_layers, UNIFORM_IMPORTANCE, None)
+    return PlanInputs(shape, imp, model)
+
+
+def _device_for(device: DeviceProfile | DeviceRequest | str, inputs: PlanInputs, options: PlanOptions) -> DeviceProfile:
+    if isinstance(device, DeviceProfile):
+        return device
+    request = DeviceRequest(name=device) if isinstance(device, str) else device
+    need = None
+    if request.wait_seconds is not None:  # the least any plan over the allowed levels needs
+        levels = [options.strategy.uniform] if options.strategy.uniform else list(options.allowed)
+        need = budget_for(inputs.shape, options).min_required(levels, inputs.shape.num_layers)
+    return resolve_device(request, need=need)
+
+
+def plan(
+    device: DeviceProfile | DeviceRequest | str,
+    *,
+    importance: LayerImportance | str | Path | Sequence[float] | None = None,
+    config: str | None = None,
+    options: PlanOptions | None = None,
+    out: str | Path | None = None,
+) -> Plan:
+    """Plan a model for a device: per decoder layer FP16/INT8/INT4 so that it fits, important layers kept higher.
+
+    ``importance``: an importance record (object or file from :func:`lsaq.score`), a list of numbers (or a JSON file
+    of one), or None for uniform. ``config``: the model's config when the importance does not carry it (see
+    :func:`plan_inputs`). Raises :class:`~lsaq.planning.planner.InfeasiblePlanError` (a ``ValueError`` saying what
+    would help) when nothing fits. ``out``: write the plan record there, atomically.
+    """
+    options = options or PlanOptions()
+    inputs = plan_inputs(importance, config)
+    result = make_plan(inputs.shape, inputs.importance.values, _device_for(device, inputs, options), options,
+                       model=inputs.model, importance_ref=inputs.importance.ref)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+@dataclass(frozen=True)
+class StrategyRow:
+    """One strategy on shared inputs: its plan when it fits; ``required`` is the plan's need, else the fewest bytes
+    any of its plans needs, and ``headroom`` what the device's usable memory leaves (negative: short by that much)."""
+
+    strategy: Strategy
+    plan: Plan | None
+    required: int
+    headroom: int
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Every strategy for one model on one device (``lsaq plan --compare``)."""
+
+    model: ModelRef
+    device: DeviceProfile
+    options: PlanOptions
+    rows: tuple[StrategyRow, ...]
+
+
+def compare_strategies(
+    device: DeviceProfile | DeviceRequest | str,
+    *,
+    importance: LayerImportance | str | Path | Sequence[float] | None = None,
+    config: str | None = None,
+    options: PlanOptions | None = None,
+) -> Comparison:
+    """Every strategy (lsaq, optimal, the uniform baselines) on the same inputs, fitting or not."""
+    options = options or PlanOptions()
+    inputs = plan_inputs(importance, config)
+    profile = _device_for(device, inputs, options)
+    rows = []
+    for s in Strategy:
+        opts = PlanOptions(options.context, options.batch, s, options.allowed, options.policy, options.kv_bytes,
+                           options.quality)
+        try:
+            p = make_plan(inputs.shape, inputs.importance.values, profile, opts, model=inputs.model,
+                          importance_ref=inputs.importance.ref)
+            rows.append(StrategyRow(s, p, p.breakdown.required, p.headroom))
+        except ValueError:
+            levels: list[Precision] = [s.uniform] if s.uniform else list(options.allowed)
+            need = budget_for(inputs.shape, opts).min_required(levels, inputs.shape.num_layers)
+            rows.append(StrategyRow(s, None, need, profile.usable - need))
+    return Comparison(inputs.model, profile, options, tuple(rows))
