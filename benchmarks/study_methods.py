@@ -35,7 +35,8 @@ from lsaq.importance.calibration import load_calibration
 from lsaq.planning.devices import DeviceProfile, MemoryKind
 from lsaq.eval.harness import evaluate_tasks
 from lsaq.eval.perplexity import read_eval_text, tokenize_eval_windows, window_nll
-from lsaq.importance.scoring import LayerImportance, score_importance
+from lsaq.importance.record import LayerImportance
+from lsaq.importance.scoring import score_importance
 from lsaq.planning.memory import layer_linear_bytes
 from lsaq.methods import DEFAULT_K
 from lsaq.models.loading import LoadedModel, load_model

@@ -15,7 +15,8 @@ from lsaq.records import RecordError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lsaq", description="Layer-Specific Adaptive Quantization")
     parser.add_argument("--version", action="version", version=f"lsaq {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details too")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"{commands.__name__}.{mod.name}").register(sub)
@@ -24,7 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    # lsaq's own notices (which calibration source was used, which device was detected) show by default;
+    # other libraries only warn.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.getLogger("lsaq").setLevel(level)
     try:
         return int(args.func(args) or 0)
     except (ValueError, RecordError, FileNotFoundError) as e:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
+from lsaq.methods import DEFAULT_K, DEFAULT_METHOD
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=DEFAULT_K, help=f"top-k token set size for jaccard (default {DEFAULT_K})")
     p.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument("--calib", default=None, help="calibration .txt/.jsonl file or dataset name (default WikiText-2 valid)")
+    p.add_argument("--calib", default=None,
+                   help="calibration source: a .txt/.raw/.jsonl file, a dataset NAME[:CONFIG[:SPLIT]], or 'generated' "
+                        "(sampled from the model itself). Default: WikiText-2 valid from the shared folder or "
+                        "$LSAQ_CALIB, else the hub, else generated")
+    p.add_argument("--calib-dir", default=None, help="a calibration set written by `lsaq calibrate` (instead of --calib)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
@@ -27,34 +30,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def validate(args: argparse.Namespace) -> None:
-    """Check what can be checked before loading anything, so bad input fails fast and writes nothing."""
-    Method.parse(args.method)
-    if args.k < 1:
-        raise ValueError(f"--k must be at least 1, got {args.k}")
-    for name in ("samples", "seq_len", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-
-
 def run(args: argparse.Namespace) -> int:
-    validate(args)
     from tqdm import tqdm
 
-    from lsaq.importance.calibration import load_calibration
-    from lsaq.importance.scoring import score_importance
-    from lsaq.models.loading import load_model
+    from lsaq.importance.stage import score
 
-    start = time.perf_counter()
-    loaded = load_model(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
-    calib = load_calibration(loaded.tokenizer, args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    with tqdm(total=calib.samples, desc=f"{args.method} scoring", unit="seq", file=sys.stderr) as bar:
-        rec = score_importance(
-            loaded.model, loaded.info, calib, args.method, args.k, batch_size=args.batch_size, progress=bar.update
-        )
-    rec.save(args.out)
+    with tqdm(total=args.samples, desc=f"{args.method} scoring", unit="seq", file=sys.stderr) as bar:
+        rec = score(args.model, args.out, method=args.method, k=args.k, source=args.calib,
+                    calibration=args.calib_dir, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                    batch_size=args.batch_size, revision=args.revision, trust_remote_code=args.trust_remote_code,
+                    progress=bar.update)
     print(format_ranking(rec))
-    print(f"wrote {args.out} ({rec.num_layers} layers, {time.perf_counter() - start:.1f}s total)")
+    print(f"wrote {args.out} ({rec.num_layers} layers, {rec.wall_time_s:.1f}s scoring)")
     return 0
 
 

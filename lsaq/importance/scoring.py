@@ -17,108 +17,19 @@ full-vocabulary logits never exist for more than one chunk at a time.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from lsaq import __version__
 from lsaq.importance.calibration import CalibrationSet
-from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, SENSITIVITY_PROBE, Method, ranking
+from lsaq.importance.record import LayerImportance
+from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, SENSITIVITY_PROBE, Method
 from lsaq.models.identity import ModelInfo
 from lsaq.models.parts import decoder_parts, layer_output
-from lsaq.records import atomic_write_json, canonical_json, read_record, sha256_hex
 from lsaq.importance.similarity import cosine, jaccard, topk_indices
 
-SCHEMA = "lsaq.layer_importance"
-VERSION = 1
-
-
-@dataclass(frozen=True)
-class LayerImportance:
-    """Per-layer importance of one model under one method and calibration set (higher = more important)."""
-
-    model: ModelInfo
-    method: str
-    k: int | None
-    calibration: dict[str, Any]
-    importance: tuple[float, ...]
-    std: tuple[float, ...]  # standard deviation of the per-sample importance
-    lsaq_version: str = __version__
-    wall_time_s: float = 0.0
-    params: dict[str, Any] = field(default_factory=dict)  # method settings besides k (sensitivity: the probe)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.importance)
-
-    @property
-    def ranking(self) -> list[int]:
-        """Layer indices, most important first; equal scores keep layer order."""
-        return ranking(self.importance)
-
-    @property
-    def id(self) -> str:
-        """Content hash of what determines the scores (not wall time, not lsaq version)."""
-        key = {
-            "model": self.model.content_hash,
-            "method": self.method,
-            "k": self.k,
-            "calibration": self.calibration.get("hash"),
-            "importance": list(self.importance),
-        }
-        if self.params:  # absent for jaccard/cosine so their ids stay what they were
-            key["params"] = self.params
-        return sha256_hex(canonical_json(key))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "version": VERSION,
-            "id": self.id,
-            "model": self.model.to_json(),
-            "num_layers": self.num_layers,
-            "method": self.method,
-            "k": self.k,
-            "params": self.params,
-            "calibration": self.calibration,
-            "importance": list(self.importance),
-            "std": list(self.std),
-            "ranking": self.ranking,
-            "lsaq_version": self.lsaq_version,
-            "wall_time_s": self.wall_time_s,
-        }
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "LayerImportance":
-        return cls(
-            model=ModelInfo.from_json(obj["model"]),
-            method=obj["method"],
-            k=obj.get("k"),
-            calibration=obj["calibration"],
-            importance=tuple(float(x) for x in obj["importance"]),
-            std=tuple(float(x) for x in obj["std"]),
-            lsaq_version=obj.get("lsaq_version", "?"),
-            wall_time_s=float(obj.get("wall_time_s", 0.0)),
-            params=dict(obj.get("params") or {}),
-        )
-
-    def save(self, path: str | Path) -> Path:
-        return atomic_write_json(path, self.to_json())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "LayerImportance":
-        obj = read_record(path, SCHEMA, VERSION)
-        try:
-            rec = cls.from_json(obj)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: malformed importance record ({type(e).__name__}: {e})") from e
-        if len(rec.std) != rec.num_layers or rec.num_layers == 0:
-            raise ValueError(f"{path}: malformed importance record (importance/std lengths differ or are empty)")
-        return rec
 
 
 class _Lens:

@@ -128,7 +128,7 @@ def _gguf_to_float_dir(gguf: Path, digest: str, dtype: torch.dtype) -> Path:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _is_hub_id(s: str) -> bool:
+def is_hub_id(s: str) -> bool:
     """``org/name`` with no leading ``.``/``/``/``~`` and no ``.gguf`` suffix: worth asking the hub."""
     return bool(_HUB_ID.match(s)) and not s.endswith(".gguf")
 
@@ -168,7 +168,7 @@ def load_model(
         digest, load_dir = content_hash(weights), path
     elif path.exists():
         raise ValueError(f"model path {path} is neither a directory nor a .gguf file")
-    elif not _is_hub_id(str(source)):
+    elif not is_hub_id(str(source)):
         raise ValueError(f"model path {path} does not exist")
     else:
         load_dir, hub_revision = _resolve_hub(str(source), revision)

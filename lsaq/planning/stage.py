@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from lsaq.importance.scoring import LayerImportance
+from lsaq.importance.record import LayerImportance
 from lsaq.methods import UNIFORM_IMPORTANCE, ImportanceRef
 from lsaq.models.configs import load_config
 from lsaq.models.families import model_shape

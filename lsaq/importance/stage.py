@@ -1,0 +1,69 @@
+"""The score stage: per-layer importance of a model on a calibration set, as a versioned record.
+
+:func:`score` loads the model, draws (or reads) the calibration set, scores every decoder layer with one method
+and writes the :class:`~lsaq.importance.scoring.LayerImportance` record. The calibration stage itself is
+:func:`lsaq.importance.calibration.calibrate`; ``score`` takes its output directory or draws the set on the fly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from lsaq.importance.calibration import load_calibration, load_calibration_dir
+from lsaq.importance.record import LayerImportance
+from lsaq.importance.scoring import score_importance
+from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
+from lsaq.models.loading import load_model
+
+log = logging.getLogger(__name__)
+
+
+def _positive(**values: int) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def score(
+    model: str | None = None,
+    out: str | Path | None = None,
+    *,
+    method: Method | str = DEFAULT_METHOD,
+    k: int = DEFAULT_K,
+    calibration: str | Path | None = None,
+    source: str | None = None,
+    samples: int = 32,
+    seq_len: int = 512,
+    seed: int = 0,
+    batch_size: int = 4,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> LayerImportance:
+    """Rank the decoder layers of ``model`` (a local directory, ``.gguf``, hub id, or None: the embedded default).
+
+    ``method``: ``cosine`` (LWQ, the default), ``jaccard`` (LSAQ's logit-lens top-``k`` Jaccard) or
+    ``sensitivity`` (measured KL with one layer INT4). The calibration set is ``calibration`` (a directory written
+    by :func:`lsaq.calibrate`) or else ``samples`` windows of ``seq_len`` tokens drawn with ``seed`` from
+    ``source`` (a text/JSONL file, a dataset name, ``generated``, or None: the default order, see
+    :func:`lsaq.importance.calibration.load_calibration`). ``out``: write the record there, atomically.
+    ``progress`` is called with the number of sequences done after each batch.
+    """
+    method = Method.parse(method)  # bad choices fail before anything is loaded
+    _positive(k=k, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    if calibration is not None and source is not None:
+        raise ValueError(f"give a calibration directory ({calibration}) or a calibration source ({source}), not both")
+    loaded = load_model(model, revision=revision, trust_remote_code=trust_remote_code)
+    if calibration is not None:
+        calib = load_calibration_dir(calibration)
+    else:
+        calib = load_calibration(loaded.tokenizer, source, samples=samples, seq_len=seq_len, seed=seed,
+                                 model=loaded.model, model_hash=loaded.info.content_hash)
+    record = score_importance(loaded.model, loaded.info, calib, method, k, batch_size=batch_size, progress=progress)
+    if out is not None:
+        record.save(out)
+    log.info("scored %d layers of %s with %s in %.1fs", record.num_layers, loaded.info.id, method.value,
+             record.wall_time_s)
+    return record
