@@ -13,7 +13,7 @@ from lsaq.cli import main
 from lsaq.planning.devices import budget_profile
 from lsaq.planning.stage import resolve_device
 from lsaq.planning.memory import WeightPolicy
-from lsaq.planning.planner import InfeasiblePlanError, Plan, PlanOptions, budget_for, make_plan, uniform_plan
+from lsaq.planning.planner import InfeasiblePlanError, Plan, PlanOptions, budget_for, make_plan
 from lsaq.precision import Precision
 from lsaq.models.families import model_shape
 from lsaq.methods import ImportanceRef, ranking
@@ -213,8 +213,7 @@ def test_uniform_baselines():
     assert make_plan(shape, [1.0] * 32, dev, PlanOptions(strategy="int8")).precisions == (INT8,) * 32
     with pytest.raises(InfeasiblePlanError):
         make_plan(shape, [1.0] * 32, dev, PlanOptions(strategy="fp16"))
-    p = make_plan(shape, [1.0] * 32, dev)
-    assert not uniform_plan(p, FP16).fits and uniform_plan(p, INT4).fits
+    assert make_plan(shape, [1.0] * 32, dev, PlanOptions(strategy="int4")).fits
 
 
 def test_option_validation():

@@ -335,11 +335,3 @@ def make_plan(
         precisions=tuple(assign),
         solver=info,
     )
-
-
-def uniform_plan(base: Plan, precision: Precision) -> Plan:
-    """``base`` with every layer at ``precision``, fitting or not (for baseline comparisons)."""
-    return Plan(base.model, base.importance_ref, base.importance, base.device,
-                PlanOptions(base.options.context, base.options.batch, Strategy(precision.value), base.options.allowed,
-                            base.options.policy, base.options.kv_bytes, base.options.quality),
-                base.shape, (precision,) * base.shape.num_layers, SolverInfo("uniform"), base.lsaq_version)
