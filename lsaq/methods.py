@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Mapping, Sequence
 
+from lsaq.choices import Choice
 from lsaq.precision import Precision
 
 
-class Method(str, Enum):
+class Method(Choice):
     """How a decoder layer's importance is measured (higher = keep it at higher precision)."""
 
     JACCARD = "jaccard"  # LSAQ: 1 - Jaccard of the logit-lens top-k sets of a layer's input and output
@@ -22,14 +22,8 @@ class Method(str, Enum):
     SENSITIVITY = "sensitivity"  # measured: KL of next-token distributions with only that layer INT4
 
     @classmethod
-    def parse(cls, value: "str | Method") -> "Method":
-        """The member named by ``value``; a ``ValueError`` listing the valid methods otherwise."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(
-                f"unknown importance method {value!r}; valid methods: {', '.join(m.value for m in cls)}"
-            ) from None
+    def noun(cls) -> tuple[str, str]:
+        return "importance method", "methods"
 
 
 # What measured best in the LSAQ vs LWQ study on the default model (benchmarks/study_methods.py; the table and the

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from lsaq.choices import Choice
 
 
-class Precision(str, Enum):
+class Precision(Choice):
     """Per-layer weight precision. Order of the members is from most to least precise."""
 
     FP16 = "fp16"
@@ -17,11 +17,8 @@ class Precision(str, Enum):
         return {"fp16": 16, "int8": 8, "int4": 4}[self.value]
 
     @classmethod
-    def parse(cls, value: "str | Precision") -> "Precision":
-        try:
-            return cls(str(value).lower()) if not isinstance(value, cls) else value
-        except ValueError:
-            raise ValueError(f"unknown precision {value!r}; valid precisions: {', '.join(p.value for p in cls)}") from None
+    def noun(cls) -> tuple[str, str]:
+        return "precision", "precisions"
 
     def demoted(self) -> "Precision | None":
         """The next lower precision (FP16 -> INT8 -> INT4), or None at the bottom."""

@@ -11,13 +11,13 @@ import functools
 import logging
 import re
 from dataclasses import dataclass
-from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from lsaq.choices import Choice
 from lsaq.units import format_bytes, parse_bytes
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ OPTIONAL_FIELDS = ("notes", "source")
 FILE_KEYS = ("version", "devices")
 
 
-class MemoryKind(str, Enum):
+class MemoryKind(Choice):
     """Where a model's memory lives."""
 
     DEDICATED = "dedicated"  # a GPU's own memory
@@ -40,11 +40,8 @@ class MemoryKind(str, Enum):
     SYSTEM = "system"  # system RAM, CPU inference
 
     @classmethod
-    def parse(cls, value: "str | MemoryKind") -> "MemoryKind":
-        try:
-            return value if isinstance(value, cls) else cls(str(value).lower())
-        except ValueError:
-            raise ValueError(f"unknown memory kind {value!r}; valid kinds: {', '.join(k.value for k in cls)}") from None
+    def noun(cls) -> tuple[str, str]:
+        return "memory kind", "kinds"
 
 
 @dataclass(frozen=True)

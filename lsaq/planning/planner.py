@@ -13,7 +13,6 @@ importance reference, device, options, the per-layer linear shapes, per-layer pr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,6 +25,7 @@ from lsaq.planning.memory import (
 from lsaq.precision import Precision
 from lsaq.records import atomic_write_json, canonical_json, read_record, sha256_hex
 from lsaq.models.shapes import ModelShape
+from lsaq.choices import Choice
 from lsaq.methods import UNIFORM_IMPORTANCE, ImportanceRef, ranking
 from lsaq.models.identity import ModelRef
 from lsaq.planning.solvers import SolverInfo, default_quality, lsaq_assign, objective, optimal_assign, precision_levels
@@ -36,7 +36,7 @@ VERSION = 1
 OBJECTIVE = "sum_i importance_i * q(precision_i); q(fp16)=1, q(int8)=1-2^-4, q(int4)=0 (see lsaq.planning.solvers)"
 
 
-class Strategy(str, Enum):
+class Strategy(Choice):
     LSAQ = "lsaq"
     OPTIMAL = "optimal"
     FP16 = "fp16"
@@ -44,11 +44,8 @@ class Strategy(str, Enum):
     INT4 = "int4"
 
     @classmethod
-    def parse(cls, value: "str | Strategy") -> "Strategy":
-        try:
-            return value if isinstance(value, cls) else cls(str(value).lower())
-        except ValueError:
-            raise ValueError(f"unknown strategy {value!r}; valid strategies: {', '.join(s.value for s in cls)}") from None
+    def noun(cls) -> tuple[str, str]:
+        return "strategy", "strategies"
 
     @property
     def uniform(self) -> Precision | None:
