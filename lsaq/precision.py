@@ -6,7 +6,11 @@ from lsaq.choices import Choice
 
 
 class Precision(Choice):
-    """Per-layer weight precision. Order of the members is from most to least precise."""
+    """Per-layer weight precision. Order of the members is from most to least precise.
+
+    ``FP16`` ("fp16") means a 16-bit float: the artifact stores it in the source model's own 16-bit dtype
+    (bfloat16 unless the source declares float16); byte counts are the same either way.
+    """
 
     FP16 = "fp16"
     INT8 = "int8"

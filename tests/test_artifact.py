@@ -1,4 +1,5 @@
-"""Artifacts on the real model: mixed FP16/INT8/INT4 plan -> directory -> lsaq runtime and stock transformers."""
+"""Artifacts on the real model: mixed FP16/INT8/INT4 plan -> directory -> lsaq runtime and stock transformers; the
+quantize stage, its record and the CLI on a tiny offline model."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ import torch
 
 from lsaq.quantization.apply import PlanMismatchError
 from lsaq.quantization.artifact import ArtifactError, load_quantized, resident_bytes, verify_artifact, write_artifact
+from lsaq.quantization.record import MANIFEST, Artifact
+from lsaq.quantization.stage import plan_model_source, quantize
 from lsaq.cli import main
+from lsaq.models.families import model_shape
+from lsaq.models.identity import ModelRef
 from lsaq.models.loading import load_model
-from lsaq.planning.planner import Plan
+from lsaq.planning.memory import WeightPolicy
+from lsaq.planning.planner import Plan, make_plan
 from lsaq.precision import Precision
 
 from conftest import plan_with_precisions
+from test_dtype import tiny_llama_dir, tiny_plan
 
 PROMPT = "The capital of France is"
 
@@ -34,6 +41,10 @@ def test_artifact_files_and_bytes_match_the_memory_model(mixed):
     manifest = verify_artifact(out)
     assert manifest["tensor_bytes"] == manifest["predicted_tensor_bytes"] == plan.breakdown.weights
     config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"  # a GGUF declares no dtype: bfloat16
+    record = Artifact.load(out)
+    assert record.dtype == "bfloat16" and record.plan_id == plan.id and record.runtimes == ("lsaq", "transformers")
+    assert record.files == {name: (meta["bytes"], meta["sha256"]) for name, meta in manifest["files"].items()}
     qc = config["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "mixed-precision"
     assert {g["format"] for g in qc["config_groups"].values()} == {"int-quantized", "pack-quantized"}
@@ -100,10 +111,10 @@ def test_groupwise_int4_artifact_decodes_like_compressed_tensors(shared_gguf, tm
         for name in ("model.layers.1.self_attn.k_proj", "model.layers.3.mlp.down_proj"):
             stored = {s: f.get_tensor(f"{name}.{s}") for s in
                       ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")}
-            want = PackedQuantizationCompressor.decompress(stored, scheme)["weight"]  # fp16, like its scales
+            want = PackedQuantizationCompressor.decompress(stored, scheme)["weight"]  # bf16, like its scales
             got = ours.model.get_submodule(name).dequantized_weight(torch.float32)
-            # (code - zero) * scale is exact in fp32 (4-bit integer x fp16 scale); fp16 rounds it once.
-            assert want.dtype == torch.float16 and torch.equal(got.half(), want), (name, (got - want).abs().max())
+            # (code - zero) * scale is exact in fp32 (4-bit integer x bf16 scale); bf16 rounds it once.
+            assert want.dtype == torch.bfloat16 and torch.equal(got.bfloat16(), want), (name, (got - want).abs().max())
 
 
 def test_plan_for_another_model_is_refused(shared_gguf, tmp_path):
@@ -143,3 +154,71 @@ def _flip_byte(path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+# --------------------------------------------------------------------------- the stage, on a tiny offline model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "src", head_gain=20.0)
+
+
+def test_quantize_stage_returns_the_record_of_what_it_wrote(tiny, tmp_path):
+    loaded = load_model(tiny)
+    plan = tiny_plan(loaded.info, [Precision.INT8, Precision.FP16, Precision.INT4], WeightPolicy(embed="int8"))
+    plan.save(tmp_path / "plan.json")
+    calls = []
+    art = quantize(tmp_path / "plan.json", tmp_path / "art", progress=calls.append)  # the model from the plan
+    assert calls == [0, 1, 2]
+    assert art == Artifact.load(tmp_path / "art") == Artifact.from_json(json.loads(json.dumps(art.to_json())))
+    assert art.path == tmp_path / "art" and art.plan_id == plan.id and art.dtype == "bfloat16"
+    assert art.model == ModelRef.from_info(loaded.info) and art.model.content_hash == loaded.info.content_hash
+    assert art.tensor_bytes == art.predicted_tensor_bytes == plan.breakdown.weights
+    assert set(art.files) == {p.name for p in (tmp_path / "art").iterdir()} - {MANIFEST}
+    manifest = json.loads((tmp_path / "art" / MANIFEST).read_text())
+    assert "path" not in manifest and manifest["version"] == 2 and manifest["model"].get("config") is None
+    assert load_quantized(art.path).info.content_hash == loaded.info.content_hash
+
+
+def test_version_1_manifests_still_load(tiny, tmp_path):
+    art = quantize(tiny_plan(load_model(tiny).info, [Precision.INT8] * 3), tmp_path / "art", model=str(tiny))
+    old = art.manifest_json() | {"version": 1}
+    for key in ("dtype", "runtimes"):
+        old.pop(key)
+    (art.path / MANIFEST).write_text(json.dumps(old))
+    record = Artifact.load(art.path)
+    assert record.dtype == "float16" and record.runtimes == ("lsaq",) and record.files == art.files
+    verify_artifact(art.path)
+
+
+def test_a_bare_config_plan_needs_a_model(tiny, tmp_path):
+    info = load_model(tiny).info
+    shape = model_shape(info.config)
+    bare = make_plan(shape, [1.0] * 3, plan_with_precisions(info, [Precision.INT8] * 3).device)
+    assert bare.model.content_hash is None
+    with pytest.raises(ValueError, match="bare config.*give the model"):
+        quantize(bare, tmp_path / "art")
+    assert not (tmp_path / "art").exists()
+    art = quantize(bare, tmp_path / "art", model=str(tiny))
+    assert art.model.content_hash == info.content_hash
+
+
+def test_plan_model_source():
+    ref = ModelRef(id="default", model_type="llama", num_layers=30, source="/cache/x.gguf", content_hash="ab")
+    assert plan_model_source(ref) is None  # the embedded default, however it was cached
+    assert plan_model_source(dataclasses.replace(ref, id="some/model")) == "/cache/x.gguf"
+    assert plan_model_source(dataclasses.replace(ref, id="some/model", source=None)) == "some/model"
+    with pytest.raises(ValueError, match="bare config"):
+        plan_model_source(dataclasses.replace(ref, content_hash=None))
+
+
+def test_cli_quantize_and_generate(tiny, tmp_path, capsys):
+    plan = tiny_plan(load_model(tiny).info, [Precision.INT4, Precision.INT8, Precision.FP16],
+                     WeightPolicy(embed="int4", head="int8"))
+    plan.save(tmp_path / "plan.json")
+    assert main(["quantize", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "art")]) == 0
+    out = capsys.readouterr().out
+    assert "embedding int4, head int8" in out and "bfloat16" in out and "loads in: lsaq\n" in out
+    assert main(["generate", str(tmp_path / "art"), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
+    assert "tokens/s" in capsys.readouterr().err

@@ -90,8 +90,40 @@ def test_embedding_policy_and_tied_head():
     tied = model_shape({**SMALL, "tie_word_embeddings": True})
     bd = memory_breakdown(tied, [FP16, FP16], WeightPolicy(), context=1, batch=1)
     assert (bd.embeddings, bd.lm_head) == (12800, 0)  # stored and counted once
-    with pytest.raises(ValueError, match="tied"):
-        memory_breakdown(tied, [FP16, FP16], WeightPolicy(embed=FP16, head=INT8), context=1, batch=1)
+    assert not WeightPolicy().unties(tied) and not WeightPolicy(embed=INT8).unties(s)
+
+
+def test_quantized_embedding_or_head_unties_a_tied_model():
+    """A tied head gets its own matrix once either side is quantized: both are stored, both are counted."""
+    tied = model_shape({**SMALL, "tie_word_embeddings": True})
+    cases = {  # policy -> (embedding bytes, head bytes)
+        WeightPolicy(embed=INT8): (6400 + 200, 6400 + 200),
+        WeightPolicy(embed=FP16, head=INT8): (12800, 6600),
+        WeightPolicy(embed=INT8, head=FP16): (6600, 12800),
+        WeightPolicy(embed=INT4): (100 * 8 * 4 + 200 + 16,) * 2,
+        # group-wise INT4 applies to both: packed 100 x 8 words, scales [100, 2], zero points [13, 2] words, shape
+        WeightPolicy(group_size=32, embed=INT4, head=INT8): (3200 + 400 + 104 + 16, 6600),
+    }
+    for policy, (embed, head) in cases.items():
+        assert policy.unties(tied)
+        bd = memory_breakdown(tied, [FP16, FP16], policy, context=1, batch=1)
+        assert (bd.embeddings, bd.lm_head) == (embed, head), policy
+        tensors = weight_tensor_bytes(tied, [FP16, FP16], policy)
+        assert sum(v for k, v in tensors.items() if k.startswith("lm_head.")) == head, policy
+        assert sum(v for k, v in tensors.items() if k.startswith("model.embed_tokens.")) == embed, policy
+        assert sum(tensors.values()) == bd.weights
+    tensors = weight_tensor_bytes(tied, [FP16, FP16], WeightPolicy(embed=INT4))
+    assert {k for k in tensors if k.startswith("lm_head.")} == {
+        "lm_head.weight_packed", "lm_head.weight_scale", "lm_head.weight_shape"}
+    # all_weights divides by the model's parameters (tied head once), so untying shows as more bits
+    fp16_tied = average_bits(tied, [FP16, FP16], WeightPolicy())["all_weights"]
+    assert fp16_tied == 16.0 and average_bits(tied, [FP16, FP16], WeightPolicy(embed=INT8))["all_weights"] > 16.0
+
+
+@pytest.mark.parametrize("field", ["embed", "head"])
+def test_unknown_embedding_policy_lists_valid(field):
+    with pytest.raises(ValueError, match="'int3'.*fp16, int8, int4"):
+        WeightPolicy(**{field: "int3"})
 
 
 def test_per_tensor_breakdown_sums_to_weights_and_names():

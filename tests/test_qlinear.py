@@ -86,6 +86,41 @@ def test_kernel_path_equals_dequantize_path(shape: tuple[int, int], kind: str, t
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(64, 256), (48, 200)])
+def test_bf16_scales(kind: str, shape: tuple[int, int]) -> None:
+    """Modules built from bf16 scales (artifacts of bf16 sources) keep them exactly and run both paths on them."""
+    lin = _linear(*shape)
+    group = None if kind in ("int8", "int4") else int(kind.split("g")[1])
+    qw = QuantizedWeight.quantize(lin.weight.detach(), "int8" if kind == "int8" else "int4", group, torch.bfloat16)
+    mod = (Int8Linear if kind == "int8" else Int4Linear).from_quantized(qw, lin.bias.detach().to(torch.bfloat16))
+    back = mod.to_quantized_weight()
+    assert back.scale.dtype == torch.bfloat16 and torch.equal(back.scale, qw.scale)
+    assert torch.equal(back.codes, qw.codes)
+    assert torch.equal(mod.dequantized_weight(), qw.dequantize())
+    assert mod.resident_bytes == qw.storage_nbytes() + shape[0] * 2
+    x = torch.randn(5, shape[1])
+    ref, mag = _reference(mod, x)
+    deq = _run(mod, x, "dequant")
+    assert bool(((deq.double() - ref).abs() <= 1e-5 * mag + 1e-6).all())
+    if mod._kernel_ok():
+        y32 = _run(mod, x, "kernel", torch.float32)  # exact scalar kernels: fp32 summation order only
+        assert torch.allclose(y32.double(), deq.double(), rtol=0, atol=1e-5 * float(mag.max()))
+        for dtype in (torch.float32, torch.bfloat16):
+            xd = x.to(dtype)
+            ref_d, mag_d = _reference(mod, xd)
+            y = _run(mod, xd, "kernel")
+            assert y.dtype == dtype and bool(((y.double() - ref_d).abs() <= 3 * BF16_EPS * mag_d + 1e-6).all())
+
+
+def test_scale_dtype_is_checked() -> None:
+    codes = torch.zeros(16, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        Int8Linear(codes, torch.ones(16, 1))
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        Int4Linear(codes, torch.ones(16, 1))
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_fallback_for_rejected_shapes(kind: str) -> None:
     # 40 rows: not a multiple of 16 (int4 kernel); 100 columns: not a multiple of 16 (int8 bf16 kernel)
     # nor of any int4 group size accepted by the kernel

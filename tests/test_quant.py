@@ -114,13 +114,14 @@ def _weights() -> dict[str, torch.Tensor]:
     return {"fp32": w, "bf16": w.to(torch.bfloat16), "fp16": w.to(torch.float16)}
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("kind", ["int8", "int4", "int4-g32", "int4-g128"])
-def test_rtn_error_bound_random(kind: str, dtype: str) -> None:
+def test_rtn_error_bound_random(kind: str, dtype: str, scale_dtype: torch.dtype) -> None:
     w = _weights()[dtype]
     group = {"int4-g32": 32, "int4-g128": 128}.get(kind)
-    qw = QuantizedWeight.quantize(w, "int8" if kind == "int8" else "int4", group)
-    assert qw.scale.dtype == torch.float16
+    qw = QuantizedWeight.quantize(w, "int8" if kind == "int8" else "int4", group, scale_dtype)
+    assert qw.scale.dtype == scale_dtype
     assert qw.scale.shape == (64, 1 if group is None else math.ceil(300 / group))
     assert_rtn_bound(w.float(), qw)
     lo, hi = {"int8": (-128, 127), "int4": (-8, 7)}.get(kind, (0, 15))
@@ -138,12 +139,44 @@ def test_rtn_error_bound_random(kind: str, dtype: str) -> None:
     group=st.sampled_from([None, 8, 32]),
     seed=st.integers(0, 2**31),
     mag=st.floats(1e-3, 1e3),
+    bf16=st.booleans(),
 )
-def test_rtn_error_bound_property(rows: int, cols: int, group: int | None, seed: int, mag: float) -> None:
+def test_rtn_error_bound_property(rows: int, cols: int, group: int | None, seed: int, mag: float, bf16: bool) -> None:
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * mag
-    assert_rtn_bound(w, QuantizedWeight.quantize(w, "int4", group))
+    sd = torch.bfloat16 if bf16 else torch.float16
+    assert_rtn_bound(w, QuantizedWeight.quantize(w, "int4", group, sd))
     if group is None:
-        assert_rtn_bound(w, QuantizedWeight.quantize(w, "int8"))
+        assert_rtn_bound(w, QuantizedWeight.quantize(w, "int8", None, sd))
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+def test_scales_are_rounded_up_to_the_next_16_bit_value(scale_dtype: torch.dtype) -> None:
+    """The stored scale is the smallest value of its dtype >= max|row| / 127.5 (so the bound holds with it)."""
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(5)) * 0.3
+    _, scale = quantize_int8(w, scale_dtype)
+    exact = w.abs().amax(1, keepdim=True) / 127.5
+    below = torch.nextafter(scale, torch.zeros_like(scale)).to(torch.float32)
+    assert bool((scale.to(torch.float32) >= exact).all()) and bool((below < exact).all())
+
+
+def test_bf16_scales_hold_ranges_fp16_scales_cannot() -> None:
+    """A row with max 1e7 needs an INT8 scale of ~78000: past fp16's 65504, fine in bf16; tiny rows get real
+    bf16 scales instead of the fp16 floor."""
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(6))
+    w[0, 0] = 1e7
+    w[1] *= 1e-9
+    with pytest.raises(ValueError, match="too large for torch.float16 scales"):
+        quantize_int8(w)
+    qw = QuantizedWeight.quantize(w, "int8", scale_dtype=torch.bfloat16)
+    assert_rtn_bound(w, qw)
+    assert float(qw.scale[1]) < 1e-10  # fp16 would floor it at 2^-24 ~ 6e-8 and zero the row's codes
+
+
+def test_unknown_scale_dtype_lists_valid() -> None:
+    with pytest.raises(ValueError, match="unknown scale dtype torch.float32; valid: torch.float16, torch.bfloat16"):
+        quantize_int8(torch.randn(4, 8), torch.float32)
+    with pytest.raises(ValueError, match="unknown scale dtype"):
+        quantize_int4(torch.randn(4, 8), 4, torch.float32)
 
 
 def test_quantization_is_deterministic_and_exact_int8_range() -> None:
@@ -182,16 +215,17 @@ def test_invalid_arguments() -> None:
 # ------------------------------------------------------------------------------- compressed-tensors decode
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["int8", "int4", "int4-g64"])
-def test_compressed_tensors_decodes_to_our_weights(kind: str) -> None:
-    """Stock compressed-tensors decompression of our tensors gives bit-identical fp16 weights."""
+def test_compressed_tensors_decodes_to_our_weights(kind: str, scale_dtype: torch.dtype) -> None:
+    """Stock compressed-tensors decompression of our tensors gives bit-identical weights in the scales' dtype."""
     from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     w = torch.randn(48, 256, generator=torch.Generator().manual_seed(3)) * 0.1
     group = 64 if kind == "int4-g64" else None
-    qw = QuantizedWeight.quantize(w, "int8" if kind == "int8" else "int4", group)
+    qw = QuantizedWeight.quantize(w, "int8" if kind == "int8" else "int4", group, scale_dtype)
     args = QuantizationArgs(
         num_bits=8 if kind == "int8" else 4,
         type="int",
@@ -203,8 +237,8 @@ def test_compressed_tensors_decodes_to_our_weights(kind: str) -> None:
     tensors = qw.compressed_tensors()
     compressor = NaiveQuantizationCompressor if kind == "int8" else PackedQuantizationCompressor
     out = compressor.decompress(dict(tensors), scheme)
-    assert out["weight"].dtype == torch.float16
-    assert torch.equal(out["weight"], qw.dequantize(torch.float16))
+    assert out["weight"].dtype == scale_dtype
+    assert torch.equal(out["weight"], qw.dequantize(scale_dtype))
     stored = sum(t.nbytes for name, t in tensors.items() if name != "weight_shape")
     assert qw.storage_nbytes() == stored
     back = QuantizedWeight.from_compressed_tensors(tensors, group)

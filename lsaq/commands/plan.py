@@ -26,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", default="lsaq", help="lsaq (default), optimal, or a uniform baseline fp16/int8/int4")
     p.add_argument("--allowed", default="fp16,int8,int4", help="precisions a layer may get (default fp16,int8,int4)")
     p.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: per-channel scales)")
-    p.add_argument("--embed-precision", default="fp16", help="token embedding (and tied head): fp16 (default), int8, int4")
-    p.add_argument("--head-precision", default=None, help="untied LM head: fp16, int8, int4 (default: as the embedding)")
+    p.add_argument("--embed-precision", default="fp16", help="token embedding: fp16 (default), int8, int4; on a tied model, quantizing either side unties them "
+                        "(both matrices stored)")
+    p.add_argument("--head-precision", default=None, help="LM head: fp16, int8, int4 (default: as the embedding)")
     p.add_argument("--wait-for-memory", type=float, default=None, metavar="SECONDS",
                    help="with --device local: poll until the plan's minimum requirement is free, up to SECONDS")
     p.add_argument("--compare", action="store_true", help="also print every strategy side by side (fits or not)")
@@ -104,11 +105,14 @@ def format_plan(plan) -> str:
 
     o, bd, m = plan.options, plan.breakdown, plan.model
     rank = {layer: r for r, layer in enumerate(ranking(plan.importance), 1)}
+    untied = o.policy.unties(plan.shape)
+    head = (o.policy.head_precision.value + (" (untied: both stored)" if untied else "")
+            if plan.shape.lm_head or untied else "tied")
     group = f"int4 group size {o.policy.group_size}" if o.policy.group_size else "int4 per-channel"
     lines = [
         f"plan: {m.name} ({m.model_type}, {plan.shape.num_layers} layers) on {plan.device.describe()}",
         f"strategy {o.strategy.value}, context {o.context} x batch {o.batch}, allowed {'/'.join(p.value for p in o.allowed)}, "
-        f"{group}, embedding {o.policy.embed.value}, head {o.policy.head_precision.value if plan.shape.lm_head else 'tied'}",
+        f"{group}, embedding {o.policy.embed.value}, head {head}",
         f"importance: {plan.importance_ref.method} [{plan.importance_ref.id[:12]}]",
         "",
         f"{'layer':>5} {'rank':>4} {'importance':>10}  {'precision':<9} {'bytes':>12}",

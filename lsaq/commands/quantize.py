@@ -22,31 +22,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=run_generate)
 
 
-def _plan_model_source(plan) -> str | None:
-    """The model a plan was made for: its recorded source path, else its id ("default" means the default)."""
-    model = plan.model
-    if model.id in (None, "default"):
-        return None
-    return model.source or model.id
-
-
 def run_quantize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from lsaq.quantization.artifact import write_artifact
-    from lsaq.models.loading import load_model
     from lsaq.planning.planner import Plan
+    from lsaq.quantization.stage import quantize
 
-    plan = Plan.load(args.plan)
-    if not plan.model.content_hash and args.model is None:
-        raise ValueError(f"plan {args.plan} was made from a bare config ({plan.model.id}); pass --model")
     start = time.perf_counter()
-    loaded = load_model(args.model if args.model is not None else _plan_model_source(plan))
+    plan = Plan.load(args.plan)
     with tqdm(total=plan.shape.num_layers, desc="quantizing", unit="layer", file=sys.stderr) as bar:
-        out = write_artifact(loaded, plan, args.out, progress=lambda i: bar.update(1))
+        art = quantize(plan, args.out, model=args.model, progress=lambda i: bar.update(1))
     counts = ", ".join(f"{n} {p}" for p, n in plan.counts.items() if n)
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"wrote {out} ({counts}; {size / 2**20:.1f} MiB on disk) in {time.perf_counter() - start:.1f}s")
+    policy = plan.options.policy
+    print(f"wrote {art.path} ({counts}; embedding {policy.embed.value}, head {policy.head_precision.value}; "
+          f"{art.dtype}; {art.file_bytes / 2**20:.1f} MiB on disk) in {time.perf_counter() - start:.1f}s")
+    print(f"loads in: {', '.join(art.runtimes)}")
     return 0
 
 

@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 
+HEAD_WEIGHT = "lm_head.weight"  # every supported family names its LM head so (untied, or untied by quantizing)
+
+
 @dataclass(frozen=True)
 class LinearShape:
     """One linear weight of a decoder layer. ``name`` is relative to the layer, e.g. ``self_attn.q_proj``."""

@@ -1,9 +1,11 @@
 """The byte model: exact bytes of every stored tensor at each precision, plus what a device holds at run time.
 
-Storage follows the compressed-tensors layout the quantize stage writes, with fp16 as the float dtype. For a
-linear weight ``[out, in]`` (``nn.Linear`` convention):
+Storage follows the compressed-tensors layout the quantize stage writes. "FP16" (``Precision.FP16``, "fp16" in
+plans) means a 16-bit float: the artifact stores its float tensors and scales in bfloat16 unless the source
+declares float16 (:func:`lsaq.models.loading.storage_dtype`); both take 2 bytes, so the byte counts below do not
+depend on which. For a linear weight ``[out, in]`` (``nn.Linear`` convention):
 
-* FP16: ``weight`` out*in*2; ``bias`` out*2 when present (biases are fp16 at every precision).
+* FP16: ``weight`` out*in*2; ``bias`` out*2 when present (biases are 16-bit at every precision).
 * INT8 per-channel, symmetric ("int-quantized"): ``weight`` int8 out*in; ``weight_scale`` fp16 ``[out, 1]``.
 * INT4 per-channel, symmetric ("pack-quantized"): ``weight_packed`` int32 ``[out, ceil(in/8)]``;
   ``weight_scale`` fp16 ``[out, 1]``; ``weight_shape`` int64 ``[2]`` (16 bytes).
@@ -11,8 +13,13 @@ linear weight ``[out, in]`` (``nn.Linear`` convention):
   ``[out, ceil(in/g)]``; ``weight_zero_point`` int4 packed into int32 along dim 0, ``[ceil(out/8), ceil(in/g)]``;
   ``weight_shape`` 16 bytes. The group size applies to INT4 only; INT8 is always per-channel.
 
-Norm weights and biases stay fp16. The token embedding and LM head (``[vocab, hidden]``) follow a policy:
-fp16 by default, int8 or int4 on request with the same per-row formulas; a tied head is stored once.
+Norm weights and biases stay 16-bit. The token embedding and LM head (``[vocab, hidden]``) follow a policy:
+fp16 by default, int8 or int4 on request with the same formulas (one scale per token row, per channel; INT4
+group-wise with the policy's group size). A tied head is stored once while embedding and head are both fp16;
+quantizing either unties them (:meth:`WeightPolicy.unties`): the artifact stores ``lm_head`` beside the
+embedding with ``tie_word_embeddings: false``, and both are counted. (Stock transformers ties the head to the
+embedding's *stored* tensor before compressed-tensors decompresses it, so a shared quantized matrix does not
+load there, and a packed INT4 head on a tied model fails outright.)
 
 Run time adds the KV cache, ``2 * layers * kv_heads * head_dim * context * batch * kv_bytes``, and an activation
 workspace estimate (:func:`workspace_bytes`). The device profile's reserve comes on top (see the planner).
@@ -24,7 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 from lsaq.precision import Precision
-from lsaq.models.shapes import ModelShape
+from lsaq.models.shapes import HEAD_WEIGHT, ModelShape, TensorShape
 
 FP16_BYTES = 2
 SHAPE_TENSOR_BYTES = 16  # weight_shape: int64 [2]
@@ -86,7 +93,12 @@ def _fp16_bytes(numel: int) -> int:
 
 @dataclass(frozen=True)
 class WeightPolicy:
-    """How the tensors outside the per-layer choice are stored, and the INT4 group size."""
+    """How the tensors outside the per-layer choice are stored, and the INT4 group size.
+
+    ``embed`` and ``head`` are each fp16 (a 16-bit float, see the module docstring), int8 or int4, tied model or
+    not: the quantize stage builds every combination (an unknown value is a ``ValueError`` naming the valid
+    ones). ``group_size`` applies to every INT4 tensor, embedding and head included.
+    """
 
     group_size: int | None = None  # None: INT4 per-channel
     embed: Precision = Precision.FP16
@@ -103,12 +115,9 @@ class WeightPolicy:
     def head_precision(self) -> Precision:
         return self.embed if self.head is None else self.head
 
-    def check_tied(self, shape: ModelShape) -> None:
-        if shape.tied and self.head_precision is not self.embed:
-            raise ValueError(
-                f"the LM head is tied to the embedding in this {shape.model_type} model (stored once), so it cannot "
-                f"be {self.head_precision.value} while the embedding is {self.embed.value}; set both the same"
-            )
+    def unties(self, shape: ModelShape) -> bool:
+        """Whether ``shape``'s tied LM head gets its own stored matrix: a tied model, embedding or head quantized."""
+        return shape.tied and (self.embed is not Precision.FP16 or self.head_precision is not Precision.FP16)
 
     def to_json(self) -> dict[str, Any]:
         return {"group_size": self.group_size, "embed": self.embed.value, "head": self.head_precision.value}
@@ -127,18 +136,30 @@ def layer_linear_bytes(shape: ModelShape, precision: Precision, group_size: int 
 
 
 def layer_norm_bytes(shape: ModelShape) -> int:
-    """Bytes of one decoder layer's norm tensors (always fp16)."""
+    """Bytes of one decoder layer's norm tensors (always 16-bit)."""
     return sum(_fp16_bytes(t.numel) for t in shape.layer_norms)
 
 
+# The name transformers gives every supported family's output projection (lsaq.models.families names an untied
+# head the same way); a tied model's head is stored under it once the policy unties it.
+
+
+def head_tensor(shape: ModelShape, policy: WeightPolicy) -> TensorShape | None:
+    """The LM head matrix the artifact stores on its own: the model's untied head, a tied model's head once the
+    policy unties it (same shape as the embedding), or None when it is stored once with the embedding."""
+    if shape.lm_head is not None:
+        return shape.lm_head
+    return TensorShape(HEAD_WEIGHT, shape.embed.shape) if policy.unties(shape) else None
+
+
 def embedding_bytes(shape: ModelShape, policy: WeightPolicy) -> tuple[int, int]:
-    """``(embedding, lm_head)`` bytes; the head is 0 when tied (stored once, with the embedding)."""
-    policy.check_tied(shape)
+    """``(embedding, lm_head)`` bytes; the head is 0 when tied and stored once with the embedding."""
     vocab, hidden = shape.embed.shape
     embed = sum(linear_tensor_bytes(vocab, hidden, policy.embed, policy.group_size).values())
-    if shape.lm_head is None:
+    head = head_tensor(shape, policy)
+    if head is None:
         return embed, 0
-    hv, hh = shape.lm_head.shape
+    hv, hh = head.shape
     return embed, sum(linear_tensor_bytes(hv, hh, policy.head_precision, policy.group_size).values())
 
 
@@ -152,7 +173,7 @@ def kv_cache_bytes(shape: ModelShape, context: int, batch: int, kv_bytes: int = 
 
 
 def workspace_bytes(shape: ModelShape, context: int, batch: int) -> int:
-    """Activation workspace estimate for one forward pass over the whole context (the prefill), in fp16.
+    """Activation workspace estimate for one forward pass over the whole context (the prefill), in 16-bit floats.
 
     ``2 * batch * context * (4*hidden + (heads + 2*kv_heads)*head_dim + 3*intermediate)``: residual stream,
     normed input, attention output and projection output, the q/k/v projections, and the MLP's gate, up and
@@ -186,7 +207,7 @@ class MemoryBreakdown:
     layer_linears: int  # all decoder layers' linears, biases included
     layer_norms: int
     embeddings: int
-    lm_head: int  # 0 when tied
+    lm_head: int  # 0 when tied and stored once with the embedding
     final_norm: int
     kv_cache: int
     workspace: int
@@ -248,7 +269,8 @@ def average_bits(shape: ModelShape, precisions: Sequence[Precision], policy: Wei
 
     ``quantizable_linears``: 8 * bytes of the decoder layers' linear weights (codes, scales, zero points, shape
     tensors; biases excluded) / their number of weight elements. ``all_weights``: 8 * every stored byte
-    (checkpoint total, tied head once) / every parameter.
+    (checkpoint total: a tied head once, or twice when the policy unties it) / every parameter of the model (a
+    tied head counted once).
     """
     bits = 0
     for p in precisions:
@@ -274,8 +296,8 @@ def weight_tensor_bytes(shape: ModelShape, precisions: Sequence[Precision], poli
                 out[f"{prefix}.{suffix}"] = n
         for t in shape.layer_norms:
             out[shape.layer_name(i, t.name)] = _fp16_bytes(t.numel)
-    policy.check_tied(shape)
-    heads = [(shape.embed, policy.embed)] + ([(shape.lm_head, policy.head_precision)] if shape.lm_head else [])
+    head = head_tensor(shape, policy)
+    heads = [(shape.embed, policy.embed)] + ([(head, policy.head_precision)] if head is not None else [])
     for tensor, p in heads:
         module = tensor.name.removesuffix(".weight")
         for suffix, n in linear_tensor_bytes(tensor.shape[0], tensor.shape[1], p, policy.group_size).items():

@@ -125,7 +125,6 @@ class Budget:
 
 
 def budget_for(shape: ModelShape, options: PlanOptions) -> Budget:
-    options.policy.check_tied(shape)
     embed, head = embedding_bytes(shape, options.policy)
     fixed = (
         embed + head + shape.num_layers * layer_norm_bytes(shape) + sum(t.numel * FP16_BYTES for t in shape.final_norms)

@@ -1,8 +1,13 @@
-"""Apply a plan to a loaded float model: swap each decoder layer's linears for packed quantized modules.
+"""Apply a plan to a loaded float model: swap each decoder layer's linears for packed quantized modules, and the
+token embedding and LM head when the plan's weight policy quantizes them.
 
 "Decide" (:mod:`lsaq.planning.planner`) produced per-layer precisions from shapes alone; this module checks the plan
 against the real model and quantizes layer by layer. Each float weight is released as soon as its quantized
 module replaces it, so peak memory stays near the float model plus one layer's temporaries.
+
+Every 16-bit tensor (FP16 layers, norms, float embedding/head, biases, quantization scales) is stored in
+:func:`lsaq.models.loading.storage_dtype` of the source's declared dtype: bfloat16 unless the source says float16.
+``Precision.FP16`` ("fp16" in plans) means this 16-bit float, whichever it is.
 """
 
 from __future__ import annotations
@@ -12,16 +17,18 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lsaq.models.families import model_shape
 from lsaq.models.identity import ModelInfo
+from lsaq.models.loading import storage_dtype
 from lsaq.models.parts import DecoderParts, decoder_parts
+from lsaq.planning.memory import WeightPolicy, head_tensor
 from lsaq.planning.planner import Plan
 from lsaq.precision import Precision
-from lsaq.quantization.qlinear import Int4Linear, Int8Linear
 from lsaq.quantization.primitives import QuantizedWeight
-from lsaq.models.families import model_shape
+from lsaq.quantization.qembedding import QuantizedEmbedding
+from lsaq.quantization.qlinear import Int4Linear, Int8Linear
 
-
-QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
+QUANTIZED_MODULES = (Int8Linear, Int4Linear, QuantizedEmbedding)
 
 
 def quantized_linear(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> nn.Module:
@@ -61,6 +68,37 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
+def quantize_embeddings(model: nn.Module, plan: Plan, dtype: torch.dtype) -> None:
+    """Quantize the token embedding and LM head in place as ``plan.options.policy`` says (float ones are cast to
+    ``dtype``, which also holds the scales).
+
+    A tied model whose policy quantizes either is untied first (:meth:`WeightPolicy.unties`): the head gets its own
+    matrix and ``config.tie_word_embeddings`` becomes False, so the artifact stores both, as the byte model counts.
+    """
+    policy: WeightPolicy = plan.options.policy
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    weight = embed.weight  # [vocab, hidden]; also the head's when tied
+    quantized_head = head_tensor(plan.shape, policy) is not None and policy.head_precision is not Precision.FP16
+    if quantized_head and getattr(head, "bias", None) is not None:  # no supported family has one
+        raise ValueError(f"an LM head with a bias ({type(head).__name__}) cannot be quantized to "
+                         f"{policy.head_precision.value}; valid head precision for this model: fp16")
+
+    def group(precision: Precision) -> int | None:
+        return policy.group_size if precision is Precision.INT4 else None
+
+    if policy.unties(plan.shape):
+        if policy.head_precision is Precision.FP16:
+            head.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    if quantized_head:
+        p = policy.head_precision
+        model.set_output_embeddings(quantized_linear(QuantizedWeight.quantize(head.weight.detach(), p, group(p), dtype)))
+    if policy.embed is not Precision.FP16:
+        qw = QuantizedWeight.quantize(weight.detach(), policy.embed, group(policy.embed), dtype)
+        model.set_input_embeddings(QuantizedEmbedding.from_quantized(qw, dtype, like=embed))
+    del weight, embed, head  # float matrices go with their last reference
+
+
 def quantize_model(
     model: nn.Module,
     info: ModelInfo,
@@ -70,53 +108,55 @@ def quantize_model(
 ) -> nn.Module:
     """Quantize ``model`` in place following ``plan`` and return it.
 
-    INT8/INT4 layers get packed modules (:mod:`lsaq.quantization.qlinear`); FP16 layers and the rest (norms, embeddings, the
-    LM head under the default policy) are cast to fp16. The model's activations then run in the dtype the
-    caller picks with ``model.to(dtype)`` for float parts; packed modules follow their input's dtype.
+    INT8/INT4 layers get packed modules (:mod:`lsaq.quantization.qlinear`); the embedding and LM head are
+    quantized when the plan's policy says so (:func:`quantize_embeddings`); FP16 layers and everything else
+    (norms, float embedding/head, biases) and all scales are cast to ``storage_dtype(info.dtype)`` (bfloat16 unless
+    the source declares float16), which ``model.config.dtype`` then declares. The model's activations run in the
+    dtype the caller picks with ``model.to(dtype)`` for float parts; packed linears follow their input's dtype.
     """
     parts = decoder_parts(model)
     check_plan(plan, info, parts)
-    policy = plan.options.policy
-    if policy.embed is not Precision.FP16 or policy.head_precision is not Precision.FP16:
-        raise ValueError(
-            f"embedding/LM head policy {policy.embed.value}/{policy.head_precision.value} is not supported by the "
-            "quantizer yet; valid: fp16 (plan with the default embedding policy)"
-        )
+    dtype = storage_dtype(info.dtype)
+    group = plan.options.policy.group_size
     with torch.inference_mode():
         for i, (layer, precision) in enumerate(zip(parts.layers, plan.precisions)):
             for lin in plan.shape.layer_linears:
                 float_linear = layer.get_submodule(lin.name)
                 if precision is Precision.FP16:
-                    float_linear.to(torch.float16)
+                    float_linear.to(dtype)
                     continue
-                qw = QuantizedWeight.quantize(float_linear.weight, precision, plan.options.policy.group_size)
-                bias = float_linear.bias.detach().to(torch.float16) if float_linear.bias is not None else None
+                qw = QuantizedWeight.quantize(float_linear.weight, precision, group if precision is Precision.INT4
+                                              else None, dtype)
+                bias = float_linear.bias.detach().to(dtype) if float_linear.bias is not None else None
                 _set_submodule(layer, lin.name, quantized_linear(qw, bias))
                 del float_linear  # the float weight goes with the last reference
             for p in layer.parameters():  # norms (and FP16 linears) of the layer
-                p.data = p.data.to(torch.float16)
+                p.data = p.data.to(dtype)
             if progress is not None:
                 progress(i)
+        quantize_embeddings(model, plan, dtype)
         for p in model.parameters():
-            p.data = p.data.to(torch.float16)
-    model.config.dtype = torch.float16
+            p.data = p.data.to(dtype)
+    model.config.dtype = dtype
     return model
 
 
-def artifact_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Tensors of the artifact, compressed-tensors names: plain codes for quantized linears, fp16 otherwise.
+def artifact_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors of the artifact, compressed-tensors names: plain codes and scales for quantized modules (linears
+    and the embedding), ``dtype`` for every float tensor.
 
     A tied LM head is stored once, under the embedding's name (as ``save_pretrained`` does).
     """
     out: dict[str, torch.Tensor] = {}
     quantized_prefixes = []
     for name, module in model.named_modules():
-        if isinstance(module, QUANTIZED_LINEARS):
+        if isinstance(module, QUANTIZED_MODULES):
             quantized_prefixes.append(name + ".")
             for suffix, t in module.to_quantized_weight().compressed_tensors().items():
                 out[f"{name}.{suffix}"] = t.contiguous()
-            if module.bias is not None:
-                out[f"{name}.bias"] = module.bias.detach().to(torch.float16).contiguous()
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                out[f"{name}.bias"] = bias.detach().to(dtype).contiguous()
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if any(name.startswith(q) for q in quantized_prefixes):
@@ -124,5 +164,5 @@ def artifact_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if id(p) in seen:  # tied weights: keep the first name (the embedding)
             continue
         seen.add(id(p))
-        out[name] = p.detach().to(torch.float16).contiguous()
+        out[name] = p.detach().to(dtype).contiguous()
     return out

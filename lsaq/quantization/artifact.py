@@ -3,13 +3,18 @@
 Layout of an artifact directory::
 
     config.json             model config + quantization_config (compressed-tensors, one group per format)
-    model.safetensors       int8 codes / packed int4 words + fp16 scales (compressed-tensors names), fp16 rest
+    model.safetensors       int8 codes / packed int4 words + 16-bit scales (compressed-tensors names), 16-bit rest
     generation_config.json  tokenizer files
     lsaq_plan.json          the plan it was built from
-    lsaq_artifact.json      manifest: size and sha256 of every file, predicted vs stored tensor bytes
+    lsaq_artifact.json      manifest (:class:`~lsaq.quantization.record.Artifact`): size and sha256 of every
+                            file, predicted vs stored tensor bytes, dtype, runtimes that load it
 
-Stock ``transformers`` (with ``compressed-tensors`` installed) loads it with ``from_pretrained(dir)``;
-:func:`load_quantized` loads it onto lsaq's packed kernels. The directory is written atomically.
+The 16-bit float (every float tensor and every scale) is :func:`lsaq.models.loading.storage_dtype` of the source's
+declared dtype, and ``config.json`` declares it, so a default ``from_pretrained(dir)`` runs in it.
+
+Stock ``transformers`` (with ``compressed-tensors`` installed) loads it with ``from_pretrained(dir)`` unless it
+holds a form they cannot load (:func:`runtimes_for_plan`: an INT4 embedding, group-wise INT4);
+:func:`load_quantized` loads every artifact onto lsaq's packed kernels. The directory is written atomically.
 """
 
 from __future__ import annotations
@@ -25,21 +30,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lsaq import __version__
-from lsaq.quantization.apply import artifact_state_dict, quantize_model, quantized_linear
-from lsaq.planning.memory import weight_tensor_bytes
-from lsaq.models.identity import ModelInfo
-from lsaq.models.loading import LoadedModel
+from lsaq.models.identity import ModelInfo, ModelRef
+from lsaq.models.loading import LoadedModel, storage_dtype
 from lsaq.models.parts import decoder_parts
+from lsaq.models.shapes import HEAD_WEIGHT
+from lsaq.planning.memory import head_tensor, weight_tensor_bytes
 from lsaq.planning.planner import Plan
 from lsaq.precision import Precision
+from lsaq.quantization.apply import artifact_state_dict, quantize_model, quantized_linear
 from lsaq.quantization.primitives import QuantizedWeight
+from lsaq.quantization.qembedding import QuantizedEmbedding
+from lsaq.quantization.record import (
+    LSAQ_RUNTIME, MANIFEST, PLAN, REQUIRED, SCHEMA, STOCK_RUNTIME, VERSION, WEIGHTS, Artifact,
+)
 from lsaq.records import atomic_dir, atomic_write_json, file_sha256, read_record
 
-MANIFEST = "lsaq_artifact.json"
-PLAN = "lsaq_plan.json"
-WEIGHTS = "model.safetensors"
-REQUIRED = ("config.json", WEIGHTS, PLAN, MANIFEST)
-SCHEMA, VERSION = "lsaq.quantization.artifact", 1
+__all__ = ["MANIFEST", "PLAN", "WEIGHTS", "REQUIRED", "ArtifactError", "quantization_config", "runtimes_for_plan",
+           "write_artifact", "verify_artifact", "load_quantized", "resident_bytes"]
 
 
 class ArtifactError(ValueError):
@@ -55,48 +62,83 @@ def _weight_args(precision: Precision, group_size: int | None) -> dict[str, Any]
     }
 
 
+def _module(tensor_name: str) -> str:
+    return tensor_name.removesuffix(".weight")
+
+
 def quantization_config(plan: Plan) -> dict[str, Any]:
-    """compressed-tensors ``quantization_config``: one config group per quantized precision, targets by regex."""
-    linear_names = "|".join(re.escape(lin.name) for lin in plan.shape.layer_linears)
-    prefix = re.escape(plan.shape.layer_prefix)
+    """compressed-tensors ``quantization_config``: one config group per quantized precision, targets by regex
+    (decoder linears of the layers at that precision, and the embedding / LM head when the policy quantizes them:
+    compressed-tensors accepts ``nn.Embedding`` targets, one scale per token row for the "channel" strategy)."""
+    shape, policy = plan.shape, plan.options.policy
+    linear_names = "|".join(re.escape(lin.name) for lin in shape.layer_linears)
+    prefix = re.escape(shape.layer_prefix)
+    head = head_tensor(shape, policy)
+    extra = {Precision.INT8: [], Precision.INT4: []}
+    if policy.embed is not Precision.FP16:
+        extra[policy.embed].append(_module(shape.embed.name))
+    if head is not None and policy.head_precision is not Precision.FP16:
+        extra[policy.head_precision].append(_module(head.name))
     groups, formats = {}, set()
     for precision in (Precision.INT8, Precision.INT4):
         layers = [i for i, p in enumerate(plan.precisions) if p is precision]
-        if not layers:
+        targets = [f"re:^{prefix}\\.({'|'.join(map(str, layers))})\\.({linear_names})$"] if layers else []
+        targets += [f"re:^{re.escape(name)}$" for name in extra[precision]]
+        if not targets:
             continue
         fmt = "int-quantized" if precision is Precision.INT8 else "pack-quantized"
         formats.add(fmt)
-        group_size = plan.options.policy.group_size if precision is Precision.INT4 else None
+        group_size = policy.group_size if precision is Precision.INT4 else None
         groups[f"group_{len(groups)}"] = {
-            "targets": [f"re:^{prefix}\\.({'|'.join(map(str, layers))})\\.({linear_names})$"],
+            "targets": targets,
             "weights": _weight_args(precision, group_size),
             "input_activations": None,
             "output_activations": None,
             "format": fmt,
         }
+    quantized_head = head is not None and policy.head_precision is not Precision.FP16
     return {
         "quant_method": "compressed-tensors",
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": groups,
-        "ignore": ["lm_head"],
+        "ignore": [] if quantized_head else ["lm_head"],
     }
+
+
+def runtimes_for_plan(plan: Plan) -> tuple[str, ...]:
+    """The runtimes that load an artifact of ``plan``: lsaq's always; stock transformers 5.23 + compressed-tensors
+    0.20 unless the artifact holds an INT4 embedding (its weight initialisation looks for the ``weight`` a
+    pack-quantized embedding does not have) or group-wise INT4 anywhere (it mis-sizes the packed zero points)."""
+    policy = plan.options.policy
+    int4 = Precision.INT4 in plan.precisions or Precision.INT4 in (policy.embed, policy.head_precision)
+    if policy.embed is Precision.INT4 or (int4 and policy.group_size is not None):
+        return (LSAQ_RUNTIME,)
+    return (LSAQ_RUNTIME, STOCK_RUNTIME)
 
 
 def write_artifact(
     loaded: LoadedModel, plan: Plan, out_dir: str | Path, *, progress: Callable[[int], None] | None = None
 ) -> Path:
-    """Quantize ``loaded`` (in place) following ``plan`` and write the artifact directory atomically."""
+    """Quantize ``loaded`` (in place) following ``plan`` and write the artifact directory atomically.
+
+    Every tensor's bytes must equal the plan's byte model (:func:`lsaq.planning.memory.weight_tensor_bytes`):
+    a difference is a bug and nothing is written.
+    """
+    dtype = storage_dtype(loaded.info.dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
     model = quantize_model(loaded.model, loaded.info, plan, progress=progress)
-    tensors = artifact_state_dict(model)
+    tensors = artifact_state_dict(model, dtype)
     predicted = weight_tensor_bytes(plan.shape, plan.precisions, plan.options.policy)
     stored = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     if stored != predicted:  # the memory model promised these bytes; a difference is a bug, never shipped
         diff = sorted(set(stored.items()) ^ set(predicted.items()))[:6]
         raise AssertionError(f"artifact tensors differ from the memory model's prediction: {diff}")
-    config = loaded.info.config | {"dtype": "float16", "torch_dtype": "float16",
+    config = loaded.info.config | {"dtype": dtype_name, "torch_dtype": dtype_name,
                                    "quantization_config": quantization_config(plan)}
     config.pop("_name_or_path", None)
+    if plan.options.policy.unties(plan.shape):  # the head is stored on its own (see quantize_embeddings)
+        config["tie_word_embeddings"] = False
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lsaq_plan": plan.id})
         atomic_write_json(tmp / "config.json", config)
@@ -106,13 +148,13 @@ def write_artifact(
         if gen is not None:
             gen.save_pretrained(tmp)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        atomic_write_json(tmp / MANIFEST, {
-            "schema": SCHEMA, "version": VERSION, "lsaq_version": __version__, "plan_id": plan.id,
-            "model": loaded.info.to_json() | {"config": None},
-            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)} for f in files},
-            "tensor_bytes": sum(stored.values()),
-            "predicted_tensor_bytes": sum(predicted.values()),
-        })
+        record = Artifact(
+            path=Path(out_dir), plan_id=plan.id, model=ModelRef.from_info(loaded.info), dtype=dtype_name,
+            files={f: ((tmp / f).stat().st_size, file_sha256(tmp / f)) for f in files},
+            tensor_bytes=sum(stored.values()), predicted_tensor_bytes=sum(predicted.values()),
+            runtimes=runtimes_for_plan(plan), lsaq_version=__version__,
+        )
+        atomic_write_json(tmp / MANIFEST, record.manifest_json())
     return Path(out_dir)
 
 
@@ -165,7 +207,9 @@ def verify_artifact(path: str | Path, *, checksums: bool = True) -> dict[str, An
 
 
 def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, checksums: bool = True) -> LoadedModel:
-    """Load an artifact onto lsaq's packed runtime: INT8/INT4 layers stay packed, float parts in ``dtype``."""
+    """Load an artifact onto lsaq's packed runtime: INT8/INT4 layers (and a quantized LM head) stay packed, a
+    quantized embedding stays packed and dequantizes the rows it looks up
+    (:class:`~lsaq.quantization.qembedding.QuantizedEmbedding`); float parts and activations in ``dtype``."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -178,7 +222,12 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, che
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     parts = decoder_parts(model)
-    group_size = plan.options.policy.group_size
+    policy = plan.options.policy
+    group_size = policy.group_size
+
+    def group(precision: Precision) -> int | None:
+        return group_size if precision is Precision.INT4 else None
+
     with safe_open(path / WEIGHTS, framework="pt") as f:
         names = set(f.keys())
         taken: set[str] = set()
@@ -194,13 +243,23 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, che
                 if precision is Precision.FP16:
                     continue
                 full = plan.shape.layer_name(i, lin.name)
-                stored = {s: take(f"{full}.{s}") for s in _suffixes(precision, group_size)}
-                qw = QuantizedWeight.from_compressed_tensors(stored, group_size if precision is Precision.INT4 else None)
+                stored = {s: take(f"{full}.{s}") for s in _suffixes(precision, group(precision))}
+                qw = QuantizedWeight.from_compressed_tensors(stored, group(precision))
                 bias = take(f"{full}.bias") if lin.bias else None
                 parts.layers[i].set_submodule(lin.name, quantized_linear(qw, bias))
+        if policy.embed is not Precision.FP16:
+            name = _module(plan.shape.embed.name)
+            stored = {s: take(f"{name}.{s}") for s in _suffixes(policy.embed, group(policy.embed))}
+            qw = QuantizedWeight.from_compressed_tensors(stored, group(policy.embed))
+            model.set_input_embeddings(QuantizedEmbedding.from_quantized(qw, dtype, like=model.get_input_embeddings()))
+        head = head_tensor(plan.shape, policy)
+        if head is not None and policy.head_precision is not Precision.FP16:
+            p = policy.head_precision
+            stored = {s: take(f"{_module(head.name)}.{s}") for s in _suffixes(p, group(p))}
+            model.set_output_embeddings(quantized_linear(QuantizedWeight.from_compressed_tensors(stored, group(p))))
         rest = {n: take(n).to(dtype) for n in sorted(names - taken)}
     result = model.load_state_dict(rest, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    missing = [k for k in result.missing_keys if not (k == HEAD_WEIGHT and config.tie_word_embeddings)]
     if missing or result.unexpected_keys:
         raise ArtifactError(f"{path}: tensors do not match the model (missing {missing[:5]}, "
                             f"unexpected {result.unexpected_keys[:5]})")

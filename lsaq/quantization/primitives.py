@@ -3,7 +3,10 @@
 Conventions (shared with the artifact writer and the memory model; they follow compressed-tensors so
 stock ``transformers`` decodes our artifacts to exactly the weights we computed):
 
-For a linear weight ``W [out, in]`` (``nn.Linear`` layout):
+Scales are 16-bit floats, float16 or bfloat16 (``scale_dtype``: the artifact stores them in the dtype of its
+other 16-bit tensors, because stock loaders create scale parameters in the model's dtype and would round fp16
+scales into bf16); "fp16" below stands for either. For a weight ``W [out, in]`` (``nn.Linear`` layout; an
+embedding ``[vocab, hidden]`` is quantized the same way, one scale per token row):
 
 * INT8, symmetric, per output channel: ``scale = max|W_row| / 127.5`` stored as fp16 ``[out, 1]``,
   ``codes = clamp(round(W / scale), -128, 127)`` as int8 ``[out, in]``; dequant ``codes * scale``.
@@ -19,9 +22,10 @@ For a linear weight ``W [out, in]`` (``nn.Linear`` layout):
   compressed-tensors stores the same numbers in signed form (``q = code - 8``, ``zp = zero - 8``,
   ``deq = (q - zp) * scale``), so the packed nibbles are byte-identical.
 
-Every scale is rounded *up* to the next fp16 value (and floored at the smallest fp16 subnormal, which
-also guards all-zero rows), so the analytic round-to-nearest bound ``|W - deq| <= scale / 2`` holds with
-the stored fp16 scale, up to fp32 rounding of the quotient ``W / scale``.
+Every scale is rounded *up* to the next value of its 16-bit dtype (and floored at :data:`SCALE_FLOOR`:
+the smallest fp16 subnormal, the smallest bf16 normal, which also guards all-zero rows), so the analytic
+round-to-nearest bound ``|W - deq| <= scale / 2`` holds with the stored scale, up to fp32 rounding of the
+quotient ``W / scale``.
 
 Packing (compressed-tensors "pack-quantized"): ``weight_packed`` int32 ``[out, ceil(in/8)]`` holds the
 unsigned nibble (signed code + 8) of column ``j`` in bits ``4*(j%8)`` of word ``j//8``; padding nibbles
@@ -43,7 +47,11 @@ INT4_QMIN, INT4_QMAX = -8, 7
 INT4_UMAX = 15
 INT4_OFFSET = 8  # signed code + 8 = unsigned nibble
 DEFAULT_GROUP_SIZE = 128  # the issue's default when group-wise INT4 is chosen (quantize_int4 defaults to per-channel)
-FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal): floor for scales
+FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal): floor for fp16 scales
+# Floor of the scales per dtype. bf16: its smallest normal (2^-126); its subnormals would make W / scale a
+# subnormal fp32 division, slow on some CPUs and flushed to zero under DAZ.
+SCALE_FLOOR = {torch.float16: FP16_TINY, torch.bfloat16: 2.0**-126}
+SCALE_DTYPES = tuple(SCALE_FLOOR)
 # Rows are quantized in chunks of about this many elements so the fp32 temporaries stay in cache: one
 # chunk-sized temporary is alive at a time, never a full-size one. On the 2-core EPYC (4096x4096 fp32,
 # memcpy 4.5 ms) chunks of 128K/256K/512K/1M/2M elements took 22/15/11/9.5/30 ms for INT8 and
@@ -58,19 +66,26 @@ def _check_weight(w: torch.Tensor) -> None:
         raise ValueError(f"expected a floating-point weight, got {w.dtype}")
 
 
-def _round_up_fp16(s: torch.Tensor) -> torch.Tensor:
-    """fp32 scales -> fp16 scales >= s (next representable value up), floored at FP16_TINY.
+def check_scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` if scales can be stored in it (float16, bfloat16); ``ValueError`` naming the valid ones otherwise."""
+    if dtype not in SCALE_FLOOR:
+        raise ValueError(f"unknown scale dtype {dtype}; valid: {', '.join(str(d) for d in SCALE_DTYPES)}")
+    return dtype
+
+
+def _round_up(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 scales -> ``dtype`` scales >= s (next representable value up), floored at SCALE_FLOOR[dtype].
 
     No host synchronisation here (it runs once per chunk); callers check the result with _check_scales."""
-    s16 = s.to(torch.float16)
+    s16 = s.to(dtype)
     s16 = torch.where(s16.to(torch.float32) < s, torch.nextafter(s16, torch.full_like(s16, math.inf)), s16)
-    return s16.clamp_min_(FP16_TINY)
+    return s16.clamp_min_(SCALE_FLOOR[dtype])
 
 
 def _check_scales(scale16: torch.Tensor) -> None:
-    # NaN/inf weights give NaN scales; a range above fp16's gives inf
+    # NaN/inf weights give NaN scales; a range above the scale dtype's (fp16: 65504) gives inf
     if not bool(torch.isfinite(scale16).all()):
-        raise ValueError("weight has non-finite values or a range too large for fp16 scales")
+        raise ValueError(f"weight has non-finite values or a range too large for {scale16.dtype} scales")
 
 
 def _row_chunks(rows: int, cols: int) -> range:
@@ -78,19 +93,22 @@ def _row_chunks(rows: int, cols: int) -> range:
     return range(0, rows, step)
 
 
-def _symmetric(w: torch.Tensor, half_levels: float, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric quantization. Returns codes int8 [out, in], scale fp16 [out, 1]."""
+def _symmetric(
+    w: torch.Tensor, half_levels: float, qmin: int, qmax: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric quantization. Returns codes int8 [out, in], scale scale_dtype [out, 1]."""
     _check_weight(w)
+    check_scale_dtype(scale_dtype)
     w = w.detach()
     rows, cols = w.shape
     codes = torch.empty((rows, cols), dtype=torch.int8, device=w.device)
-    scale16 = torch.empty((rows, 1), dtype=torch.float16, device=w.device)
+    scale16 = torch.empty((rows, 1), dtype=scale_dtype, device=w.device)
     step = max(1, _CHUNK_ELEMS // max(cols, 1))
     for r0 in _row_chunks(rows, cols):
         chunk = w[r0 : r0 + step]
         # amax and amin separately: both are vectorized reductions, torch.aminmax is ~7x slower on CPU.
         amax = torch.maximum(chunk.amax(1), chunk.amin(1).neg()).to(torch.float32)
-        s16 = _round_up_fp16(amax / half_levels)
+        s16 = _round_up(amax / half_levels, scale_dtype)
         scale16[r0 : r0 + step, 0] = s16
         t = torch.div(chunk, s16.to(torch.float32)[:, None])  # fp32 chunk-sized temporary
         t.round_().clamp_(qmin, qmax)
@@ -99,24 +117,27 @@ def _symmetric(w: torch.Tensor, half_levels: float, qmin: int, qmax: int) -> tup
     return codes, scale16
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel INT8 quantization.
 
     Args:
         w: float weight ``[out, in]`` (any float dtype).
+        scale_dtype: torch.float16 or torch.bfloat16.
     Returns:
-        ``(codes, scale)``: codes int8 ``[out, in]`` in [-128, 127]; scale fp16 ``[out, 1]``.
+        ``(codes, scale)``: codes int8 ``[out, in]`` in [-128, 127]; scale ``scale_dtype`` ``[out, 1]``.
     """
-    return _symmetric(w, 127.5, INT8_QMIN, INT8_QMAX)
+    return _symmetric(w, 127.5, INT8_QMIN, INT8_QMAX, scale_dtype)
 
 
-def _asymmetric_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group-wise asymmetric INT4. Returns codes uint8 [out, in], scale fp16 [out, G], zero uint8 [out, G]."""
+def _asymmetric_groups(
+    w: torch.Tensor, group_size: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric INT4. Returns codes uint8 [out, in], scale [out, G], zero uint8 [out, G]."""
     rows, cols = w.shape
     n_groups = math.ceil(cols / group_size)
     full = cols // group_size  # groups of exactly group_size columns; a shorter tail group may follow
     codes = torch.empty((rows, cols), dtype=torch.uint8, device=w.device)
-    scale16 = torch.empty((rows, n_groups), dtype=torch.float16, device=w.device)
+    scale16 = torch.empty((rows, n_groups), dtype=scale_dtype, device=w.device)
     zero = torch.empty((rows, n_groups), dtype=torch.uint8, device=w.device)
     codes_i8 = codes.view(torch.int8)
     step = max(1, _CHUNK_ELEMS // max(cols, 1))
@@ -131,7 +152,7 @@ def _asymmetric_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
             grp = w[r0:r1, c0 : c0 + ng * width].view(r1 - r0, ng, width)
             lo = grp.amin(-1).to(torch.float32).clamp_max_(0.0)  # [r, ng]
             hi = grp.amax(-1).to(torch.float32).clamp_min_(0.0)
-            s16 = _round_up_fp16((hi - lo) / INT4_UMAX)
+            s16 = _round_up((hi - lo) / INT4_UMAX, scale_dtype)
             s = s16.to(torch.float32)
             z = torch.round(lo.neg_() / s).clamp_(0, INT4_UMAX)  # [r, ng], integral floats
             scale16[r0:r1, g0 : g0 + ng] = s16
@@ -146,7 +167,7 @@ def _asymmetric_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
 
 
 def quantize_int4(
-    w: torch.Tensor, group_size: int | None = None
+    w: torch.Tensor, group_size: int | None = None, scale_dtype: torch.dtype = torch.float16
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """INT4 quantization: symmetric per-channel (``group_size=None``) or asymmetric group-wise.
 
@@ -154,25 +175,27 @@ def quantize_int4(
         w: float weight ``[out, in]``.
         group_size: None for per-output-channel symmetric (the paper's setting); a positive int for
             asymmetric groups of that many input columns (the last group may be shorter).
+        scale_dtype: torch.float16 or torch.bfloat16.
     Returns:
-        per-channel: ``(codes int8 [out, in] in [-8, 7], scale fp16 [out, 1], None)``;
-        group-wise: ``(codes uint8 [out, in] in [0, 15], scale fp16 [out, G], zero uint8 [out, G])``
-        with ``G = ceil(in / group_size)``.
+        per-channel: ``(codes int8 [out, in] in [-8, 7], scale [out, 1], None)``;
+        group-wise: ``(codes uint8 [out, in] in [0, 15], scale [out, G], zero uint8 [out, G])``
+        with ``G = ceil(in / group_size)``; scales in ``scale_dtype``.
     """
     _check_weight(w)
     if group_size is None:
-        codes, scale = _symmetric(w, 7.5, INT4_QMIN, INT4_QMAX)
+        codes, scale = _symmetric(w, 7.5, INT4_QMIN, INT4_QMAX, scale_dtype)
         return codes, scale, None
     if not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be None (per-channel) or a positive int, got {group_size!r}")
-    return _asymmetric_groups(w.detach().contiguous(), group_size)  # contiguous: groups are views
+    check_scale_dtype(scale_dtype)
+    return _asymmetric_groups(w.detach().contiguous(), group_size, scale_dtype)  # contiguous: groups are views
 
 
 def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``codes int8 [out, in] * scale fp16 [out, 1]`` -> ``dtype [out, in]``.
+    """``codes int8 [out, in] * scale [out, 1]`` -> ``dtype [out, in]``.
 
-    Computed in fp32 (code * fp16 scale is exact there), so casting to fp16 gives the same bits as
-    compressed-tensors' fp16 dequantization."""
+    Computed in fp32 (code * 16-bit scale is exact there), so casting to the scale's dtype gives the same
+    bits as compressed-tensors' dequantization, which multiplies in that dtype."""
     return (codes.to(torch.float32) * scale.to(torch.float32).reshape(-1, 1)).to(dtype)
 
 
@@ -187,7 +210,7 @@ def dequantize_int4(
 
     Args:
         codes: per-channel: int8 ``[out, in]`` signed; group-wise: uint8 ``[out, in]`` unsigned.
-        scale: fp16 ``[out, 1]`` or ``[out, G]``.
+        scale: 16-bit float ``[out, 1]`` or ``[out, G]``.
         zero: None (symmetric) or uint8 ``[out, G]``.
         group_size: None (per-channel) or the group size used when quantizing.
     """
@@ -317,7 +340,8 @@ class QuantizedWeight:
     """One quantized linear weight in the storage convention above (plain codes, not packed).
 
     ``codes``: int8 ``[out, in]`` (INT8, or INT4 per-channel, signed) or uint8 ``[out, in]`` (INT4
-    group-wise, unsigned); ``scale`` fp16 ``[out, 1]`` or ``[out, G]``; ``zero`` uint8 ``[out, G]`` or None.
+    group-wise, unsigned); ``scale`` fp16 or bf16 ``[out, 1]`` or ``[out, G]``; ``zero`` uint8 ``[out, G]`` or None.
+    The same form holds a quantized embedding ``[vocab, hidden]``: one scale per token row (per channel).
     """
 
     precision: Precision
@@ -331,16 +355,22 @@ class QuantizedWeight:
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))
 
     @classmethod
-    def quantize(cls, w: torch.Tensor, precision: Precision | str, group_size: int | None = None) -> "QuantizedWeight":
-        """Quantize ``w [out, in]`` to INT8 or INT4 (``group_size`` applies to INT4 only)."""
+    def quantize(
+        cls,
+        w: torch.Tensor,
+        precision: Precision | str,
+        group_size: int | None = None,
+        scale_dtype: torch.dtype = torch.float16,
+    ) -> "QuantizedWeight":
+        """Quantize ``w [out, in]`` to INT8 or INT4 (``group_size`` applies to INT4 only), scales in ``scale_dtype``."""
         p = Precision.parse(precision)
         if p is Precision.INT8:
             if group_size is not None:
                 raise ValueError("INT8 is per-channel only; group_size must be None")
-            codes, scale = quantize_int8(w)
+            codes, scale = quantize_int8(w, scale_dtype)
             return cls(p, codes, scale)
         if p is Precision.INT4:
-            codes, scale, zero = quantize_int4(w, group_size)
+            codes, scale, zero = quantize_int4(w, group_size, scale_dtype)
             return cls(p, codes, scale, zero, group_size)
         raise ValueError(f"cannot quantize to {p.value}; valid precisions: int8, int4")
 

@@ -3,7 +3,7 @@
 CPU paths (torch 2.13, checked by reading its kernels and by measurement on a 2-core AVX2 EPYC):
 
 * INT8: ``aten._weight_int8pack_mm(x [M, K], codes int8 [N, K], scales [N]) -> [M, N]``; x, scales and
-  output share one dtype (fp32, bf16 or fp16; we cast the fp16 scales per call). Only the bf16 kernel is
+  output share one dtype (fp32, bf16 or fp16; we cast the 16-bit scales per call). Only the bf16 kernel is
   vectorized: fp32/fp16 are scalar loops 10-20x slower (4096x4096, 1 token: bf16 0.7 ms, fp32 9-13 ms,
   against 2.7 ms for fp32 F.linear).
   The bf16 kernel reads x with aligned 16-/32-byte loads in steps of 8 (AVX2) or 16 (AVX512) columns and
@@ -17,9 +17,9 @@ CPU paths (torch 2.13, checked by reading its kernels and by measurement on a 2-
   {32, 64, 128, 256}, K % g == 0. Again only bf16 is vectorized.
   - per-channel symmetric: code - 8 is our signed code, so the kernel runs with sz = (1, 0) (one shared
     constant per shape, g = the largest accepted size dividing K) and the output is multiplied by the
-    row's fp16 scale in fp32. This keeps the fp16 scale exact and adds no per-layer memory.
+    row's stored 16-bit scale (fp16 or bf16). This keeps the scale exact and adds no per-layer memory.
   - group-wise asymmetric: ``(u - z) * s = (u - 8) * s + (8 - z) * s``, so sz = (s, (8 - z) * s), built per
-    call from the resident fp16 scale and packed zero points (keeping sz resident costs 6% more memory
+    call from the resident 16-bit scale and packed zero points (keeping sz resident costs 6% more memory
     than the stored layer at g = 128; opt in with Int4Linear.cache_kernel_scales()).
 
 Every float input (fp32, fp16, bf16) is therefore cast to bf16 for the kernels (``kernel_dtype``; set it
@@ -44,6 +44,7 @@ from torch import nn
 
 from lsaq.precision import Precision
 from lsaq.quantization.primitives import (
+    SCALE_DTYPES,
     QuantizedWeight,
     pack_int4_to_int32,
     pack_zero_points,
@@ -241,7 +242,7 @@ class _QuantLinear(nn.Module):
 
 
 class Int8Linear(_QuantLinear):
-    """Linear layer with INT8 symmetric per-channel weights: codes int8 [out, in], scale fp16 [out, 1]."""
+    """Linear layer with INT8 symmetric per-channel weights: codes int8 [out, in], scale fp16/bf16 [out, 1]."""
 
     precision = Precision.INT8
 
@@ -249,8 +250,8 @@ class Int8Linear(_QuantLinear):
         if codes.dtype != torch.int8 or codes.dim() != 2:
             raise ValueError(f"codes must be int8 [out, in], got {codes.dtype} {tuple(codes.shape)}")
         out_f, in_f = codes.shape
-        if scale.dtype != torch.float16 or tuple(scale.shape) not in ((out_f, 1), (out_f,)):
-            raise ValueError(f"scale must be fp16 [{out_f}, 1], got {scale.dtype} {tuple(scale.shape)}")
+        if scale.dtype not in SCALE_DTYPES or tuple(scale.shape) not in ((out_f, 1), (out_f,)):
+            raise ValueError(f"scale must be fp16 or bf16 [{out_f}, 1], got {scale.dtype} {tuple(scale.shape)}")
         super().__init__(in_f, out_f, bias)
         self.register_buffer("codes", _aligned(codes), persistent=False)
         self.register_buffer("scale", scale.detach().reshape(out_f, 1).contiguous(), persistent=False)
@@ -277,8 +278,8 @@ class Int8Linear(_QuantLinear):
 
     def _kernel_mm(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         kdt = self._kernel_dtype
-        # scales in the kernel dtype: one cast of [N] per call (bf16 rounds the fp16 scale by <= 2^-9,
-        # as much as the bf16 rounding of the output itself)
+        # scales in the kernel dtype: one cast of [N] per call (bf16 rounds an fp16 scale by <= 2^-9,
+        # as much as the bf16 rounding of the output itself; a bf16 scale is exact)
         return torch.ops.aten._weight_int8pack_mm(_aligned(x2.to(kdt)), self.codes, self.scale.view(-1).to(kdt))
 
     def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
@@ -290,7 +291,7 @@ class Int4Linear(_QuantLinear):
     """Linear layer with INT4 weights, per-channel symmetric (``group_size=None``) or group-wise asymmetric.
 
     Buffers: ``packed`` (uint8 [out, in/2] in torch's CPU kernel layout when the kernel accepts the shape,
-    else compressed-tensors' int32 [out, ceil(in/8)]; same bytes either way), ``scale`` fp16 [out, G] and,
+    else compressed-tensors' int32 [out, ceil(in/8)]; same bytes either way), ``scale`` fp16/bf16 [out, G] and,
     group-wise, ``zero`` int32 [ceil(out/8), G] (compressed-tensors' packed zero points).
     """
 
@@ -305,7 +306,7 @@ class Int4Linear(_QuantLinear):
         bias: torch.Tensor | None = None,
     ) -> None:
         """codes: int8 [out, in] in [-8, 7] (per-channel) or uint8 [out, in] in [0, 15] (group-wise);
-        scale fp16 [out, 1] / [out, G]; zero uint8 [out, G] or None. Packs once; codes are not kept."""
+        scale fp16 or bf16 [out, 1] / [out, G]; zero uint8 [out, G] or None. Packs once; codes are not kept."""
         if codes.dim() != 2:
             raise ValueError(f"codes must be 2-D [out, in], got {tuple(codes.shape)}")
         out_f, in_f = codes.shape
@@ -316,8 +317,9 @@ class Int4Linear(_QuantLinear):
             kind = "per-channel" if group_size is None else "group-wise"
             raise ValueError(f"{kind} INT4 codes must be {want}, got {codes.dtype}")
         n_groups = 1 if group_size is None else math.ceil(in_f / group_size)
-        if scale.dtype != torch.float16 or tuple(scale.shape) != (out_f, n_groups):
-            raise ValueError(f"scale must be fp16 [{out_f}, {n_groups}], got {scale.dtype} {tuple(scale.shape)}")
+        if scale.dtype not in SCALE_DTYPES or tuple(scale.shape) != (out_f, n_groups):
+            raise ValueError(f"scale must be fp16 or bf16 [{out_f}, {n_groups}], "
+                             f"got {scale.dtype} {tuple(scale.shape)}")
         super().__init__(in_f, out_f, bias)
         self.group_size = group_size
         self.register_buffer("scale", scale.detach().contiguous(), persistent=False)
@@ -389,8 +391,10 @@ class Int4Linear(_QuantLinear):
         if self.zero is None:
             sz = _unit_scales_and_zeros(self.in_features // g, self.out_features, kdt)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, self.packed, g, sz)
-            # times the exact fp16 row scale, computed in fp32 (kdt * fp16 promotes), rounded once
-            return y.mul_(self.scale.view(-1)) if out_dtype == kdt else y.mul(self.scale.view(-1))
+            # times the exact 16-bit row scale, rounded once: into kdt, or into fp32 for other output dtypes
+            if out_dtype == kdt:
+                return y.mul_(self.scale.view(-1).to(kdt))
+            return y.to(torch.float32).mul_(self.scale.view(-1))
         sz = self.kernel_sz
         if sz is None or sz.dtype != kdt:
             sz = self._build_kernel_sz(kdt)

@@ -1,0 +1,64 @@
+"""The quantize stage: a plan (and the model it was made for) in, an artifact directory and its record out.
+
+:func:`quantize` loads the model, quantizes it following the plan (:mod:`lsaq.quantization.apply`), checks every
+tensor against the plan's byte model and writes the compressed-tensors directory atomically
+(:mod:`lsaq.quantization.artifact`). It returns the :class:`~lsaq.quantization.record.Artifact` record: paths and
+identities only, no model or tensor crosses the stage boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from lsaq.models.identity import ModelRef
+from lsaq.models.loading import load_model
+from lsaq.planning.planner import Plan
+from lsaq.quantization.artifact import write_artifact
+from lsaq.quantization.record import Artifact
+
+__all__ = ["Artifact", "quantize", "plan_model_source"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_IDS = (None, "default")  # ids load_model gives the embedded default model
+
+
+def plan_model_source(model: ModelRef) -> str | None:
+    """What to load for the model a plan was made for: its recorded source (a local path), else its id; None (the
+    embedded default model) for the default's ids. ``ValueError`` for a plan made from a bare config, which names
+    no weights."""
+    if model.content_hash is None:
+        raise ValueError(f"the plan was made from a bare config ({model.name}), which names no weights; "
+                         "give the model to quantize (model=..., or --model)")
+    if model.id in DEFAULT_MODEL_IDS:
+        return None
+    return model.source or model.id
+
+
+def quantize(
+    plan: Plan | str | Path,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Artifact:
+    """Quantize a model following ``plan`` (a :class:`Plan` or its JSON file) into the artifact directory ``out``.
+
+    The model is ``model`` when given (a local directory, ``.gguf`` or hub id), else the one the plan was made for
+    (:func:`plan_model_source`); a plan made for other weights is refused (content hash, shapes). ``out`` is
+    replaced atomically: an interrupted or refused run leaves no partial directory. ``progress`` is called with the
+    index of each decoder layer once it is quantized.
+    """
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    source = model if model is not None else plan_model_source(plan.model)
+    start = time.perf_counter()
+    loaded = load_model(source)
+    path = write_artifact(loaded, plan, out, progress=progress)
+    artifact = Artifact.load(path)
+    log.info("quantized %s into %s (%s; %d tensor bytes, %s) in %.1fs", loaded.info.id, path,
+             ", ".join(f"{n} {p}" for p, n in plan.counts.items() if n), artifact.tensor_bytes, artifact.dtype,
+             time.perf_counter() - start)
+    return artifact
