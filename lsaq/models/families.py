@@ -2,12 +2,27 @@
 
 Loading (:func:`lsaq.models.loading.decoder_parts`), planning (:func:`model_shape`, the byte model's input) and
 quantizing (tensor names in the artifact) all read this table, so a family is either supported by every stage or
-by none. Each entry was checked end to end on a tiny random model of the family (``tests/test_families.py``):
-scoring with both proxies, a mixed-precision plan, quantization, and loading in lsaq's runtime and in stock
-transformers.
+by none. Each entry is checked end to end on a tiny random model of the family (``tests/test_families.py``):
+shapes equal to the transformers modules (with and without biases, tied and untied, head_dim != hidden/heads),
+scoring with both proxies, a plan mixing FP16/INT8/INT4, an artifact whose bytes equal the byte model's, and
+loading in lsaq's runtime and in stock transformers + compressed-tensors with logits equal to the exact
+dequantized reference and the same greedy tokens.
 
 Names follow the transformers modules of the installed version (``model.layers.3.self_attn.q_proj``); linear
 shapes are ``[out_features, in_features]`` as ``nn.Linear`` stores them.
+
+Not supported, and why (transformers 5.23, compressed-tensors 0.20):
+
+* ``mixtral``, ``qwen3_moe`` (MoE): transformers keeps each layer's experts as two fused 3-D parameters
+  (``mlp.experts.gate_up_proj [E, 2*inter, hidden]``, ``mlp.experts.down_proj [E, hidden, inter]``), not
+  ``nn.Linear`` modules, and ``save_pretrained`` writes them back per expert under other names (mixtral:
+  ``block_sparse_moe.experts.N.w1``). lsaq's quantizer and runtime swap linears, so experts cannot get a
+  precision without a fused quantized-experts module; and stock transformers loads compressed-tensors experts
+  only by dequantizing them at load time with one scheme for all experts and only for packed (INT4) or FP8
+  formats: INT8 experts, and INT8/INT4 experts in different layers (what a plan produces), fail to load.
+* ``gemma3`` (multimodal): ``Gemma3ForConditionalGeneration`` keeps the text stack under
+  ``model.language_model`` beside a vision tower and projector that no shape here counts; only the text-only
+  ``gemma3_text`` is registered.
 """
 
 from __future__ import annotations
@@ -15,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from lsaq.models.shapes import LinearShape, ModelShape, TensorShape
+from lsaq.models.shapes import HEAD_WEIGHT, LinearShape, ModelShape, TensorShape
 
 LayerTensors = tuple[list[LinearShape], list[TensorShape]]
 LayerBuilder = Callable[[Mapping[str, Any], str, dict[str, int]], LayerTensors]
@@ -170,6 +185,6 @@ def model_shape(config: Mapping[str, Any]) -> ModelShape:
         layer_linears=tuple(linears),
         layer_norms=tuple(norms),
         embed=TensorShape(f"{fam.stack}.{fam.embed}.weight", (vocab, hidden)),
-        lm_head=None if tied else TensorShape("lm_head.weight", (vocab, hidden)),
+        lm_head=None if tied else TensorShape(HEAD_WEIGHT, (vocab, hidden)),
         final_norms=tuple(TensorShape(f"{fam.stack}.{fam.final_norm}.{p}", (hidden,)) for p in fam.final_norm_params),
     )
