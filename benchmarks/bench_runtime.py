@@ -116,7 +116,7 @@ def _build_artifacts(args: argparse.Namespace, workdir: Path) -> list[str]:
         s = time.perf_counter() - t0
         name = f"{precision.value}{'' if group is None else f' g{group}'}"
         lines.append(f"quantize {name:<9} {nbytes / 1e9 / s:6.2f} GB/s = {copy_s / s:5.1%} of memory copy")
-    calib = load_calibration(loaded.tokenizer, None, samples=4, seq_len=128)
+    calib = load_calibration(loaded.tokenizer, None, samples=4, seq_len=128, model=loaded)
     imp = score_importance(loaded.model, info, calib, "cosine")
     device = DeviceProfile(name="budget-200MiB", memory=200 * 2**20, kind=None, reserve=0, origin="--budget")
     base = make_plan(shape, imp.importance, device, PlanOptions(context=512),

@@ -34,7 +34,7 @@ from lsaq.quantization.artifact import load_quantized, write_artifact
 from lsaq.importance.calibration import load_calibration
 from lsaq.planning.devices import DeviceProfile, MemoryKind
 from lsaq.eval.harness import evaluate_tasks
-from lsaq.eval.perplexity import read_eval_text, tokenize_eval_windows, window_nll
+from lsaq.eval.perplexity import default_ppl_source, read_eval_text, tokenize_eval_windows, window_nll
 from lsaq.importance.record import LayerImportance
 from lsaq.importance.scoring import score_importance
 from lsaq.planning.memory import layer_linear_bytes
@@ -214,7 +214,7 @@ def main() -> None:
                                        PlanOptions(context=2048, strategy=u.value), model=model_id)})
 
     # 3. Evaluate every distinct assignment once.
-    text, _ = read_eval_text(args.ppl_source or _default_ppl_source())
+    text, _ = read_eval_text(args.ppl_source or default_ppl_source())
     windows = tokenize_eval_windows(loaded.tokenizer, text, args.ppl_seq_len)[0][: args.ppl_windows]
     log(f"perplexity on {windows.shape[0]} windows x {windows.shape[1]} tokens")
     bank = WeightBank(loaded, shape)
@@ -254,12 +254,6 @@ def main() -> None:
     write_outputs(out, args, loaded, rows, results, float_ref, recs, scores, agreement, tasks,
                   {"plan_id": check["plan"].id, "packed_ppl": packed_ppl, "swapped_ppl": check["ppl"]},
                   time.perf_counter() - start)
-
-
-def _default_ppl_source() -> str:
-    from lsaq.commands.eval import default_ppl_source
-
-    return default_ppl_source()
 
 
 def write_outputs(out: Path, args: argparse.Namespace, loaded: LoadedModel, rows: list[dict[str, Any]],

@@ -45,7 +45,8 @@ _EXPORTS = {
     "Precision": "lsaq.precision",
     "Artifact": "lsaq.quantization.stage",
     "EvalOptions": "lsaq.eval.stage",
-    "EvalReport": "lsaq.eval.stage",
+    "EvalReport": "lsaq.eval.report",
+    "FidelityResult": "lsaq.eval.fidelity",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

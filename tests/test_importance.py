@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lsaq.importance.calibration import CalibrationSet, load_calibration
 from lsaq.cli import main
-from lsaq.importance.scoring import LayerImportance, score_importance, score_samples
+from lsaq.importance.record import LayerImportance
+from lsaq.importance.scoring import score_importance, score_samples
 from lsaq.models.families import SUPPORTED_MODEL_TYPES
 from lsaq.models.loading import load_model
 from lsaq.models.parts import decoder_parts
@@ -81,7 +82,7 @@ def test_real_model_scores_are_sane_and_deterministic(shared_model, real_calib, 
     assert all(0.0 <= x <= 1.0 for x in a.importance)
     assert a.importance == b.importance and a.id == b.id  # identical inputs, identical scores
     assert sorted(a.ranking) == list(range(30))
-    assert a.calibration["hash"] == real_calib.hash and a.model.content_hash == shared_model.info.content_hash
+    assert a.calibration.hash == real_calib.hash and a.model.content_hash == shared_model.info.content_hash
 
 
 def test_ranking_agrees_across_disjoint_calibration_halves(shared_model, wiki_valid):
@@ -125,7 +126,8 @@ def test_cli_rejects_bad_input_and_writes_nothing(tmp_path, capsys, shared_gguf,
     (unsupported / "model.safetensors").write_bytes(b"")
     cases = [
         (["--method", "euclid"], "unknown importance method 'euclid'; valid methods: jaccard, cosine"),
-        (["--k", "0"], "--k must be at least 1, got 0"),
+        (["--k", "0"], "k must be at least 1, got 0"),
+        (["--samples", "0"], "samples must be at least 1, got 0"),
         (["--model", str(tmp_path / "nope")], "does not exist"),
         (["--model", str(unsupported)], "unsupported architecture: model_type 'bert'"),
         (["--model", str(shared_gguf), "--method", "jaccard", "--k", "50000", "--calib", str(wiki_valid),

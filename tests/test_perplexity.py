@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lsaq.paths import shared_dir
@@ -124,6 +123,17 @@ def test_bad_sources(tiny, tmp_path):
         perplexity(tiny, tok, "no-such-org/no-such-dataset-lsaq:x:test", seq_len=16)
 
 
+def test_default_source_is_the_local_test_split_else_the_hub(tmp_path, monkeypatch):
+    from lsaq.eval.perplexity import HF_DEFAULT, default_ppl_source, local_ppl_source
+
+    monkeypatch.setenv("LSAQ_SHARED", str(tmp_path))
+    assert local_ppl_source() is None and default_ppl_source() == HF_DEFAULT == "wikitext:wikitext-2-raw-v1:test"
+    wiki = tmp_path / WIKI_TEST_REL
+    wiki.parent.mkdir(parents=True)
+    wiki.write_text(" = T = \n")
+    assert local_ppl_source() == default_ppl_source() == str(wiki)
+
+
 def test_cli_bad_input_fails_cleanly(capsys):
     assert main(["eval", "--ppl", "--seq-len", "1"]) == 2
     assert "--seq-len must be at least 2" in capsys.readouterr().err
@@ -148,10 +158,10 @@ def test_real_model_matches_naive_reference(real):
 def test_cli_writes_report(real, tmp_path, monkeypatch, capsys):
     import json
 
-    import lsaq.commands.eval as cmd
+    import lsaq.eval.stage as stage
 
     wiki = _shared(WIKI_TEST_REL)
-    monkeypatch.setattr(cmd, "_load", lambda path: real)  # reuse the loaded model
+    monkeypatch.setattr(stage, "load_for_eval", lambda source: real)  # reuse the loaded model
     out = tmp_path / "report.json"
     rc = main(["eval", "x.gguf", "--ppl", "--ppl-source", str(wiki), "--seq-len", "64", "--max-windows", "2",
                "--out", str(out)])

@@ -273,12 +273,14 @@ def test_cli_plan_from_shipped_config(tmp_path, capsys):
 
 
 def test_cli_plan_with_importance_record_and_budget(tmp_path, capsys):
+    from lsaq.importance.calibration import CalibrationInfo
     from lsaq.importance.record import LayerImportance
     from lsaq.models.identity import ModelInfo
 
     cfg = {**small_config(64, 128, 4, 4, 2, 256, True), "architectures": ["LlamaForCausalLM"]}
     info = ModelInfo("tiny", "/models/tiny", None, "f" * 64, "LlamaForCausalLM", "llama", 4, cfg)
-    rec = LayerImportance(info, "jaccard", 10, {"hash": "c" * 64, "samples": 1, "seq_len": 8},
+    calib = CalibrationInfo("c" * 64, "tokens", "tokens", "d" * 64, samples=1, seq_len=8, seed=0, tokens=8)
+    rec = LayerImportance(info, "jaccard", 10, calib,
                           (0.9, 0.1, 0.2, 0.6), (0.0,) * 4)
     rec.save(tmp_path / "imp.json")
     out = tmp_path / "plan.json"

@@ -1,4 +1,5 @@
-"""The artifact evaluation report: deltas from synthetic runs, Markdown, atomic writes, the CLI on the real model."""
+"""The artifact evaluation report: deltas from synthetic runs, the typed record, Markdown, atomic writes, the CLI
+on the real model."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from lsaq.cli import main
 from lsaq.planning.devices import DeviceProfile, MemoryKind
 from lsaq.eval import report as rep
+from lsaq.eval.fidelity import FidelityResult
 from lsaq.methods import ImportanceRef
 from lsaq.models.identity import ModelRef
 from lsaq.planning.planner import PlanOptions, make_plan
@@ -67,11 +69,20 @@ def test_compare_gives_exact_deltas_for_every_metric():
     assert rows["lambada_openai.acc"]["delta"] == -0.125
 
 
+FIDELITY = FidelityResult(kl_mean=0.0123456, kl_p99=0.25, top1_agreement=0.9375, positions=512, windows=2,
+                          seq_len=256, source="/data/wiki.test.raw", source_hash="h" * 64, seconds=1.5)
+
+
 def test_report_record_and_markdown(tmp_path):
     plan = tiny_plan()
     base, quant = runs()
-    report = rep.build_report(quant, base, plan=plan, artifact={"path": "/art", "plan_id": plan.id},
-                              settings={"dtype": "float32", "seq_len": 256}, seconds=5.0)
+    typed = rep.build_report(quant, base, plan=plan, artifact={"path": "/art", "plan_id": plan.id},
+                             settings={"dtype": "float32", "seq_len": 256}, fidelity=FIDELITY, seconds=5.0)
+    report = typed.to_json()
+    assert rep.EvalReport.from_json(json.loads(json.dumps(report))) == typed  # exact JSON round trip
+    assert list(report) == ["schema", "version", "lsaq_version", "model", "artifact", "plan", "settings", "baseline",
+                            "quantized", "comparison", "fidelity", "seconds"]
+    assert report["fidelity"] == FIDELITY.to_json() and typed.fidelity == FIDELITY
     assert report["schema"] == "lsaq.eval_report" and report["version"] == 1
     assert report["model"]["content_hash"] == "c" * 64 and "config" not in report["model"]
     s = report["plan"]
@@ -83,22 +94,44 @@ def test_report_record_and_markdown(tmp_path):
     assert s["importance"] == {"id": "imp123", "method": "jaccard", "k": 10} and s["fits"]
     assert report["baseline"]["perplexity"]["ppl"] == 10.0 and report["quantized"]["artifact"] == "/art"
 
-    json_path, md_path = rep.write_report(report, tmp_path / "r.json")
+    json_path, md_path = rep.write_report(typed, tmp_path / "r.json")
     assert md_path == tmp_path / "r.md" and rep.load_report(json_path) == json.loads(json.dumps(report))
+    assert rep.EvalReport.load(json_path) == typed
     md = md_path.read_text()
-    assert md == rep.render_markdown(report)
+    assert md == rep.render_markdown(report) == rep.render_markdown(typed)
     assert "| metric | baseline | quantized | delta |" in md and "toy" in md and plan.id[:12] in md
     for row in report["comparison"]:
         assert sum(1 for line in md.splitlines() if line.startswith(f"| {row['label']} (")) == 1, row["label"]
     assert "| perplexity (wiki.test.raw, 2 x 256 tokens, n=510) | 10.000 | 12.500 | +2.500 (+25.00%) |" in md
     assert "| 0.5000 ± 0.1250 | 0.3750 | -0.1250 |" in md
     assert "| 40.000 | 30.000 | -10.000 (-25.00%) |" in md
+    assert "Fidelity to the float model (wiki.test.raw, 2 x 256 tokens, 512 positions;" in md
+    assert "| 0.01235 | 0.25 | 93.75% |" in md
+
+
+def test_record_without_fidelity_still_reads():
+    """A report written before fidelity existed (no "fidelity" key) reads back with fidelity None."""
+    base, quant = runs()
+    old = rep.build_report(quant, base, plan=tiny_plan()).to_json()
+    del old["fidelity"]
+    typed = rep.EvalReport.from_json(old)
+    assert typed.fidelity is None and typed.to_json() == dict(old, fidelity=None)
+    assert "Fidelity" not in rep.render_markdown(typed)
+
+
+def test_plain_model_record_keeps_its_shape():
+    _, quant = runs()
+    rec = rep.ModelEval.from_run(dict(quant, artifact=None))
+    j = rec.to_json()
+    assert list(j) == ["schema", "version", "lsaq_version", "model", "dtype", "perplexity", "tasks", "seconds"]
+    assert j["schema"] == "lsaq.eval" and j["perplexity"]["ppl"] == 12.5 and "config" not in j["model"]
+    assert rep.ModelEval.from_json(json.loads(json.dumps(j))) == rec
 
 
 def test_report_without_baseline():
     _, quant = runs()
-    report = rep.build_report(quant, None, plan=tiny_plan())
-    assert report["baseline"] is None
+    report = rep.build_report(quant, None, plan=tiny_plan()).to_json()
+    assert report["baseline"] is None and report["fidelity"] is None
     assert all(r["baseline"] is None and r["delta"] is None and r["delta_pct"] is None for r in report["comparison"])
     md = rep.render_markdown(report)
     assert "| - | 12.500 | - |" in md and "--no-baseline" in md
@@ -122,7 +155,7 @@ def test_runs_of_different_material_are_refused(change, match):
 
 def test_write_is_atomic_and_all_or_nothing(tmp_path, monkeypatch):
     base, quant = runs()
-    report = rep.build_report(quant, base, plan=tiny_plan())
+    report = rep.build_report(quant, base, plan=tiny_plan()).to_json()
     out = tmp_path / "r.json"
     out.write_text("old")
     broken = dict(report, comparison=[{"label": "x"}])  # renders badly: nothing may be written
@@ -148,10 +181,13 @@ def test_cli_flag_errors_fail_before_loading(tmp_path, capsys):
     fake.mkdir()
     (fake / "lsaq_plan.json").write_text("{}")
     cases += [
-        (["eval", str(fake), "--plots", str(tmp_path / "p"), "--out", str(tmp_path / "r.json")], "--out needs"),
+        (["eval", str(fake), "--no-baseline", "--plots", str(tmp_path / "p"), "--out", str(tmp_path / "r.json")],
+         "--out needs something measured: --ppl and/or --tasks, or the fidelity, which needs the baseline"),
         (["eval", str(fake), "--ppl", "--no-baseline", "--baseline-model", "y"], "contradict"),
         (["eval", str(fake), "--plots", str(tmp_path / "p")], "incomplete artifact, missing"),
-        (["eval", str(fake)], "or --plots DIR"),
+        (["eval", str(fake)], "incomplete artifact, missing"),  # fidelity by default: the artifact is read
+        (["eval", str(fake), "--no-baseline"], "nothing to do without the baseline (no fidelity): pass --ppl and/or "
+                                               "--tasks NAME[,NAME...] (or --plots DIR)"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -167,7 +203,7 @@ def test_cli_evaluates_artifact_against_its_baseline(mixed_artifact, wiki_valid,
     art, plan = mixed_artifact
     out, plots = tmp_path / "r.json", tmp_path / "p"
     rc = main(["eval", str(art), "--ppl", "--ppl-source", str(wiki_valid), "--seq-len", "256", "--max-windows", "2",
-               "--out", str(out), "--plots", str(plots)])
+               "--fidelity-windows", "3", "--out", str(out), "--plots", str(plots)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| metric | baseline | quantized | delta |" in printed
@@ -183,8 +219,13 @@ def test_cli_evaluates_artifact_against_its_baseline(mixed_artifact, wiki_valid,
     assert report["baseline"]["artifact"] is None and report["quantized"]["artifact"] == str(art)
     assert report["plan"]["id"] == plan.id and report["plan"]["counts"] == {"fp16": 10, "int8": 10, "int4": 10}
     assert report["settings"]["dtype"] == "float32"
+    # Fidelity always comes with an artifact's evaluation: here on the first 3 windows of the perplexity text.
+    f = report["fidelity"]
+    assert (f["source"], f["source_hash"], f["windows"], f["seq_len"]) == (str(wiki_valid), b["source_hash"], 3, 256)
+    assert f["positions"] == 3 * 256 and 0 < f["kl_mean"] <= f["kl_p99"] and 0.4 < f["top1_agreement"] < 1
     md = out.with_suffix(".md").read_text()
     assert md == rep.render_markdown(report) and f"{b['ppl']:.3f}" in md and f"{q['ppl']:.3f}" in md
+    assert "Fidelity to the float model (wiki.valid.raw, 3 x 256 tokens, 768 positions;" in md
     for name in ("plan_strip.png", "memory.png"):
         data = (plots / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 1000, name
@@ -192,17 +233,18 @@ def test_cli_evaluates_artifact_against_its_baseline(mixed_artifact, wiki_valid,
 
 @pytest.mark.model
 def test_cli_plots_only_and_no_baseline(mixed_artifact, wiki_valid, tmp_path, capsys, monkeypatch):
-    import lsaq.commands.eval as cmd
+    import lsaq.eval.stage as stage
 
     art, _ = mixed_artifact
-    assert main(["eval", str(art), "--plots", str(tmp_path / "p")]) == 0  # plan only: nothing is loaded
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["memory.png", "plan_strip.png"]
     loads = []
-    real_load = cmd._load
-    monkeypatch.setattr(cmd, "_load", lambda source: loads.append(source) or real_load(source))
+    real_load = stage.load_for_eval
+    monkeypatch.setattr(stage, "load_for_eval", lambda source: loads.append(source) or real_load(source))
+    # Without the baseline there is no fidelity: plots alone load nothing.
+    assert main(["eval", str(art), "--no-baseline", "--plots", str(tmp_path / "p")]) == 0 and loads == []
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["memory.png", "plan_strip.png"]
     rc = main(["eval", str(art), "--ppl", "--ppl-source", str(wiki_valid), "--seq-len", "128", "--max-windows", "1",
                "--no-baseline", "--out", str(tmp_path / "r.json")])
     assert rc == 0 and [s.artifact for s in loads] == [True]
     report = rep.load_report(tmp_path / "r.json")
-    assert report["baseline"] is None and report["comparison"][0]["delta"] is None
+    assert report["baseline"] is None and report["comparison"][0]["delta"] is None and report["fidelity"] is None
     assert "| - |" in capsys.readouterr().out

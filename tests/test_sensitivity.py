@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from lsaq.importance.calibration import CalibrationSet
 from lsaq.planning.devices import budget_profile
-from lsaq.importance.scoring import LayerImportance, score_importance
+from lsaq.importance.record import LayerImportance
+from lsaq.importance.scoring import score_importance
 from lsaq.models.parts import decoder_parts
 from lsaq.planning.planner import PlanOptions, make_plan
 from lsaq.precision import Precision

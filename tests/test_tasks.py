@@ -128,10 +128,10 @@ def test_every_task_runs_offline_and_is_reproducible(real, lm_eval):
 
 @pytest.mark.model
 def test_cli_reports_tasks(real, lm_eval, tmp_path, monkeypatch, capsys):
-    import lsaq.commands.eval as cmd
+    import lsaq.eval.stage as stage
 
     _shared("data/winogrande/dev.jsonl")
-    monkeypatch.setattr(cmd, "_load", lambda path: real)  # reuse the loaded model
+    monkeypatch.setattr(stage, "load_for_eval", lambda source: real)  # reuse the loaded model
     out = tmp_path / "report.json"
     assert main(["eval", "--tasks", "winogrande", "--limit", "4", "--out", str(out)]) == 0
     printed = capsys.readouterr().out

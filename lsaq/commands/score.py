@@ -1,4 +1,4 @@
-"""``lsaq score``: per-layer importance of a model, written as a versioned JSON record."""
+"""``lsaq calibrate`` (a calibration set as a directory) and ``lsaq score`` (per-layer importance, a JSON record)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output JSON path")
     p.set_defaults(func=run)
 
+    c = sub.add_parser("calibrate", help="draw a calibration set (token windows) for a model into a directory")
+    c.add_argument("--model", default=None, help="local HF directory, .gguf file or hub id (default: SmolLM2-135M)")
+    c.add_argument("--revision", default=None, help="hub revision (hub ids only)")
+    c.add_argument("--calib", default=None, help="source, as for `lsaq score --calib` (default: the same order)")
+    c.add_argument("--samples", type=int, default=32, help="sequences (default 32)")
+    c.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    c.add_argument("--out", required=True, help="directory to write (calibration.json + tokens.safetensors)")
+    c.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from lsaq.importance.calibration import calibrate
+
+    info = calibrate(args.model, args.out, source=args.calib, samples=args.samples, seq_len=args.seq_len,
+                     seed=args.seed, revision=args.revision)
+    print(f"wrote {args.out}: {info.samples} x {info.seq_len} tokens from {info.source} ({info.kind}) "
+          f"[{info.hash[:12]}]")
+    return 0
+
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
@@ -50,7 +70,7 @@ def format_ranking(rec, top: int | None = None) -> str:
     k = f", k={rec.k}" if rec.k is not None else ""
     lines = [
         f"{rec.model.id} ({rec.model.architecture}, {rec.num_layers} layers) method={rec.method}{k} "
-        f"calib={rec.calibration['samples']}x{rec.calibration['seq_len']} [{rec.calibration['hash'][:12]}]",
+        f"calib={rec.calibration.samples}x{rec.calibration.seq_len} [{rec.calibration.hash[:12]}]",
         f"{'rank':>4} {'layer':>5} {'importance':>10} {'std':>8}",
     ]
     for rank, i in enumerate(rec.ranking[:top] if top else rec.ranking, 1):

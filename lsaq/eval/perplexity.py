@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsaq.importance.calibration import read_text
+from lsaq.importance.calibration import hub_unreachable, read_text
+from lsaq.paths import shared_dir
 from lsaq.records import file_sha256, sha256_hex
 
 DEFAULT_SEQ_LEN = 2048
@@ -44,6 +45,8 @@ DEFAULT_SEQ_LEN = 2048
 # ([B, L, V], 4 bytes each) stay near 800 MB for a 49k vocabulary at L=2048.
 AUTO_BATCH_TOKENS = 4096
 HF_DEFAULT_SPLIT = "test"
+WIKITEXT_TEST = "data/wikitext-2-raw/wiki.test.raw"  # under lsaq.paths.shared_dir()
+HF_DEFAULT = "wikitext:wikitext-2-raw-v1:test"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,18 @@ class PerplexityResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def local_ppl_source() -> str | None:
+    """WikiText-2 raw test from the shared folder, or None when there is no local copy."""
+    shared = shared_dir()
+    local = shared / WIKITEXT_TEST if shared is not None else None
+    return str(local) if local is not None and local.is_file() else None
+
+
+def default_ppl_source() -> str:
+    """WikiText-2 raw test: the shared local copy when present, else the hub dataset (needs network)."""
+    return local_ppl_source() or HF_DEFAULT
 
 
 def read_eval_text(source: str) -> tuple[str, str]:
@@ -90,6 +105,9 @@ def read_eval_text(source: str) -> tuple[str, str]:
 def _read_hf_split(name: str) -> tuple[str, str]:
     """``NAME[:CONFIG[:SPLIT]]`` from the hub: every row of the ``text`` column joined with ``"\\n\\n"``."""
     ds_name, config, split = (name.removeprefix("hf:").split(":") + [None, None])[:3]
+    if (reason := hub_unreachable()) is not None:
+        raise ValueError(f"perplexity source {name!r} is not a local file and could not be loaded as a Hugging Face "
+                         f"dataset: the hub cannot be asked ({reason}); pass a local .raw/.txt/.jsonl file")
     try:
         import datasets
 
@@ -121,6 +139,21 @@ def tokenize_eval_windows(tokenizer: Any, text: str, seq_len: int) -> tuple[torc
     n_windows = len(ids) // seq_len
     windows = torch.tensor(ids[: n_windows * seq_len], dtype=torch.int64).view(n_windows, seq_len)
     return windows, len(ids)
+
+
+def eval_windows(tokenizer: Any, source: str, seq_len: int) -> tuple[torch.Tensor, str, int]:
+    """The windows a perplexity run scores: ``(windows [W, seq_len] int64, source_hash, text_tokens)``.
+
+    ``ValueError`` when the source gives less than one window.
+    """
+    text, source_hash = read_eval_text(source)
+    windows, text_tokens = tokenize_eval_windows(tokenizer, text, seq_len)
+    if windows.shape[0] == 0:
+        raise ValueError(
+            f"perplexity source {source!r} has {text_tokens} tokens, fewer than one window of {seq_len}; "
+            "use a shorter seq_len or a longer text"
+        )
+    return windows, source_hash, text_tokens
 
 
 @torch.inference_mode()
@@ -161,14 +194,8 @@ def perplexity(
     limit = model_max_length(model)
     if limit is not None:
         seq_len = min(seq_len, limit)
-    text, source_hash = read_eval_text(source)
-    windows, text_tokens = tokenize_eval_windows(tokenizer, text, seq_len)
+    windows, source_hash, text_tokens = eval_windows(tokenizer, source, seq_len)
     available = windows.shape[0]
-    if available == 0:
-        raise ValueError(
-            f"perplexity source {source!r} has {text_tokens} tokens, fewer than one window of {seq_len}; "
-            "use a shorter seq_len or a longer text"
-        )
     windows = windows[:max_windows] if max_windows is not None else windows
     batch_size = batch_size or max(1, AUTO_BATCH_TOKENS // seq_len)
 

@@ -1,8 +1,10 @@
 """The evaluation report of a quantized artifact: its plan, and its metrics beside the float baseline's.
 
 ``lsaq eval DIR`` on an artifact directory evaluates two *runs* over the same metrics, windows and limits: the
-float model the plan was made for (the **baseline**) and the artifact on lsaq's packed runtime (**quantized**).
-:func:`build_report` turns them into one versioned record (schema ``lsaq.eval_report``, version 1)::
+float model the plan was made for (the **baseline**) and the artifact on lsaq's packed runtime (**quantized**),
+and measures how far the quantized model's next-token distributions moved from the baseline's
+(:mod:`lsaq.eval.fidelity`). :func:`build_report` turns them into one :class:`EvalReport`, a versioned record
+(schema ``lsaq.eval_report``, version 1)::
 
     schema, version, lsaq_version
     model        identity of the model that was quantized (id, source, revision, content hash, architecture, ...)
@@ -12,9 +14,11 @@ float model the plan was made for (the **baseline**) and the artifact on lsaq's 
                  importance {id, method, k}
     settings     what was evaluated and how (dtype, perplexity source and window, tasks, limit, ...)
     baseline     a run record, or null when the baseline was skipped (``--no-baseline``)
-    quantized    a run record
+    quantized    a run record, or null when nothing was measured (plots only)
     comparison   one row per metric: {"key", "task", "metric", "label", "detail", "n", "higher_is_better",
                  "baseline", "quantized", "delta", "delta_pct", "baseline_stderr", "quantized_stderr"}
+    fidelity     a :class:`~lsaq.eval.fidelity.FidelityResult` as JSON (KL mean and p99, top-1 agreement vs the
+                 baseline), or null when the baseline was not evaluated (absent in records written before it)
     seconds      wall time of the whole evaluation
 
 A run record (:func:`run_record`) is ``{"model", "artifact", "dtype", "perplexity", "tasks", "seconds"}`` with
@@ -27,25 +31,31 @@ is quantized - baseline; ``delta_pct`` is ``100 * delta / baseline`` for perplex
 Both runs must have scored exactly the same material (same perplexity text hash, window length and windows,
 same task data and number of examples): a report of two different evaluations is refused.
 
-A model that is not an artifact keeps the plain ``lsaq.eval`` record of :mod:`lsaq.commands.eval` (one run, no
-plan, no baseline). :func:`render_markdown` renders this report as a small header and a table
-``metric | baseline | quantized | delta``; :func:`write_report` writes ``report.json`` and a sibling ``report.md``.
+A model that is not an artifact gets the plain ``lsaq.eval`` record instead, :class:`ModelEval` (one run, no
+plan, no baseline). :func:`render_markdown` renders a report as a small header, the table
+``metric | baseline | quantized | delta`` and the fidelity figures; :func:`write_report` writes ``report.json``
+and a sibling ``report.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from lsaq import __version__
+from lsaq.eval.fidelity import FidelityResult
 from lsaq.planning.planner import Plan
 from lsaq.records import atomic_write_bytes, canonical_json, read_record
 from lsaq.units import format_bytes
 
 SCHEMA = "lsaq.eval_report"
 VERSION = 1
+PLAIN_SCHEMA = "lsaq.eval"  # the record of a plain model (not an artifact): ModelEval
+PLAIN_VERSION = 1
 PPL_METRIC = "perplexity"
 # Task metrics in the order they are reported; anything else the harness returns follows, sorted by name.
 TASK_METRIC_ORDER = ("acc", "acc_norm", "perplexity")
@@ -67,9 +77,9 @@ def run_record(
 ) -> dict[str, Any]:
     """One evaluated model as a JSON-ready dict.
 
-    ``model`` is a :class:`~lsaq.models.loading.ModelInfo` or its JSON (the bulky ``config`` is dropped); ``perplexity`` a
-    ``PerplexityResult`` or its JSON; ``tasks`` maps task names to ``TaskResult`` or their JSON; ``artifact`` is the
-    artifact directory a quantized run was loaded from (None for a float model).
+    ``model`` is a :class:`~lsaq.models.identity.ModelInfo` or its JSON (the bulky ``config`` is dropped);
+    ``perplexity`` a ``PerplexityResult`` or its JSON; ``tasks`` maps task names to ``TaskResult`` or their JSON;
+    ``artifact`` is the artifact directory a quantized run was loaded from (None for a float model).
     """
     info = dict(_as_json(model))
     info.pop("config", None)
@@ -183,6 +193,79 @@ def compare(baseline: Mapping[str, Any] | None, quantized: Mapping[str, Any]) ->
     return rows
 
 
+@dataclass(frozen=True)
+class EvalReport:
+    """The ``lsaq.eval_report`` record of one artifact (the module docstring gives its JSON layout).
+
+    Runs and comparison rows stay JSON-shaped mappings (:func:`run_record`, :func:`compare`); ``quantized`` None
+    means nothing was measured (only the plan was drawn), ``fidelity`` None that the baseline was not evaluated.
+    """
+
+    model: dict[str, Any]
+    artifact: dict[str, Any]
+    plan: dict[str, Any]
+    settings: dict[str, Any]
+    baseline: dict[str, Any] | None
+    quantized: dict[str, Any] | None
+    comparison: tuple[dict[str, Any], ...]
+    fidelity: FidelityResult | None = None
+    seconds: float | None = None
+    lsaq_version: str = __version__
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA, "version": VERSION, "lsaq_version": self.lsaq_version, "model": self.model,
+            "artifact": self.artifact, "plan": self.plan, "settings": self.settings, "baseline": self.baseline,
+            "quantized": self.quantized, "comparison": list(self.comparison),
+            "fidelity": self.fidelity.to_json() if self.fidelity is not None else None, "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "EvalReport":
+        fid = obj.get("fidelity")
+        return cls(model=dict(obj["model"]), artifact=dict(obj.get("artifact") or {}), plan=dict(obj["plan"]),
+                   settings=dict(obj.get("settings") or {}), baseline=obj.get("baseline"),
+                   quantized=obj.get("quantized"), comparison=tuple(obj.get("comparison") or ()),
+                   fidelity=FidelityResult.from_json(fid) if fid is not None else None, seconds=obj.get("seconds"),
+                   lsaq_version=obj.get("lsaq_version", "?"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EvalReport":
+        """Read a report written by :func:`write_report` (schema and version checked)."""
+        obj = load_report(path)
+        try:
+            return cls.from_json(obj)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: malformed eval report ({type(e).__name__}: {e})") from e
+
+
+@dataclass(frozen=True)
+class ModelEval:
+    """The ``lsaq.eval`` record of a plain model (not an artifact): one run, no plan, no baseline."""
+
+    model: dict[str, Any]  # identity without the config
+    dtype: str | None
+    perplexity: dict[str, Any] | None  # PerplexityResult as JSON
+    tasks: dict[str, dict[str, Any]]  # task name -> TaskResult as JSON
+    seconds: float
+    lsaq_version: str = __version__
+
+    @classmethod
+    def from_run(cls, run: Mapping[str, Any]) -> "ModelEval":
+        """From a :func:`run_record` of a float model."""
+        return cls(model=dict(run["model"]), dtype=run.get("dtype"), perplexity=run.get("perplexity"),
+                   tasks=dict(run.get("tasks") or {}), seconds=float(run.get("seconds", 0.0)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": PLAIN_SCHEMA, "version": PLAIN_VERSION, "lsaq_version": self.lsaq_version,
+                "model": self.model, "dtype": self.dtype, "perplexity": self.perplexity, "tasks": self.tasks,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "ModelEval":
+        return dataclasses.replace(cls.from_run(obj), lsaq_version=obj.get("lsaq_version", "?"))
+
+
 def build_report(
     quantized: Mapping[str, Any],
     baseline: Mapping[str, Any] | None,
@@ -190,28 +273,21 @@ def build_report(
     plan: Plan,
     artifact: Mapping[str, Any] | None = None,
     settings: Mapping[str, Any] | None = None,
+    fidelity: FidelityResult | None = None,
     seconds: float | None = None,
-) -> dict[str, Any]:
-    """The ``lsaq.eval_report`` record of one artifact (see the module docstring for its layout).
+) -> EvalReport:
+    """The :class:`EvalReport` of one artifact.
 
     ``quantized``/``baseline`` are :func:`run_record` dicts (``baseline`` None when skipped); ``plan`` is the
-    artifact's plan; ``artifact`` and ``settings`` are recorded as given.
+    artifact's plan; ``artifact``, ``settings`` and ``fidelity`` are recorded as given.
     """
     rows = compare(baseline, quantized)
-    report = {
-        "schema": SCHEMA,
-        "version": VERSION,
-        "lsaq_version": __version__,
-        "model": dict(quantized["model"]),
-        "artifact": dict(artifact or {}),
-        "plan": plan_summary(plan),
-        "settings": dict(settings or {}),
-        "baseline": dict(baseline) if baseline is not None else None,
-        "quantized": dict(quantized),
-        "comparison": rows,
-        "seconds": seconds,
-    }
-    canonical_json(report)  # JSON-serializable now, not halfway through a write
+    report = EvalReport(
+        model=dict(quantized["model"]), artifact=dict(artifact or {}), plan=plan_summary(plan),
+        settings=dict(settings or {}), baseline=dict(baseline) if baseline is not None else None,
+        quantized=dict(quantized), comparison=tuple(rows), fidelity=fidelity, seconds=seconds,
+    )
+    canonical_json(report.to_json())  # JSON-serializable now, not halfway through a write
     return report
 
 
@@ -252,8 +328,26 @@ def metrics_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(report: Mapping[str, Any]) -> str:
-    """A small header (model, artifact, plan, settings) and the metrics table, as Markdown."""
+def fidelity_table(fid: Mapping[str, Any]) -> str:
+    """The fidelity figures as a Markdown line and one-row table (KL in nats, agreement in percent)."""
+    source = "text generated by the float model" if fid["source"] == "generated" else Path(str(fid["source"])).name
+    return "\n".join([
+        f"Fidelity to the float model ({source}, {fid['windows']} x {fid['seq_len']} tokens, "
+        f"{fid['positions']} positions; KL(float || quantized) of next-token distributions, nats):",
+        "",
+        "| KL mean | KL p99 | top-1 agreement |",
+        "|---:|---:|---:|",
+        f"| {fid['kl_mean']:.4g} | {fid['kl_p99']:.4g} | {100 * fid['top1_agreement']:.2f}% |",
+    ])
+
+
+def _as_report_json(report: "EvalReport | Mapping[str, Any]") -> Mapping[str, Any]:
+    return report.to_json() if isinstance(report, EvalReport) else report
+
+
+def render_markdown(report: "EvalReport | Mapping[str, Any]") -> str:
+    """A small header (model, artifact, plan, settings), the metrics table and the fidelity, as Markdown."""
+    report = _as_report_json(report)
     m, p, s, art = report["model"], report["plan"], report.get("settings") or {}, report.get("artifact") or {}
     dev, bits, c = p["device"], p["avg_bits"], p["counts"]
     lines = [
@@ -273,9 +367,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     ]
     if s:
         lines.append("- evaluated at " + ", ".join(f"{k} {v}" for k, v in s.items() if v is not None))
+    if report.get("quantized") is None:
+        return "\n".join(lines + ["", "Nothing was measured (plan only).", ""])
     if report.get("baseline") is None:
-        lines.append("- baseline: not evaluated (--no-baseline)")
-    lines += ["", metrics_table(report["comparison"]), ""]
+        lines.append("- baseline: not evaluated (--no-baseline), so neither deltas nor fidelity")
+    lines.append("")
+    if report["comparison"]:
+        lines += [metrics_table(report["comparison"]), ""]
+    if report.get("fidelity") is not None:
+        lines += [fidelity_table(report["fidelity"]), ""]
     return "\n".join(lines)
 
 
@@ -287,12 +387,13 @@ def markdown_path(path: str | Path) -> Path:
     return path.with_suffix(".md")
 
 
-def write_report(report: Mapping[str, Any], path: str | Path) -> tuple[Path, Path]:
+def write_report(report: "EvalReport | Mapping[str, Any]", path: str | Path) -> tuple[Path, Path]:
     """Write the report as JSON at ``path`` and as Markdown beside it; return both paths.
 
     Both are rendered before anything is written, and each file is written atomically, so an error leaves
     neither a half-written file nor, when rendering fails, any file at all.
     """
+    report = _as_report_json(report)
     md_path = markdown_path(path)
     json_bytes = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
     md_bytes = render_markdown(report).encode()
@@ -300,11 +401,12 @@ def write_report(report: Mapping[str, Any], path: str | Path) -> tuple[Path, Pat
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
-    """Read an ``lsaq.eval_report`` record (schema and version checked)."""
+    """Read an ``lsaq.eval_report`` record as JSON (schema and version checked); :meth:`EvalReport.load` types it."""
     return read_record(path, SCHEMA, VERSION)
 
 
 __all__ = [
-    "SCHEMA", "VERSION", "build_report", "compare", "load_report", "markdown_path", "metrics_table",
-    "plan_summary", "render_markdown", "run_record", "write_report",
+    "PLAIN_SCHEMA", "SCHEMA", "VERSION", "EvalReport", "ModelEval", "build_report", "compare", "fidelity_table",
+    "load_report", "markdown_path", "metrics_table", "plan_summary", "render_markdown", "run_record",
+    "write_report",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lsaq import __version__
+from lsaq.importance.calibration import CalibrationInfo
 from lsaq.methods import ranking
 from lsaq.models.identity import ModelInfo
 from lsaq.records import atomic_write_json, canonical_json, read_record, sha256_hex
@@ -25,7 +26,7 @@ class LayerImportance:
     model: ModelInfo
     method: str
     k: int | None
-    calibration: dict[str, Any]
+    calibration: CalibrationInfo
     importance: tuple[float, ...]
     std: tuple[float, ...]  # standard deviation of the per-sample importance
     lsaq_version: str = __version__
@@ -48,7 +49,7 @@ class LayerImportance:
             "model": self.model.content_hash,
             "method": self.method,
             "k": self.k,
-            "calibration": self.calibration.get("hash"),
+            "calibration": self.calibration.hash,
             "importance": list(self.importance),
         }
         if self.params:  # absent for jaccard/cosine so their ids stay what they were
@@ -65,7 +66,7 @@ class LayerImportance:
             "method": self.method,
             "k": self.k,
             "params": self.params,
-            "calibration": self.calibration,
+            "calibration": self.calibration.to_json(),
             "importance": list(self.importance),
             "std": list(self.std),
             "ranking": self.ranking,
@@ -79,7 +80,7 @@ class LayerImportance:
             model=ModelInfo.from_json(obj["model"]),
             method=obj["method"],
             k=obj.get("k"),
-            calibration=obj["calibration"],
+            calibration=CalibrationInfo.from_json(obj["calibration"]),
             importance=tuple(float(x) for x in obj["importance"]),
             std=tuple(float(x) for x in obj["std"]),
             lsaq_version=obj.get("lsaq_version", "?"),

@@ -1,0 +1,153 @@
+"""Fidelity of a quantized model to its float original: how much its next-token distributions moved.
+
+This is what llama.cpp's perplexity tool reports with ``--kl-divergence``: over the same token windows
+``[N, T]``, at every position t the float (reference) model gives ``p = softmax(logits_float[t])`` and the
+quantized (candidate) model ``q = softmax(logits_quant[t])``, and we measure
+
+* ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` in nats: its mean over all ``N * T`` positions and its 99th
+  percentile (numpy's ``percentile``, linear interpolation), which shows the rare positions where the
+  quantized model goes badly wrong even when the mean is small;
+* the share of positions where both models' most likely next token (argmax; ties to the lower id) agree.
+
+Unlike perplexity it needs no reference text to be right: every position counts, the last one of a window too
+(its prediction has no target in the window, but it still has a distribution), and generated text works as well
+as a corpus. The models are only called as ``model(input_ids=ids, use_cache=False)`` and their ``.logits`` read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Positions per forward pass when batch_size is not given: both models' logits for a batch exist at once,
+# [B*T, V] each (fp32: 1024 x 49152 x 4 bytes = 200 MB per model for SmolLM2, 525 MB for a 128k vocabulary).
+AUTO_BATCH_TOKENS = 1024
+# Positions whose full-vocabulary fp32 log-probabilities exist at a time (a few [CHUNK, V] buffers).
+CHUNK = 256
+PERCENTILE = 99.0
+
+
+@dataclass(frozen=True)
+class FidelityResult:
+    """Next-token fidelity of a candidate model to a reference over ``positions = windows * seq_len`` positions."""
+
+    kl_mean: float  # mean KL(p_reference || p_candidate), nats
+    kl_p99: float  # 99th percentile of the per-position KL, nats
+    top1_agreement: float  # share of positions with the same argmax token, in [0, 1]
+    positions: int
+    windows: int
+    seq_len: int
+    source: str  # the text the windows came from (a path or dataset name), or "generated"
+    source_hash: str  # that source's hash (for "generated": model content hash, seed and sampler)
+    seconds: float  # wall time of the forward passes and statistics
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "FidelityResult":
+        return cls(kl_mean=float(obj["kl_mean"]), kl_p99=float(obj["kl_p99"]),
+                   top1_agreement=float(obj["top1_agreement"]), positions=int(obj["positions"]),
+                   windows=int(obj["windows"]), seq_len=int(obj["seq_len"]), source=str(obj["source"]),
+                   source_hash=str(obj["source_hash"]), seconds=float(obj["seconds"]))
+
+
+def position_stats(
+    reference: torch.Tensor, candidate: torch.Tensor, chunk: int = CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position ``(KL(p_ref || p_cand) [P] float64, same argmax [P] bool)`` of logits ``[P, V]`` each.
+
+    Works through ``chunk`` positions at a time, so fp32 log-probabilities exist for one chunk only.
+    """
+    if reference.shape != candidate.shape or reference.ndim != 2:
+        raise ValueError(f"logits must both be [positions, vocab]; got {tuple(reference.shape)} and "
+                         f"{tuple(candidate.shape)} (do the two models share a vocabulary?)")
+    kl = torch.empty(reference.shape[0], dtype=torch.float64)
+    agree = torch.empty(reference.shape[0], dtype=torch.bool)
+    for s in range(0, reference.shape[0], chunk):
+        ref = reference[s : s + chunk].float()  # [c, V]
+        cand = candidate[s : s + chunk].to(ref.device).float()  # [c, V]
+        logp, logq = F.log_softmax(ref, dim=-1), F.log_softmax(cand, dim=-1)
+        p = logp.exp()
+        # p_v = 0 contributes 0 even where log q_v = -inf (0 * inf would be nan). Summed in float64; a sum
+        # below 0 is rounding (KL >= 0), so it is clamped.
+        terms = torch.where(p > 0, p * (logp - logq), torch.zeros((), dtype=p.dtype, device=p.device))
+        kl[s : s + chunk] = terms.double().sum(dim=-1).clamp_min(0).cpu()
+        agree[s : s + chunk] = (ref.argmax(dim=-1) == cand.argmax(dim=-1)).cpu()
+    return kl, agree
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.inference_mode()
+def fidelity(
+    reference: nn.Module,
+    candidate: nn.Module,
+    windows: torch.Tensor,
+    *,
+    source: str,
+    source_hash: str,
+    batch_size: int | None = None,
+    chunk: int = CHUNK,
+    progress: Callable[[int], None] | None = None,
+) -> FidelityResult:
+    """KL divergence and top-1 agreement of ``candidate``'s next-token distributions against ``reference``'s.
+
+    ``windows``: ``[N, T]`` token ids, each row scored independently by both models. ``batch_size`` windows per
+    forward pass (default: about ``AUTO_BATCH_TOKENS`` positions); ``progress(n)`` after each batch of n windows.
+    ``source``/``source_hash`` say where the windows came from and are recorded as given.
+    """
+    if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 1:
+        raise ValueError(f"windows must have shape [N>=1, T>=1], got {tuple(windows.shape)}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 when given, got {batch_size}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    n, t = windows.shape
+    batch_size = batch_size or max(1, AUTO_BATCH_TOKENS // t)
+    ids = windows.to(torch.int64)
+    modes = (reference.training, candidate.training)
+    reference.eval()
+    candidate.eval()
+    kls, agrees = [], []
+    start = time.perf_counter()
+    try:
+        for s in range(0, n, batch_size):
+            batch = ids[s : s + batch_size]  # [b, T]
+            ref = reference(input_ids=batch.to(_device(reference)), use_cache=False).logits  # [b, T, V]
+            cand = candidate(input_ids=batch.to(_device(candidate)), use_cache=False).logits  # [b, T, V]
+            kl, agree = position_stats(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1]), chunk)
+            kls.append(kl)
+            agrees.append(agree)
+            del ref, cand
+            if progress is not None:
+                progress(batch.shape[0])
+    finally:
+        reference.train(modes[0])
+        candidate.train(modes[1])
+    kl_all = torch.cat(kls).numpy()  # [N*T] float64
+    agree_all = torch.cat(agrees)
+    return FidelityResult(
+        kl_mean=float(kl_all.mean()),
+        kl_p99=float(np.percentile(kl_all, PERCENTILE)),
+        top1_agreement=float(agree_all.double().mean()),
+        positions=int(kl_all.shape[0]),
+        windows=n,
+        seq_len=t,
+        source=source,
+        source_hash=source_hash,
+        seconds=time.perf_counter() - start,
+    )
+
+
+__all__ = ["AUTO_BATCH_TOKENS", "CHUNK", "FidelityResult", "fidelity", "position_stats"]

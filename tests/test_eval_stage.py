@@ -1,0 +1,233 @@
+"""The evaluate stage on a tiny Llama and its artifact: options, checks before loading, the report with fidelity
+(on a corpus and on generated text), the plain-model record."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import plan_with_precisions
+from lsaq.eval import stage
+from lsaq.eval.report import EvalReport, ModelEval, render_markdown
+from lsaq.eval.stage import EvalOptions, OptionError, evaluate
+from lsaq.precision import Precision
+from test_calibration import tiny_model_dir, word_text
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """``(model dir, artifact dir, corpus file, empty shared folder)``; lsaq's cache in a temporary folder."""
+    from lsaq.models.loading import load_model
+    from lsaq.quantization.artifact import write_artifact
+
+    root = tmp_path_factory.mktemp("stage")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LSAQ_CACHE", str(root / "cache"))
+        model_dir = tiny_model_dir(root / "tiny")
+        loaded = load_model(model_dir)
+        plan = plan_with_precisions(loaded.info, [Precision.FP16, Precision.INT8, Precision.INT4])
+        write_artifact(loaded, plan, root / "art")  # quantizes `loaded` in place; it is not used again
+        corpus = root / "corpus.txt"
+        corpus.write_text(word_text(2000))
+        (root / "empty").mkdir()
+        yield model_dir, root / "art", corpus, root / "empty"
+
+
+@pytest.fixture
+def isolated(env, monkeypatch):
+    """This module's cache, and a shared folder without WikiText (so no local default corpus)."""
+    monkeypatch.setenv("LSAQ_CACHE", str(env[0].parent / "cache"))
+    monkeypatch.setenv("LSAQ_SHARED", str(env[3]))
+    return env
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Record every model :func:`evaluate` loads (artifact or not), still loading it."""
+    seen: list[stage.ModelSource] = []
+    real = stage.load_for_eval
+    monkeypatch.setattr(stage, "load_for_eval", lambda source: seen.append(source) or real(source))
+    return seen
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+def cli_name(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dtype="float16"), "unknown dtype 'float16'; valid: float32, bfloat16"),
+    (dict(task_data="web"), "unknown task_data 'web'; valid: auto, local, hub"),
+    (dict(seq_len=1), "seq_len must be at least 2, got 1"),
+    (dict(max_windows=0), "max_windows must be at least 1, got 0"),
+    (dict(ppl_batch_size=0), "ppl_batch_size must be at least 1, got 0"),
+    (dict(limit=-3), "limit must be at least 1, got -3"),
+    (dict(task_batch_size=0), "task_batch_size must be at least 1, got 0"),
+    (dict(fidelity_windows=0), "fidelity_windows must be at least 1, got 0"),
+    (dict(fidelity_seq_len=1), "fidelity_seq_len must be at least 2, got 1"),
+    (dict(fidelity_seed=-1), "fidelity_seed must be at least 0, got -1"),
+    (dict(seq_len=True), "seq_len must be at least 2, got True"),
+    (dict(dtype="{x}"), "unknown dtype '{x}'; valid: float32, bfloat16"),
+])
+def test_bad_options_name_the_value_and_the_valid_ones(kwargs, message):
+    with pytest.raises(OptionError) as e:
+        EvalOptions(**kwargs)
+    assert str(e.value) == message
+    (option,) = kwargs
+    assert e.value.render(cli_name) == message.replace(option, cli_name(option), 1)
+
+
+def test_tasks_are_resolved():
+    assert EvalOptions(tasks="piqa, arc_easy,piqa").tasks == ("piqa", "arc_easy")
+    assert EvalOptions(tasks=["boolq"]).tasks == ("boolq",) and EvalOptions().tasks == ()
+    with pytest.raises(ValueError, match="unknown task\\(s\\) 'chess'; valid tasks: piqa"):
+        EvalOptions(tasks="chess")
+
+
+def test_checks_fail_before_anything_is_loaded(env, tmp_path, monkeypatch):
+    model_dir, art, corpus, _ = env
+    monkeypatch.setattr(stage, "load_for_eval", lambda source: pytest.fail(f"loaded {source}"))
+    cases = [
+        ("x.gguf", None, dict(ppl=True, plots=str(tmp_path)), None, "plots applies to an artifact directory"),
+        ("x.gguf", None, dict(ppl=True, with_baseline=False), None, "with_baseline applies to an artifact"),
+        ("x.gguf", None, dict(ppl=True), "y", "baseline applies to an artifact directory (from `lsaq quantize`), "
+                                                "not to x.gguf"),
+        (None, None, dict(), None, "nothing to do: pass ppl and/or tasks NAME[,NAME...]"),
+        (art, None, dict(with_baseline=False), None, "nothing to do without the baseline (no fidelity): pass ppl "
+                                                     "and/or tasks NAME[,NAME...] (or plots DIR)"),
+        (art, tmp_path / "r.json", dict(with_baseline=False, plots=str(tmp_path / "p")), None,
+         "out needs something measured: ppl and/or tasks, or the fidelity, which needs the baseline"),
+        (art, None, dict(ppl=True, with_baseline=False), "y", "baseline and with_baseline contradict each other"),
+        ("x.gguf", None, dict(tasks="piqa", ppl_source=str(corpus)), None, "ppl_source needs ppl"),
+        (art, tmp_path / "r.md", dict(ppl=True), None, "give the JSON path"),
+        (art, None, dict(ppl=True), str(tmp_path / "gone"), "does not exist here; pass baseline PATH, or "
+                                                            "with_baseline"),
+    ]
+    for target, out, kwargs, baseline, message in cases:
+        with pytest.raises(ValueError) as e:
+            evaluate(target, out, options=EvalOptions(**kwargs), baseline=baseline)
+        assert message in str(e.value), (kwargs, str(e.value))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ artifacts
+
+
+def direct_fidelity(model_dir: Path, art: Path, windows: torch.Tensor):
+    """The fidelity computed by hand from freshly loaded models, for comparison with the stage's."""
+    from lsaq.eval.fidelity import fidelity
+    from lsaq.models.loading import load_model
+    from lsaq.quantization.artifact import load_quantized
+
+    base, quant = load_model(model_dir), load_quantized(art, dtype=torch.float32)
+    return fidelity(base.model, quant.model, windows, source="-", source_hash="-")
+
+
+def test_artifact_report_with_perplexity_and_fidelity(isolated, tmp_path, loads):
+    from lsaq.eval.perplexity import eval_windows
+
+    model_dir, art, corpus, _ = isolated
+    options = EvalOptions(ppl=True, ppl_source=str(corpus), seq_len=32, max_windows=2, fidelity_windows=3)
+    report = evaluate(art, tmp_path / "r.json", options=options)
+    assert isinstance(report, EvalReport) and [s.artifact for s in loads] == [True, False]
+    b, q = report.baseline["perplexity"], report.quantized["perplexity"]
+    assert b["windows"] == q["windows"] == 2 and b["source_hash"] == q["source_hash"] and b["ppl"] != q["ppl"]
+    (row,) = report.comparison
+    assert (row["baseline"], row["quantized"]) == (b["ppl"], q["ppl"])
+    f = report.fidelity
+    assert (f.source, f.source_hash, f.windows, f.seq_len, f.positions) == (str(corpus), b["source_hash"], 3, 32, 96)
+    assert 0 < f.kl_mean <= f.kl_p99 and 0 < f.top1_agreement <= 1
+    windows = eval_windows(report_tokenizer(model_dir), str(corpus), 32)[0][:3]
+    ref = direct_fidelity(model_dir, art, windows)
+    assert (f.kl_mean, f.kl_p99, f.top1_agreement) == pytest.approx((ref.kl_mean, ref.kl_p99, ref.top1_agreement),
+                                                                     rel=1e-9)
+    assert report.settings["fidelity_windows"] == 3 and report.settings["fidelity_seed"] is None
+    assert EvalReport.load(tmp_path / "r.json") == report
+    md = (tmp_path / "r.md").read_text()
+    assert md == render_markdown(report)
+    assert "Fidelity to the float model (corpus.txt, 3 x 32 tokens, 96 positions;" in md
+
+
+def report_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_fidelity_alone_defaults_to_local_wikitext_else_generated(isolated, tmp_path, loads, monkeypatch):
+    from lsaq.importance.calibration import generate_calibration
+    from lsaq.models.loading import load_model
+
+    model_dir, art, _, empty = isolated
+    options = EvalOptions(fidelity_windows=2, fidelity_seq_len=16, fidelity_seed=5)
+    gen = evaluate(art, options=options)  # default options measure fidelity; no corpus: generated text
+    assert [s.artifact for s in loads] == [True, False]
+    f = gen.fidelity
+    assert gen.comparison == () and gen.quantized["perplexity"] is None and gen.baseline["tasks"] == {}
+    assert (f.source, f.windows, f.seq_len, f.positions) == ("generated", 2, 16, 32)
+    base = load_model(model_dir)
+    calib = generate_calibration(base.model, base.tokenizer, base.info.content_hash, samples=2, seq_len=16, seed=5)
+    assert f.source_hash == calib.source_hash and gen.settings["fidelity_seed"] == 5
+    ref = direct_fidelity(model_dir, art, calib.tokens)
+    assert (f.kl_mean, f.top1_agreement) == pytest.approx((ref.kl_mean, ref.top1_agreement), rel=1e-9)
+    assert "text generated by the float model, 2 x 16 tokens" in render_markdown(gen)
+    assert evaluate(art, options=options).fidelity.kl_mean == f.kl_mean  # seeded: the same text again
+
+    wiki = tmp_path / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    wiki.parent.mkdir(parents=True)
+    wiki.write_text(word_text(500, seed=3))
+    monkeypatch.setenv("LSAQ_SHARED", str(tmp_path / "shared"))
+    local = evaluate(art, options=options).fidelity
+    assert (local.source, local.windows, local.seq_len) == (str(wiki), 2, 16)
+    # Without perplexity the window is DEFAULT_FIDELITY_SEQ_LEN, capped at the model's 128 positions.
+    assert stage.DEFAULT_FIDELITY_SEQ_LEN == 512 and evaluate(art).fidelity.seq_len == 128
+
+
+def test_no_baseline_loads_only_the_artifact(isolated, loads):
+    _, art, corpus, _ = isolated
+    report = evaluate(art, options=EvalOptions(ppl=True, ppl_source=str(corpus), seq_len=32, max_windows=1,
+                                               with_baseline=False))
+    assert [s.artifact for s in loads] == [True] and report.baseline is None and report.fidelity is None
+    assert report.comparison[0]["delta"] is None and "neither deltas nor fidelity" in render_markdown(report)
+
+
+def test_baseline_with_other_weights_is_refused(isolated, tmp_path):
+    _, art, _, _ = isolated
+    other = tiny_model_dir(tmp_path / "other", seed=1)
+    with pytest.raises(OptionError, match="is not the model the artifact was made from .* pass baseline or "
+                                          "with_baseline"):
+        evaluate(art, options=EvalOptions(seq_len=16, fidelity_windows=1), baseline=str(other))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+def test_plots_only_loads_nothing(isolated, tmp_path, loads):
+    _, art, _, _ = isolated
+    report = evaluate(art, options=EvalOptions(with_baseline=False, plots=str(tmp_path / "p")))
+    assert loads == [] and report.quantized is None and report.fidelity is None
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["memory.png", "plan_strip.png"]
+    assert "Nothing was measured" in render_markdown(report)
+
+
+# ------------------------------------------------------------------------------------------ plain models
+
+
+def test_plain_model_gives_the_plain_record(isolated, tmp_path):
+    from lsaq.eval.perplexity import perplexity
+    from lsaq.models.loading import load_model
+
+    model_dir, _, corpus, _ = isolated
+    options = EvalOptions(ppl=True, ppl_source=str(corpus), seq_len=32, max_windows=2)
+    record = evaluate(model_dir, tmp_path / "plain.json", options=options)
+    assert isinstance(record, ModelEval)
+    loaded = load_model(model_dir)
+    direct = perplexity(loaded.model, loaded.tokenizer, str(corpus), seq_len=32, max_windows=2)
+    assert record.perplexity["ppl"] == pytest.approx(direct.ppl, rel=1e-9) and record.tasks == {}
+    saved = json.loads((tmp_path / "plain.json").read_text())
+    assert saved == record.to_json() and saved["schema"] == "lsaq.eval" and "artifact" not in saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json"]
