@@ -161,15 +161,6 @@ def load_for_eval(source: ModelSource) -> LoadedModel:
     return load_model(source.path, dtype=dtype)
 
 
-def baseline_source(plan: Plan, manifest: dict[str, Any]) -> str | None:
-    """The float model an artifact was made from: the plan's model, or the manifest's for a plan from a bare
-    config. Its recorded source path, else its id; None means the default model."""
-    ident = plan.model.to_json() if plan.model.content_hash else manifest["model"]
-    if ident.get("id") in (None, "default"):
-        return None
-    return ident.get("source") or ident.get("id")
-
-
 def _check(target: str | None, artifact: bool, out: str | Path | None, options: EvalOptions,
            baseline: str | None) -> None:
     """Everything that can be checked before loading anything, so bad input fails fast and writes nothing."""
@@ -277,17 +268,19 @@ def evaluate(
         return record
 
     from lsaq.quantization.artifact import PLAN, verify_artifact
+    from lsaq.quantization.record import Artifact
+    from lsaq.quantization.stage import plan_model_source
 
-    manifest = verify_artifact(path, checksums=False)  # fail fast; loading checks every sha256
+    verify_artifact(path, checksums=False)  # fail fast; loading checks every sha256
+    record = Artifact.load(path)
     plan = Plan.load(Path(path) / PLAN)
-    base_src = baseline or baseline_source(plan, manifest)
+    base_src = baseline or plan_model_source(record.model)  # the float weights it was made from
     if options.with_baseline and base_src is not None:
         if not Path(base_src).expanduser().exists() and not is_hub_id(base_src):
             raise OptionError(f"the artifact's base model {_lit(base_src)} does not exist here; pass {{baseline}} "
                               "PATH, or {with_baseline}")
-    art = {"path": path, "plan_id": manifest.get("plan_id"), "tensor_bytes": manifest.get("tensor_bytes"),
-           "files_bytes": sum(f["bytes"] for f in manifest["files"].values()),
-           "lsaq_version": manifest.get("lsaq_version")}
+    art = {"path": path, "plan_id": record.plan_id, "tensor_bytes": record.tensor_bytes,
+           "files_bytes": record.file_bytes, "lsaq_version": record.lsaq_version}
     if options.measures or options.with_baseline:
         quant = load_for_eval(ModelSource(path, options.dtype, artifact=True))
         q_run = _run(quant, options, ppl_source, " (quantized)", start, artifact=path)
@@ -295,7 +288,7 @@ def evaluate(
         if options.with_baseline:
             b_start = time.perf_counter()
             base = load_for_eval(ModelSource(base_src, options.dtype))
-            expected = manifest["model"].get("content_hash")
+            expected = record.model.content_hash
             if expected and base.info.content_hash != expected:
                 raise OptionError(f"baseline model {_lit(base_src)} (content {base.info.content_hash[:12]}) is not the "
                                   f"model the artifact was made from (content {expected[:12]}); pass {{baseline}} "
@@ -308,7 +301,7 @@ def evaluate(
         report = build_report(q_run, b_run, plan=plan, artifact=art, settings=_settings(options, ppl_source, fid),
                               fidelity=fid, seconds=time.perf_counter() - start)
     else:  # plots only: nothing is loaded
-        model = {k: v for k, v in manifest["model"].items() if k != "config"}
+        model = record.model.to_json()
         report = EvalReport(model=model, artifact=art, plan=plan_summary(plan), settings={}, baseline=None,
                             quantized=None, comparison=(), seconds=time.perf_counter() - start)
     if options.plots:
@@ -322,5 +315,5 @@ def evaluate(
     return report
 
 
-__all__ = ["DEFAULT_FIDELITY_SEQ_LEN", "DTYPES", "EvalOptions", "ModelSource", "OptionError", "baseline_source",
+__all__ = ["DEFAULT_FIDELITY_SEQ_LEN", "DTYPES", "EvalOptions", "ModelSource", "OptionError",
            "evaluate", "is_artifact", "load_for_eval"]
