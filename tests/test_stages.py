@@ -69,3 +69,20 @@ def test_a_calibration_set_is_only_for_its_own_model(tmp_path):
     assert not (tmp_path / "imp.json").exists()
     with pytest.raises(ValueError, match="not both"):
         lsaq.score(first, calibration=tmp_path / "calib", source=str(corpus))
+
+
+def test_cli_calibrate_then_score_from_the_directory(tmp_path, capsys):
+    from lsaq.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(word_text(2000))
+    model = str(tiny_model_dir(tmp_path / "tiny"))
+    assert main(["calibrate", "--model", model, "--calib", str(corpus), "--samples", "3", "--seq-len", "16",
+                 "--out", str(tmp_path / "calib")]) == 0
+    assert "3 x 16 tokens" in capsys.readouterr().out
+    assert main(["score", "--model", model, "--calib-dir", str(tmp_path / "calib"), "--out", str(tmp_path / "i.json")]) == 0
+    rec = LayerImportance.load(tmp_path / "i.json")
+    assert rec.calibration.samples == 3 and rec.calibration.source == str(corpus)
+    assert main(["score", "--model", model, "--calib-dir", str(tmp_path / "calib"), "--calib", str(corpus),
+                 "--out", str(tmp_path / "j.json")]) == 2
+    assert "not both" in capsys.readouterr().err and not (tmp_path / "j.json").exists()

@@ -55,11 +55,22 @@ def run(args: argparse.Namespace) -> int:
 
     from lsaq.importance.stage import score
 
-    with tqdm(total=args.samples, desc=f"{args.method} scoring", unit="seq", file=sys.stderr) as bar:
+    bars: list[tqdm] = []  # opened at the first scored batch, so it does not sit under loading and calibration
+
+    def progress(n: int) -> None:
+        if not bars:
+            total = args.samples if args.calib_dir is None else None  # a calibration dir has its own size
+            bars.append(tqdm(total=total, desc=f"{args.method} scoring", unit="seq", file=sys.stderr))
+        bars[0].update(n)
+
+    try:
         rec = score(args.model, args.out, method=args.method, k=args.k, source=args.calib,
                     calibration=args.calib_dir, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                     batch_size=args.batch_size, revision=args.revision, trust_remote_code=args.trust_remote_code,
-                    progress=bar.update)
+                    progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     print(format_ranking(rec))
     print(f"wrote {args.out} ({rec.num_layers} layers, {rec.wall_time_s:.1f}s scoring)")
     return 0
