@@ -48,6 +48,7 @@ from typing import Any, Mapping, Sequence
 
 from lsaq import __version__
 from lsaq.eval.fidelity import FidelityResult
+from lsaq.models.identity import ModelRef
 from lsaq.planning.planner import Plan
 from lsaq.records import atomic_write_bytes, canonical_json, read_record
 from lsaq.units import format_bytes
@@ -201,7 +202,7 @@ class EvalReport:
     means nothing was measured (only the plan was drawn), ``fidelity`` None that the baseline was not evaluated.
     """
 
-    model: dict[str, Any]
+    model: ModelRef  # the float model the artifact was made from
     artifact: dict[str, Any]
     plan: dict[str, Any]
     settings: dict[str, Any]
@@ -214,8 +215,8 @@ class EvalReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA, "version": VERSION, "lsaq_version": self.lsaq_version, "model": self.model,
-            "artifact": self.artifact, "plan": self.plan, "settings": self.settings, "baseline": self.baseline,
+            "schema": SCHEMA, "version": VERSION, "lsaq_version": self.lsaq_version,
+            "model": self.model.to_json(), "artifact": self.artifact, "plan": self.plan, "settings": self.settings, "baseline": self.baseline,
             "quantized": self.quantized, "comparison": list(self.comparison),
             "fidelity": self.fidelity.to_json() if self.fidelity is not None else None, "seconds": self.seconds,
         }
@@ -223,7 +224,7 @@ class EvalReport:
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "EvalReport":
         fid = obj.get("fidelity")
-        return cls(model=dict(obj["model"]), artifact=dict(obj.get("artifact") or {}), plan=dict(obj["plan"]),
+        return cls(model=ModelRef.from_json(obj["model"]), artifact=dict(obj.get("artifact") or {}), plan=dict(obj["plan"]),
                    settings=dict(obj.get("settings") or {}), baseline=obj.get("baseline"),
                    quantized=obj.get("quantized"), comparison=tuple(obj.get("comparison") or ()),
                    fidelity=FidelityResult.from_json(fid) if fid is not None else None, seconds=obj.get("seconds"),
@@ -243,7 +244,7 @@ class EvalReport:
 class ModelEval:
     """The ``lsaq.eval`` record of a plain model (not an artifact): one run, no plan, no baseline."""
 
-    model: dict[str, Any]  # identity without the config
+    model: ModelRef
     dtype: str | None
     perplexity: dict[str, Any] | None  # PerplexityResult as JSON
     tasks: dict[str, dict[str, Any]]  # task name -> TaskResult as JSON
@@ -253,12 +254,12 @@ class ModelEval:
     @classmethod
     def from_run(cls, run: Mapping[str, Any]) -> "ModelEval":
         """From a :func:`run_record` of a float model."""
-        return cls(model=dict(run["model"]), dtype=run.get("dtype"), perplexity=run.get("perplexity"),
+        return cls(model=ModelRef.from_json(run["model"]), dtype=run.get("dtype"), perplexity=run.get("perplexity"),
                    tasks=dict(run.get("tasks") or {}), seconds=float(run.get("seconds", 0.0)))
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": PLAIN_SCHEMA, "version": PLAIN_VERSION, "lsaq_version": self.lsaq_version,
-                "model": self.model, "dtype": self.dtype, "perplexity": self.perplexity, "tasks": self.tasks,
+                "model": self.model.to_json(), "dtype": self.dtype, "perplexity": self.perplexity, "tasks": self.tasks,
                 "seconds": self.seconds}
 
     @classmethod
@@ -283,7 +284,7 @@ def build_report(
     """
     rows = compare(baseline, quantized)
     report = EvalReport(
-        model=dict(quantized["model"]), artifact=dict(artifact or {}), plan=plan_summary(plan),
+        model=ModelRef.from_json(quantized["model"]), artifact=dict(artifact or {}), plan=plan_summary(plan),
         settings=dict(settings or {}), baseline=dict(baseline) if baseline is not None else None,
         quantized=dict(quantized), comparison=tuple(rows), fidelity=fidelity, seconds=seconds,
     )

@@ -301,8 +301,7 @@ def evaluate(
         report = build_report(q_run, b_run, plan=plan, artifact=art, settings=_settings(options, ppl_source, fid),
                               fidelity=fid, seconds=time.perf_counter() - start)
     else:  # plots only: nothing is loaded
-        model = record.model.to_json()
-        report = EvalReport(model=model, artifact=art, plan=plan_summary(plan), settings={}, baseline=None,
+        report = EvalReport(model=record.model, artifact=art, plan=plan_summary(plan), settings={}, baseline=None,
                             quantized=None, comparison=(), seconds=time.perf_counter() - start)
     if options.plots:
         from lsaq.plots import plot_memory, plot_plan_strip
