@@ -9,6 +9,7 @@ the files it writes::
     plan = lsaq.plan("rtx3060", importance=imp, options=lsaq.PlanOptions(context=4096))
     art = lsaq.quantize(plan, "artifact/")                    # compressed-tensors directory, exact bytes
     report = lsaq.evaluate("artifact/")                       # KL / top-1 agreement vs the float model
+    build = lsaq.publish(lsaq.open_store("s3://bucket/lsaq"), "artifact/")   # atomic, content-keyed
 
 Names are imported on first use, so ``import lsaq`` (and the command line's start-up) stays light.
 """
@@ -29,6 +30,10 @@ _EXPORTS = {
     "plan": "lsaq.planning.stage",
     "quantize": "lsaq.quantization.stage",
     "evaluate": "lsaq.eval.stage",
+    "open_store": "lsaq.store.stage",
+    "publish": "lsaq.store.stage",
+    "list_builds": "lsaq.store.stage",
+    "download": "lsaq.store.stage",
     # records and options that cross stage boundaries
     "CalibrationInfo": "lsaq.importance.calibration",
     "LayerImportance": "lsaq.importance.scoring",
@@ -47,6 +52,7 @@ _EXPORTS = {
     "EvalOptions": "lsaq.eval.stage",
     "EvalReport": "lsaq.eval.report",
     "FidelityResult": "lsaq.eval.fidelity",
+    "BuildManifest": "lsaq.store.manifest",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

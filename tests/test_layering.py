@@ -109,9 +109,11 @@ def test_no_private_names_across_modules():
 
 
 @pytest.mark.parametrize("module", ["lsaq.planning.stage", "lsaq.commands.plan", "lsaq.importance.record",
-                                    "lsaq.models.families", "lsaq.models.configs"])
-def test_planning_needs_no_torch(module):
-    """Planning needs no weights, so it loads without torch (fast CLI, light pipeline workers)."""
+                                    "lsaq.models.families", "lsaq.models.configs", "lsaq.quantization.record",
+                                    "lsaq.store.stage", "lsaq.commands.store"])
+def test_planning_and_the_store_need_no_torch(module):
+    """Planning needs no weights and the store only moves files, so both load without torch (fast CLI, light
+    pipeline workers and device-side downloads)."""
     code = f"import sys, {module}; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", f"{module} pulls in {out}"
@@ -120,7 +122,8 @@ def test_planning_needs_no_torch(module):
 def test_the_python_api_exports_every_stage():
     import lsaq
 
-    for name in ("calibrate", "score", "resolve_device", "plan", "quantize", "evaluate"):
+    for name in ("calibrate", "score", "resolve_device", "plan", "quantize", "evaluate", "open_store", "publish",
+                 "list_builds", "download"):
         assert callable(getattr(lsaq, name)), name
     for name in lsaq.__all__:
         assert getattr(lsaq, name) is not None

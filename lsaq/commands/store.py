@@ -1,0 +1,131 @@
+"""``lsaq publish`` (artifact -> store), ``lsaq ls`` (what a store holds) and ``lsaq download`` (verified).
+
+The store is ``--store URI``, else ``$LSAQ_STORE``, else a local directory in lsaq's cache; an S3 store takes its
+endpoint from ``--endpoint-url`` or ``AWS_ENDPOINT_URL_S3`` and its credentials from the standard AWS chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lsaq.units import format_bytes
+
+STORE_HELP = "store: a directory, file:///path or s3://bucket/prefix (default: $LSAQ_STORE, else <lsaq cache>/store)"
+
+
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=None, help=STORE_HELP)
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: AWS_ENDPOINT_URL_S3, else AWS)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("publish", help="publish an artifact directory to the store as one build (atomic)")
+    p.add_argument("artifact", help="artifact directory from `lsaq quantize`")
+    p.add_argument("--report", default=None,
+                   help="`lsaq eval` report of the artifact (report.json; its .md goes along; default: the "
+                        "report.json inside the artifact directory, if any)")
+    p.add_argument("--plots", default=None, help="folder of *.png plots to publish with the build (default: the "
+                                                 "artifact's plots/ folder, if any)")
+    add_store_args(p)
+    p.set_defaults(func=run_publish)
+
+    ls = sub.add_parser("ls", help="list the store's builds with their headline figures, newest first")
+    ls.add_argument("--model", default=None, help="only this model (slug, hub id, path, or 'default')")
+    ls.add_argument("--device", default=None, help="only this device (slug or profile name)")
+    add_store_args(ls)
+    ls.set_defaults(func=run_ls)
+
+    d = sub.add_parser("download", help="download a build into a directory, verifying every file's sha256")
+    d.add_argument("--model", required=True, help="model (slug, hub id, path, or 'default'; see `lsaq ls`)")
+    d.add_argument("--device", required=True, help="device (slug or profile name; see `lsaq ls`)")
+    d.add_argument("--to", required=True, help="directory to create (must not exist or be empty)")
+    d.add_argument("--build", default=None, help="build id (default: the latest complete build)")
+    d.add_argument("--force", action="store_true", help="replace --to if it exists")
+    add_store_args(d)
+    d.set_defaults(func=run_download)
+
+
+def open_from_args(args: argparse.Namespace):
+    from lsaq.store.stage import open_store
+
+    return open_store(args.store, endpoint_url=args.endpoint_url)
+
+
+def fail(command: str, e: Exception) -> int:
+    """One clear line for a store failure (its messages name objects and endpoints, never credentials)."""
+    print(f"lsaq {command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    from lsaq.store.backend import StoreError
+    from lsaq.store.stage import publish
+
+    try:
+        store = open_from_args(args)
+        result = publish(store, args.artifact, report=args.report, plots=args.plots)
+    except StoreError as e:
+        return fail("publish", e)
+    m = result.manifest
+    state = "published" if result.created else "already published (identical build; nothing uploaded)"
+    print(f"{state}: {m.model_slug} {m.revision} on {m.device_slug}, build {m.build_id} "
+          f"({len(m.files)} files, {format_bytes(m.file_bytes)}; {format_bytes(result.uploaded_bytes)} uploaded in "
+          f"{result.seconds:.1f}s)")
+    print(result.uri)
+    return 0
+
+
+def headline(m) -> list[str]:
+    """One row of `lsaq ls`."""
+    bits = m.avg_bits.get("quantizable_linears")  # the plan's average over the linears it chose precisions for
+    ev = "-"
+    if m.evaluation:
+        parts = []
+        ppl = (m.evaluation.get("metrics") or {}).get("perplexity")
+        if ppl and ppl.get("quantized") is not None:
+            parts.append(f"ppl {ppl['quantized']:.2f}")
+        fid = m.evaluation.get("fidelity")
+        if fid and fid.get("kl_mean") is not None:
+            parts.append(f"KL {fid['kl_mean']:.4f}, top1 {fid['top1_agreement']:.3f}")
+        ev = "; ".join(parts) or "-"
+    return [m.model_slug, m.revision, m.device_slug, m.build_id, m.published_at.replace("+00:00", "Z"),
+            f"{bits:.2f}" if isinstance(bits, (int, float)) else "?", str(m.context), format_bytes(m.weights_bytes),
+            format_bytes(m.required_bytes), ev]
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    from lsaq.store.backend import StoreError
+    from lsaq.store.stage import list_builds
+
+    try:
+        store = open_from_args(args)
+        builds = list_builds(store, model=args.model, device=args.device)
+    except StoreError as e:
+        return fail("ls", e)
+    if not builds:
+        print(f"{store.uri}: no builds" + (" match" if args.model or args.device else ""))
+        return 0
+    rows = [["model", "revision", "device", "build", "published", "avg bits", "context", "weights", "memory needed",
+             "evaluation"]] + [headline(m) for m in builds]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"{store.uri}: {len(builds)} build{'s' if len(builds) != 1 else ''}")
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from lsaq.store.backend import StoreError
+    from lsaq.store.stage import download
+
+    try:
+        store = open_from_args(args)
+        result = download(store, args.to, model=args.model, device=args.device, build=args.build, force=args.force)
+    except StoreError as e:
+        return fail("download", e)
+    m = result.manifest
+    print(f"downloaded build {m.build_id} ({m.model_slug} {m.revision} on {m.device_slug}; {len(m.files)} files, "
+          f"{format_bytes(m.file_bytes)}, every sha256 verified) into {result.path} in {result.seconds:.1f}s")
+    return 0
