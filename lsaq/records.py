@@ -91,22 +91,28 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def parse_record(data: bytes | str, where: str, schema: str, max_version: int) -> dict[str, Any]:
+    """A JSON record's object from its bytes, its ``schema`` and ``version`` checked; :class:`RecordError` (naming
+    ``where`` it came from: a path, a store URI) otherwise."""
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict) or obj.get("schema") != schema:
+        found = obj.get("schema") if isinstance(obj, dict) else type(obj).__name__
+        raise RecordError(f"{where}: expected a {schema!r} record, found schema {found!r}")
+    version = obj.get("version")
+    if not isinstance(version, int) or not 1 <= version <= max_version:
+        raise RecordError(f"{where}: {schema} version {version!r} is not supported (supported: 1..{max_version})")
+    return obj
+
+
 def read_record(path: str | os.PathLike, schema: str, max_version: int) -> dict[str, Any]:
     """Load a JSON record and check its ``schema`` and ``version``; raise :class:`RecordError` otherwise."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: no such file")
-    try:
-        obj = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RecordError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(obj, dict) or obj.get("schema") != schema:
-        found = obj.get("schema") if isinstance(obj, dict) else type(obj).__name__
-        raise RecordError(f"{path}: expected a {schema!r} record, found schema {found!r}")
-    version = obj.get("version")
-    if not isinstance(version, int) or not 1 <= version <= max_version:
-        raise RecordError(f"{path}: {schema} version {version!r} is not supported (supported: 1..{max_version})")
-    return obj
+    return parse_record(path.read_bytes(), str(path), schema, max_version)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:

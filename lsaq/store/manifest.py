@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from lsaq import __version__
 from lsaq.models.identity import ModelRef
-from lsaq.records import RecordError, canonical_json, sha256_hex
+from lsaq.records import RecordError, canonical_json, parse_record, sha256_hex
 from lsaq.store.keys import build_prefix, latest_key, validate_key
 
 SCHEMA, VERSION = "lsaq.store.build", 1
@@ -34,21 +34,6 @@ def build_id(plan_id: str, files: Mapping[str, tuple[int, str]]) -> str:
     """``<plan id, 12 hex>-<content, 12 hex>``: the content part hashes every file's name, size and sha256."""
     content = sha256_hex(canonical_json({name: [n, h] for name, (n, h) in sorted(files.items())}))
     return f"{plan_id[:ID_DIGITS]}-{content[:ID_DIGITS]}"
-
-
-def parse_record(data: bytes, where: str, schema: str, max_version: int) -> dict[str, Any]:
-    """A JSON record read from the store, its ``schema`` and ``version`` checked (:class:`RecordError` otherwise)."""
-    try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RecordError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict) or obj.get("schema") != schema:
-        found = obj.get("schema") if isinstance(obj, dict) else type(obj).__name__
-        raise RecordError(f"{where}: expected a {schema!r} record, found schema {found!r}")
-    version = obj.get("version")
-    if not isinstance(version, int) or not 1 <= version <= max_version:
-        raise RecordError(f"{where}: {schema} version {version!r} is not supported (supported: 1..{max_version})")
-    return obj
 
 
 def record_bytes(obj: Mapping[str, Any]) -> bytes:
