@@ -86,10 +86,16 @@ def run_plan(args: argparse.Namespace) -> int:
     device = DeviceRequest(name=args.device, budget=args.budget, device_file=args.device_file,
                            wait_seconds=args.wait_for_memory)
     inputs = {"importance": args.importance, "config": args.config, "options": options}
-    if args.compare:
-        print(format_comparison(compare_strategies(device, **inputs)))
+    result = None
+    if args.compare:  # every strategy; the chosen one's plan is reused, so inputs and device are read once
+        comparison = compare_strategies(device, **inputs)
+        print(format_comparison(comparison))
         print()
-    result = plan(device, **inputs, out=args.out)
+        result = next(r.plan for r in comparison.rows if r.strategy is options.strategy)
+        if result is not None and args.out:
+            result.save(args.out)
+    if result is None:  # no comparison, or the chosen strategy does not fit: plan() says what would help
+        result = plan(device, **inputs, out=args.out)
     print(format_plan(result))
     if args.out:
         print(f"wrote {args.out} (plan {result.id[:12]})")
