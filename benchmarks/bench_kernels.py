@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lsaq.quantization.qlinear import Int4Linear, Int8Linear
 from lsaq.quantization.primitives import QuantizedWeight, quantize_int4, quantize_int8
+from lsaq.quantization.qlinear import Int4Linear, Int8Linear
 
 
 def bench_s(fn: Callable[[], object], budget_s: float = 0.6, reps: int = 5) -> float:

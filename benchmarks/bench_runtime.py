@@ -48,8 +48,8 @@ def peak_rss_mib() -> float:
 
 def _one(args: argparse.Namespace) -> dict:
     """Measure one configuration in this process; print a JSON line."""
-    from lsaq.quantization.artifact import load_quantized, resident_bytes
     from lsaq.models.loading import load_model
+    from lsaq.quantization.artifact import load_quantized, resident_bytes
 
     start = time.perf_counter()
     weights, act = CONFIGS[args.one]
@@ -82,17 +82,17 @@ def _one(args: argparse.Namespace) -> dict:
 
 def _build_artifacts(args: argparse.Namespace, workdir: Path) -> list[str]:
     """Write the INT8 / INT4 / mixed artifacts; return quantization throughput lines."""
-    from lsaq.quantization.artifact import write_artifact
     from lsaq.importance.calibration import load_calibration
-    from lsaq.planning.devices import DeviceProfile
     from lsaq.importance.scoring import score_importance
+    from lsaq.models.families import model_shape
+    from lsaq.models.identity import ModelRef
     from lsaq.models.loading import load_model
     from lsaq.models.parts import decoder_parts
-    from lsaq.models.identity import ModelRef
+    from lsaq.planning.devices import DeviceProfile
     from lsaq.planning.planner import PlanOptions, make_plan
     from lsaq.precision import Precision
+    from lsaq.quantization.artifact import write_artifact
     from lsaq.quantization.primitives import QuantizedWeight
-    from lsaq.models.families import model_shape
 
     loaded = load_model(args.model)
     info = loaded.info

@@ -30,26 +30,25 @@ import numpy as np
 import torch
 
 from lsaq import __version__
-from lsaq.quantization.artifact import load_quantized, write_artifact
-from lsaq.importance.calibration import load_calibration
-from lsaq.planning.devices import DeviceProfile, MemoryKind
 from lsaq.eval.harness import evaluate_tasks
 from lsaq.eval.perplexity import default_ppl_source, read_eval_text, tokenize_eval_windows, window_nll
+from lsaq.importance.calibration import load_calibration
 from lsaq.importance.record import LayerImportance
 from lsaq.importance.scoring import score_importance
-from lsaq.planning.memory import layer_linear_bytes
-from lsaq.methods import DEFAULT_K
+from lsaq.importance.similarity import spearman
+from lsaq.methods import DEFAULT_K, ImportanceRef
+from lsaq.models.families import model_shape
+from lsaq.models.identity import ModelRef
 from lsaq.models.loading import LoadedModel, load_model
 from lsaq.models.parts import decoder_parts
-from lsaq.methods import ImportanceRef
-from lsaq.models.identity import ModelRef
+from lsaq.models.shapes import ModelShape
+from lsaq.planning.devices import DeviceProfile, MemoryKind
+from lsaq.planning.memory import layer_linear_bytes
 from lsaq.planning.planner import Plan, PlanOptions, budget_for, make_plan
 from lsaq.precision import Precision
+from lsaq.quantization.artifact import load_quantized, write_artifact
 from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.records import atomic_write_bytes, atomic_write_json
-from lsaq.models.families import model_shape
-from lsaq.models.shapes import ModelShape
-from lsaq.importance.similarity import spearman
 
 SCHEMA, VERSION = "lsaq.study", 1
 MAIN = ("jaccard", "cosine", "sensitivity")

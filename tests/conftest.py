@@ -42,11 +42,11 @@ def plan_with_precisions(info, precisions, group_size=None):
     """A plan for a loaded model with explicit per-layer precisions (1 GiB test device: it fits the real model)."""
     import dataclasses
 
+    from lsaq.models.families import model_shape
+    from lsaq.models.identity import ModelRef
     from lsaq.planning.devices import DeviceProfile, MemoryKind
     from lsaq.planning.memory import WeightPolicy
-    from lsaq.models.identity import ModelRef
     from lsaq.planning.planner import PlanOptions, make_plan
-    from lsaq.models.families import model_shape
 
     shape = model_shape(info.config)
     device = DeviceProfile(name="test-1gib", memory=2**30, kind=MemoryKind.SYSTEM, reserve=0, notes="test")
@@ -62,9 +62,9 @@ def mixed_artifact(shared_gguf, tmp_path_factory):
 
     Written once per session from a fresh load (quantizing works in place, so ``shared_model`` is not used).
     """
-    from lsaq.quantization.artifact import write_artifact
     from lsaq.models.loading import load_model
     from lsaq.precision import Precision
+    from lsaq.quantization.artifact import write_artifact
 
     mix = (Precision.FP16, Precision.INT8, Precision.INT4)
     loaded = load_model(shared_gguf)

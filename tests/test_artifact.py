@@ -9,11 +9,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import plan_with_precisions
+from test_dtype import tiny_llama_dir, tiny_plan
 
-from lsaq.quantization.apply import PlanMismatchError
-from lsaq.quantization.artifact import ArtifactError, load_quantized, resident_bytes, verify_artifact, write_artifact
-from lsaq.quantization.record import MANIFEST, Artifact
-from lsaq.quantization.stage import plan_model_source, quantize
 from lsaq.cli import main
 from lsaq.models.families import model_shape
 from lsaq.models.identity import ModelRef
@@ -21,9 +19,10 @@ from lsaq.models.loading import load_model
 from lsaq.planning.memory import WeightPolicy
 from lsaq.planning.planner import Plan, make_plan
 from lsaq.precision import Precision
-
-from conftest import plan_with_precisions
-from test_dtype import tiny_llama_dir, tiny_plan
+from lsaq.quantization.apply import PlanMismatchError
+from lsaq.quantization.artifact import ArtifactError, load_quantized, resident_bytes, verify_artifact, write_artifact
+from lsaq.quantization.record import MANIFEST, Artifact
+from lsaq.quantization.stage import plan_model_source, quantize
 
 PROMPT = "The capital of France is"
 

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from lsaq.planning import detect as detect_mod
 from lsaq.cli import main
+from lsaq.planning import detect as detect_mod
 from lsaq.planning.detect import MemoryWaitTimeout, detect, detect_local, wait_for_memory
 from lsaq.planning.devices import DeviceProfile, MemoryKind, list_devices, load_catalog, parse_device_file
 from lsaq.planning.stage import DeviceRequest, resolve_device

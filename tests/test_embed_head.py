@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from test_dtype import PROMPT, tiny_llama_dir, tiny_plan
 from torch import nn
 
 from lsaq.models.loading import load_model
@@ -21,8 +22,6 @@ from lsaq.quantization.qembedding import QuantizedEmbedding
 from lsaq.quantization.qlinear import Int4Linear, Int8Linear
 from lsaq.quantization.record import STOCK_RUNTIME
 from lsaq.quantization.stage import quantize
-
-from test_dtype import PROMPT, tiny_llama_dir, tiny_plan
 
 FP16, INT8, INT4 = Precision.FP16, Precision.INT8, Precision.INT4
 KINDS = {"int8": (INT8, None), "int4": (INT4, None), "int4-g16": (INT4, 16)}

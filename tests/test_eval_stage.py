@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import plan_with_precisions
+from test_calibration import tiny_model_dir, word_text
+
 from lsaq.eval import stage
 from lsaq.eval.report import EvalReport, ModelEval, render_markdown
 from lsaq.eval.stage import EvalOptions, OptionError, evaluate
 from lsaq.precision import Precision
-from test_calibration import tiny_model_dir, word_text
 
 
 @pytest.fixture(scope="module")

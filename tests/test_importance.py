@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lsaq.importance.calibration import CalibrationSet, load_calibration
 from lsaq.cli import main
+from lsaq.importance.calibration import CalibrationSet, load_calibration
 from lsaq.importance.record import LayerImportance
 from lsaq.importance.scoring import score_importance, score_samples
+from lsaq.importance.similarity import spearman
 from lsaq.models.families import SUPPORTED_MODEL_TYPES
 from lsaq.models.loading import load_model
 from lsaq.models.parts import decoder_parts
-from lsaq.importance.similarity import spearman
 
 TINY = dict(
     vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

@@ -7,12 +7,18 @@ from importlib import resources
 
 import pytest
 
+from lsaq.models.families import SUPPORTED_MODEL_TYPES, model_shape
 from lsaq.planning.memory import (
-    WeightPolicy, average_bits, kv_cache_bytes, layer_linear_bytes, linear_tensor_bytes, memory_breakdown,
-    weight_tensor_bytes, workspace_bytes,
+    WeightPolicy,
+    average_bits,
+    kv_cache_bytes,
+    layer_linear_bytes,
+    linear_tensor_bytes,
+    memory_breakdown,
+    weight_tensor_bytes,
+    workspace_bytes,
 )
 from lsaq.precision import Precision
-from lsaq.models.families import SUPPORTED_MODEL_TYPES, model_shape
 from lsaq.units import format_bytes, parse_bytes
 
 FP16, INT8, INT4 = Precision.FP16, Precision.INT8, Precision.INT4

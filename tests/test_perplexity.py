@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lsaq.paths import shared_dir
 from lsaq.cli import main
 from lsaq.eval.perplexity import perplexity, read_eval_text
+from lsaq.paths import shared_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -179,8 +179,9 @@ def test_all_int8_perplexity_is_within_two_percent_of_float(real):
     import copy
 
     from conftest import plan_with_precisions
-    from lsaq.quantization.apply import quantize_model
+
     from lsaq.precision import Precision
+    from lsaq.quantization.apply import quantize_model
 
     wiki = str(_shared(WIKI_TEST_REL))
     base = perplexity(real.model, real.tokenizer, wiki, seq_len=512, max_windows=4)

@@ -10,15 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lsaq.cli import main
+from lsaq.methods import ImportanceRef, ranking
+from lsaq.models.families import model_shape
+from lsaq.models.identity import ModelRef
 from lsaq.planning.devices import budget_profile
-from lsaq.planning.stage import resolve_device
 from lsaq.planning.memory import WeightPolicy
 from lsaq.planning.planner import InfeasiblePlanError, Plan, PlanOptions, budget_for, make_plan
-from lsaq.precision import Precision
-from lsaq.models.families import model_shape
-from lsaq.methods import ImportanceRef, ranking
-from lsaq.models.identity import ModelRef
 from lsaq.planning.solvers import default_quality, lp_upper_bound, lsaq_assign, objective, optimal_assign
+from lsaq.planning.stage import resolve_device
+from lsaq.precision import Precision
 
 FP16, INT8, INT4 = Precision.FP16, Precision.INT8, Precision.INT4
 LEVEL = {p: i for i, p in enumerate(Precision)}  # 0 = most precise

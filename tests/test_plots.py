@@ -10,11 +10,11 @@ from importlib import resources
 import pytest
 
 from lsaq import plots
-from lsaq.planning.stage import resolve_device
 from lsaq.methods import ImportanceRef
+from lsaq.models.families import model_shape
 from lsaq.models.identity import ModelRef
 from lsaq.planning.planner import PlanOptions, make_plan
-from lsaq.models.families import model_shape
+from lsaq.planning.stage import resolve_device
 
 pytest.importorskip("matplotlib")
 

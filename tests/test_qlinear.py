@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from lsaq.precision import Precision
+from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.quantization.qlinear import (
     DEQUANT_MIN_TOKENS,
     Int4Linear,
     Int8Linear,
     _cpu_int4pack_layout,
 )
-from lsaq.quantization.primitives import QuantizedWeight
 
 BF16_EPS = 2.0**-8  # bf16 unit roundoff is 2^-9; the kernels round x, the sum and (group-wise) s and z
 

@@ -9,13 +9,13 @@ import math
 import pytest
 
 from lsaq.cli import main
-from lsaq.planning.devices import DeviceProfile, MemoryKind
 from lsaq.eval import report as rep
 from lsaq.eval.fidelity import FidelityResult
 from lsaq.methods import ImportanceRef
-from lsaq.models.identity import ModelRef
-from lsaq.planning.planner import PlanOptions, make_plan
 from lsaq.models.families import model_shape
+from lsaq.models.identity import ModelRef
+from lsaq.planning.devices import DeviceProfile, MemoryKind
+from lsaq.planning.planner import PlanOptions, make_plan
 
 PNG = b"\x89PNG\r\n\x1a\n"
 MODEL = {"id": "tiny", "source": "/models/tiny", "revision": None, "content_hash": "c" * 64,

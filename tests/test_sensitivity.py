@@ -6,18 +6,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_importance import FAMILIES, tiny_model
 
 from lsaq.importance.calibration import CalibrationSet
-from lsaq.planning.devices import budget_profile
 from lsaq.importance.record import LayerImportance
 from lsaq.importance.scoring import score_importance
-from lsaq.models.parts import decoder_parts
-from lsaq.planning.planner import PlanOptions, make_plan
-from lsaq.precision import Precision
 from lsaq.importance.sensitivity import quantized_layer, sensitivity_samples
 from lsaq.models.families import model_shape
-
-from test_importance import FAMILIES, tiny_model
+from lsaq.models.parts import decoder_parts
+from lsaq.planning.devices import budget_profile
+from lsaq.planning.planner import PlanOptions, make_plan
+from lsaq.precision import Precision
 
 
 def brute_force(model, tokens: torch.Tensor, precision: Precision) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_calibration import tiny_model_dir, word_text
 
 import lsaq
 from lsaq.eval.report import EvalReport
@@ -15,7 +16,6 @@ from lsaq.models.families import model_shape
 from lsaq.planning.planner import Plan, budget_for
 from lsaq.precision import Precision
 from lsaq.quantization.record import Artifact
-from test_calibration import tiny_model_dir, word_text
 
 
 def test_stage_chain_through_the_python_api(tmp_path, monkeypatch):

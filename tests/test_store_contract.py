@@ -33,12 +33,13 @@ def build_artifacts(root: Path) -> dict[str, Path]:
     report (perplexity on a word corpus, fidelity) inside. Built once per session."""
     if "art" in _BUILT:
         return _BUILT["art"]
+    from test_calibration import tiny_model_dir, word_text
+
     import lsaq
     from lsaq.models.configs import load_config
     from lsaq.models.families import model_shape
     from lsaq.planning.planner import budget_for
     from lsaq.precision import Precision
-    from test_calibration import tiny_model_dir, word_text
 
     model = tiny_model_dir(root / "tiny")
     options = lsaq.PlanOptions(context=64)

@@ -11,15 +11,22 @@ import threading
 from pathlib import Path
 
 import pytest
+from test_store_contract import (  # noqa: F401  (fixtures)
+    FAKE_SECRET,
+    S3_OPTIONS,
+    artifact,
+    artifacts,
+    aws_env,
+    moto_endpoint,
+    new_bucket,
+    store,
+)
 
 from lsaq.cli import main
 from lsaq.quantization.artifact import verify_artifact
 from lsaq.store.backend import ObjectNotFoundError, StoreError, StoreUnavailableError, VerificationError
 from lsaq.store.manifest import build_id, record_bytes
 from lsaq.store.stage import download, list_builds, open_store, publish
-from test_store_contract import (  # noqa: F401  (fixtures)
-    FAKE_SECRET, S3_OPTIONS, artifact, artifacts, aws_env, moto_endpoint, new_bucket, store,
-)
 
 
 class Interrupted(RuntimeError):

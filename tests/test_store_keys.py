@@ -11,8 +11,18 @@ import pytest
 from lsaq.models.identity import ModelRef
 from lsaq.planning.devices import DeviceProfile, budget_profile
 from lsaq.store.keys import (
-    MAX_KEY_BYTES, BadKeyError, build_prefix, device_slug, importance_prefix, latest_key, model_slug,
-    parse_build_manifest_key, plan_key, revision_slug, slugify, validate_key,
+    MAX_KEY_BYTES,
+    BadKeyError,
+    build_prefix,
+    device_slug,
+    importance_prefix,
+    latest_key,
+    model_slug,
+    parse_build_manifest_key,
+    plan_key,
+    revision_slug,
+    slugify,
+    validate_key,
 )
 from lsaq.store.local import LocalBackend
 from lsaq.store.stage import open_store

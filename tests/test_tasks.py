@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from lsaq.paths import shared_dir
 from lsaq.cli import main
 from lsaq.eval.tasks import TASK_NAMES, TASKS, load_local_docs, parse_hellaswag, resolve_tasks
+from lsaq.paths import shared_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

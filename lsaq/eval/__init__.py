@@ -11,8 +11,16 @@ from lsaq.eval.fidelity import FidelityResult, fidelity
 from lsaq.eval.harness import TaskResult, evaluate_tasks
 from lsaq.eval.perplexity import PerplexityResult, perplexity
 from lsaq.eval.report import (
-    EvalReport, ModelEval, build_report, compare, load_report, metrics_table, plan_summary, render_markdown,
-    run_record, write_report,
+    EvalReport,
+    ModelEval,
+    build_report,
+    compare,
+    load_report,
+    metrics_table,
+    plan_summary,
+    render_markdown,
+    run_record,
+    write_report,
 )
 from lsaq.eval.stage import EvalOptions, evaluate
 from lsaq.eval.tasks import TASK_NAMES, parse_hellaswag, resolve_tasks

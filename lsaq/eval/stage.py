@@ -32,7 +32,12 @@ from tqdm import tqdm
 from lsaq.eval.fidelity import FidelityResult, fidelity
 from lsaq.eval.harness import DATA_CHOICES, evaluate_tasks
 from lsaq.eval.perplexity import (
-    DEFAULT_SEQ_LEN, default_ppl_source, eval_windows, local_ppl_source, model_max_length, perplexity,
+    DEFAULT_SEQ_LEN,
+    default_ppl_source,
+    eval_windows,
+    local_ppl_source,
+    model_max_length,
+    perplexity,
 )
 from lsaq.eval.report import EvalReport, ModelEval, build_report, markdown_path, plan_summary, run_record, write_report
 from lsaq.eval.tasks import resolve_tasks

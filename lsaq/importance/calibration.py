@@ -30,7 +30,14 @@ from urllib.parse import urlparse
 from lsaq.importance.generated import SAMPLE_BATCH, SAMPLER, sample_sequences, start_token
 from lsaq.paths import shared_dir
 from lsaq.records import (
-    RecordError, atomic_dir, atomic_write_json, canonical_json, file_sha256, read_jsonl, read_record, sha256_hex,
+    RecordError,
+    atomic_dir,
+    atomic_write_json,
+    canonical_json,
+    file_sha256,
+    read_jsonl,
+    read_record,
+    sha256_hex,
 )
 
 if TYPE_CHECKING:

@@ -25,11 +25,10 @@ from torch import nn
 
 from lsaq.importance.calibration import CalibrationSet
 from lsaq.importance.record import LayerImportance
+from lsaq.importance.similarity import cosine, jaccard, topk_indices
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, SENSITIVITY_PROBE, Method
 from lsaq.models.identity import ModelInfo
 from lsaq.models.parts import decoder_parts, layer_output
-from lsaq.importance.similarity import cosine, jaccard, topk_indices
-
 
 
 class _Lens:

@@ -28,6 +28,7 @@ from lsaq.models.parts import DecoderParts, decoder_parts, layer_output
 from lsaq.precision import Precision
 from lsaq.quantization.primitives import QuantizedWeight
 
+
 @contextmanager
 def quantized_layer(layer: nn.Module, precision: Precision, group_size: int | None = None) -> Iterator[None]:
     """Within the block, every ``nn.Linear`` of ``layer`` holds its ``precision`` round trip (codes -> weights).

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-
 HEAD_WEIGHT = "lm_head.weight"  # every supported family names its LM head so (untied, or untied by quantizing)
 
 

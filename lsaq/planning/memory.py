@@ -30,8 +30,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
-from lsaq.precision import Precision
 from lsaq.models.shapes import HEAD_WEIGHT, ModelShape, TensorShape
+from lsaq.precision import Precision
 
 FP16_BYTES = 2
 SHAPE_TENSOR_BYTES = 16  # weight_shape: int64 [2]

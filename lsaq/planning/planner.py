@@ -17,18 +17,26 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from lsaq import __version__
-from lsaq.planning.devices import DeviceProfile, load_catalog
-from lsaq.planning.memory import (
-    FP16_BYTES, MemoryBreakdown, WeightPolicy, average_bits, embedding_bytes, kv_cache_bytes, layer_linear_bytes,
-    layer_norm_bytes, memory_breakdown, workspace_bytes,
-)
-from lsaq.precision import Precision
-from lsaq.records import atomic_write_json, canonical_json, read_record, sha256_hex
-from lsaq.models.shapes import ModelShape
 from lsaq.choices import Choice
 from lsaq.methods import UNIFORM_IMPORTANCE, ImportanceRef, ranking
 from lsaq.models.identity import ModelRef
+from lsaq.models.shapes import ModelShape
+from lsaq.planning.devices import DeviceProfile, load_catalog
+from lsaq.planning.memory import (
+    FP16_BYTES,
+    MemoryBreakdown,
+    WeightPolicy,
+    average_bits,
+    embedding_bytes,
+    kv_cache_bytes,
+    layer_linear_bytes,
+    layer_norm_bytes,
+    memory_breakdown,
+    workspace_bytes,
+)
 from lsaq.planning.solvers import SolverInfo, default_quality, lsaq_assign, objective, optimal_assign, precision_levels
+from lsaq.precision import Precision
+from lsaq.records import atomic_write_json, canonical_json, read_record, sha256_hex
 from lsaq.units import format_bytes
 
 SCHEMA = "lsaq.plan"

@@ -41,7 +41,15 @@ from lsaq.quantization.apply import artifact_state_dict, quantize_model, quantiz
 from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.quantization.qembedding import QuantizedEmbedding
 from lsaq.quantization.record import (
-    LSAQ_RUNTIME, MANIFEST, PLAN, REQUIRED, SCHEMA, STOCK_RUNTIME, VERSION, WEIGHTS, Artifact,
+    LSAQ_RUNTIME,
+    MANIFEST,
+    PLAN,
+    REQUIRED,
+    SCHEMA,
+    STOCK_RUNTIME,
+    VERSION,
+    WEIGHTS,
+    Artifact,
 )
 from lsaq.records import atomic_dir, atomic_write_json, file_sha256, read_record
 

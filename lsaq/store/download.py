@@ -17,7 +17,13 @@ from typing import Any, Callable
 from lsaq.records import RecordError, atomic_dir, atomic_write_bytes, file_sha256
 from lsaq.store.backend import Backend, ObjectNotFoundError, VerificationError
 from lsaq.store.keys import (
-    BadKeyError, MANIFEST, latest_key, looks_like_path, parse_build_manifest_key, slugify, validate_key,
+    MANIFEST,
+    BadKeyError,
+    latest_key,
+    looks_like_path,
+    parse_build_manifest_key,
+    slugify,
+    validate_key,
 )
 from lsaq.store.manifest import BuildManifest, Latest, record_bytes
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lsaq.planning.planner import Plan
-from lsaq.quantization.record import MANIFEST as ARTIFACT_MANIFEST, PLAN as ARTIFACT_PLAN, Artifact
+from lsaq.quantization.record import MANIFEST as ARTIFACT_MANIFEST
+from lsaq.quantization.record import PLAN as ARTIFACT_PLAN
+from lsaq.quantization.record import Artifact
 from lsaq.records import RecordError, file_sha256, read_record
 from lsaq.store.backend import Backend, ConflictError, ObjectNotFoundError
 from lsaq.store.keys import device_slug, model_slug, plan_key, revision_slug, validate_key
