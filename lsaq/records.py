@@ -14,7 +14,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+T = TypeVar("T")
 
 
 class RecordError(ValueError):
@@ -105,6 +107,15 @@ def parse_record(data: bytes | str, where: str, schema: str, max_version: int) -
     if not isinstance(version, int) or not 1 <= version <= max_version:
         raise RecordError(f"{where}: {schema} version {version!r} is not supported (supported: 1..{max_version})")
     return obj
+
+
+def decode_record(obj: Mapping[str, Any], from_json: Callable[[Mapping[str, Any]], T], where: str, what: str) -> T:
+    """``from_json(obj)``; a record whose fields are missing or of the wrong type or value is a :class:`RecordError`
+    naming ``where`` it came from and ``what`` it should have been."""
+    try:
+        return from_json(obj)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise RecordError(f"{where}: malformed {what} ({type(e).__name__}: {e})") from e
 
 
 def read_record(path: str | os.PathLike, schema: str, max_version: int) -> dict[str, Any]:

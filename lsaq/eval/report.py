@@ -50,7 +50,7 @@ from lsaq import __version__
 from lsaq.eval.fidelity import FidelityResult
 from lsaq.models.identity import ModelRef
 from lsaq.planning.planner import Plan
-from lsaq.records import atomic_write_bytes, canonical_json, read_record
+from lsaq.records import atomic_write_bytes, canonical_json, decode_record, read_record
 from lsaq.units import format_bytes
 
 SCHEMA = "lsaq.eval_report"
@@ -233,11 +233,7 @@ class EvalReport:
     @classmethod
     def load(cls, path: str | Path) -> "EvalReport":
         """Read a report written by :func:`write_report` (schema and version checked)."""
-        obj = load_report(path)
-        try:
-            return cls.from_json(obj)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: malformed eval report ({type(e).__name__}: {e})") from e
+        return decode_record(load_report(path), cls.from_json, str(path), "eval report")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from lsaq.records import (
     atomic_dir,
     atomic_write_json,
     canonical_json,
+    decode_record,
     file_sha256,
     read_jsonl,
     read_record,
@@ -396,7 +397,4 @@ def calibration_model(path: str | Path) -> "ModelRef":
     from lsaq.models.identity import ModelRef
 
     obj = read_record(Path(path) / RECORD_FILE, SCHEMA, VERSION)
-    try:
-        return ModelRef.from_json(obj["model"])
-    except (KeyError, TypeError) as e:
-        raise RecordError(f"{path}: malformed calibration record ({type(e).__name__}: {e})") from e
+    return decode_record(obj, lambda o: ModelRef.from_json(o["model"]), str(path), "calibration record")

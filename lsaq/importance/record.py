@@ -13,7 +13,7 @@ from lsaq import __version__
 from lsaq.importance.calibration import CalibrationInfo
 from lsaq.methods import ranking
 from lsaq.models.identity import ModelInfo
-from lsaq.records import atomic_write_json, canonical_json, read_record, sha256_hex
+from lsaq.records import atomic_write_json, canonical_json, decode_record, read_record, sha256_hex
 
 SCHEMA = "lsaq.layer_importance"
 VERSION = 1
@@ -93,11 +93,7 @@ class LayerImportance:
 
     @classmethod
     def load(cls, path: str | Path) -> "LayerImportance":
-        obj = read_record(path, SCHEMA, VERSION)
-        try:
-            rec = cls.from_json(obj)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: malformed importance record ({type(e).__name__}: {e})") from e
+        rec = decode_record(read_record(path, SCHEMA, VERSION), cls.from_json, str(path), "importance record")
         if len(rec.std) != rec.num_layers or rec.num_layers == 0:
             raise ValueError(f"{path}: malformed importance record (importance/std lengths differ or are empty)")
         return rec

@@ -34,8 +34,7 @@ class ModelInfo:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "ModelInfo":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in obj.items() if k in names})
+        return cls(**known_fields(cls, obj))
 
 
 @dataclass(frozen=True)
@@ -80,8 +79,14 @@ class ModelRef:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "ModelRef":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in obj.items() if k in names})
+        return cls(**known_fields(cls, obj))
+
+
+def known_fields(cls: type, obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``obj`` that are fields of the dataclass ``cls``: records written with more (or, where fields
+    have defaults, fewer) keys still read."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in obj.items() if k in names}
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

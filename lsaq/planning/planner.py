@@ -36,7 +36,7 @@ from lsaq.planning.memory import (
 )
 from lsaq.planning.solvers import SolverInfo, default_quality, lsaq_assign, objective, optimal_assign, precision_levels
 from lsaq.precision import Precision
-from lsaq.records import atomic_write_json, canonical_json, read_record, sha256_hex
+from lsaq.records import atomic_write_json, canonical_json, decode_record, read_record, sha256_hex
 from lsaq.units import format_bytes
 
 SCHEMA = "lsaq.plan"
@@ -303,11 +303,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        obj = read_record(path, SCHEMA, VERSION)
-        try:
-            return cls.from_json(obj)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: malformed plan record ({type(e).__name__}: {e})") from e
+        return decode_record(read_record(path, SCHEMA, VERSION), cls.from_json, str(path), "plan record")
 
 
 def make_plan(

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from lsaq import __version__
 from lsaq.models.identity import ModelRef
-from lsaq.records import read_record
+from lsaq.records import decode_record, read_record
 
 MANIFEST = "lsaq_artifact.json"
 PLAN = "lsaq_plan.json"
@@ -97,7 +97,4 @@ class Artifact:
         :func:`lsaq.quantization.artifact.verify_artifact`)."""
         path = Path(path)
         obj = read_record(path / MANIFEST, SCHEMA, VERSION)
-        try:
-            return cls.from_json(obj, path)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path / MANIFEST}: malformed artifact manifest ({type(e).__name__}: {e})") from e
+        return decode_record(obj, lambda o: cls.from_json(o, path), str(path / MANIFEST), "artifact manifest")

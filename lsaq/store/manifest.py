@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from lsaq import __version__
 from lsaq.models.identity import ModelRef
-from lsaq.records import RecordError, canonical_json, parse_record, sha256_hex
+from lsaq.records import RecordError, canonical_json, decode_record, parse_record, sha256_hex
 from lsaq.store.keys import build_prefix, latest_key, validate_key
 
 SCHEMA, VERSION = "lsaq.store.build", 1
@@ -144,12 +144,8 @@ class BuildManifest:
     @classmethod
     def parse(cls, data: bytes, where: str) -> "BuildManifest":
         """A manifest from the bytes stored at ``where``: schema, version, fields and id checked."""
-        obj = parse_record(data, where, SCHEMA, VERSION)
-        try:
-            manifest = cls.from_json(obj)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise RecordError(f"{where}: malformed build manifest ({type(e).__name__}: {e})") from None
-        return manifest.check(where)
+        return decode_record(parse_record(data, where, SCHEMA, VERSION), cls.from_json, where,
+                             "build manifest").check(where)
 
 
 @dataclass(frozen=True)
