@@ -133,6 +133,70 @@ def is_hub_id(s: str) -> bool:
     return bool(_HUB_ID.match(s)) and not s.endswith(".gguf")
 
 
+@dataclass(frozen=True)
+class LocatedModel:
+    """Where a model's weights are and who they are, found without loading them (only a GGUF is converted, once).
+
+    ``path``: what was named, resolved (a ``.gguf`` file, an HF directory, or a hub snapshot directory);
+    ``load_dir``: the HF directory to load (a GGUF's float copy in the cache); ``declared_dtype``: the float dtype
+    the checkpoint declares (None for a GGUF, whose float copy declares the conversion's dtype).
+    """
+
+    id: str
+    path: Path
+    load_dir: Path
+    revision: str | None
+    content_hash: str
+    config: dict[str, Any]
+    declared_dtype: str | None
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", "?"))
+
+
+def locate_model(source: str | os.PathLike | None = None, *, revision: str | None = None,
+                 dtype: torch.dtype = torch.float32) -> LocatedModel:
+    """Resolve ``source`` (as for :func:`load_model`) to its files, content hash and config without loading the
+    model: the identity every cache key and store key of the pipeline starts from. ``ValueError`` names what is
+    wrong (a missing path, no safetensors, an unsupported family)."""
+    model_id = "default" if source is None else str(source)
+    if source is None:
+        from lsaq.models.default import default_model_path
+
+        source = default_model_path()
+    path = Path(source).expanduser()
+    hub_revision = None
+    if path.is_file() and path.suffix == ".gguf":
+        digest = content_hash([path])
+        load_dir = _gguf_to_float_dir(path, digest, dtype)
+    elif path.is_dir():
+        weights = [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+        ggufs = sorted(path.glob("*.gguf"))
+        if not weights and len(ggufs) == 1:
+            return dataclasses.replace(locate_model(ggufs[0], dtype=dtype), id=model_id)
+        if not weights:
+            raise ValueError(f"model directory {path} has no *.safetensors weights (only safetensors are loaded)")
+        digest, load_dir = content_hash(weights), path
+    elif path.exists():
+        raise ValueError(f"model path {path} is neither a directory nor a .gguf file")
+    elif not is_hub_id(str(source)):
+        raise ValueError(f"model path {path} does not exist")
+    else:
+        load_dir, hub_revision = _resolve_hub(str(source), revision)
+        digest = content_hash([p for p in load_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES])
+    config_file = load_dir / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"model directory {load_dir} has no config.json")
+    raw_config = json.loads(config_file.read_text())
+    family(raw_config.get("model_type", "?"), f" in {config_file}")
+    # A GGUF's converted float copy declares the conversion dtype, not the source's: no usable dtype there.
+    declared = None if path.suffix == ".gguf" else raw_config.get("dtype") or raw_config.get("torch_dtype")
+    return LocatedModel(id=model_id, path=path if hub_revision is None else load_dir, load_dir=load_dir,
+                        revision=hub_revision, content_hash=digest, config=raw_config,
+                        declared_dtype=declared if declared in FLOAT_DTYPES else None)
+
+
 def load_model(
     source: str | os.PathLike | None = None,
     *,
@@ -148,61 +212,23 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_id = "default" if source is None else str(source)
-    if source is None:
-        from lsaq.models.default import default_model_path
-
-        source = default_model_path()
-    path = Path(source).expanduser()
-    hub_revision = None
-    if path.is_file() and path.suffix == ".gguf":
-        digest = content_hash([path])
-        load_dir = _gguf_to_float_dir(path, digest, dtype)
-    elif path.is_dir():
-        weights = [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES]
-        ggufs = sorted(path.glob("*.gguf"))
-        if not weights and len(ggufs) == 1:
-            return _with_id(load_model(ggufs[0], dtype=dtype, trust_remote_code=trust_remote_code), model_id)
-        if not weights:
-            raise ValueError(f"model directory {path} has no *.safetensors weights (only safetensors are loaded)")
-        digest, load_dir = content_hash(weights), path
-    elif path.exists():
-        raise ValueError(f"model path {path} is neither a directory nor a .gguf file")
-    elif not is_hub_id(str(source)):
-        raise ValueError(f"model path {path} does not exist")
-    else:
-        load_dir, hub_revision = _resolve_hub(str(source), revision)
-        digest = content_hash([p for p in load_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES])
-
-    config_file = load_dir / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"model directory {load_dir} has no config.json")
-    raw_config = json.loads(config_file.read_text())
-    model_type = raw_config.get("model_type", "?")
-    # A GGUF's converted float copy declares the conversion dtype, not the source's: no usable dtype there.
-    declared = None if path.suffix == ".gguf" else raw_config.get("dtype") or raw_config.get("torch_dtype")
-    family(model_type, f" in {config_file}")
+    located = locate_model(source, revision=revision, dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        load_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        located.load_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(load_dir, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(located.load_dir, trust_remote_code=trust_remote_code)
     parts = decoder_parts(model)
     config = model.config.to_dict()
     info = ModelInfo(
-        id=model_id,
-        source=str(path if hub_revision is None else load_dir),
-        revision=hub_revision,
-        content_hash=digest,
+        id=located.id,
+        source=str(located.path),
+        revision=located.revision,
+        content_hash=located.content_hash,
         architecture=(config.get("architectures") or [type(model).__name__])[0],
-        model_type=model_type,
+        model_type=located.model_type,
         num_layers=len(parts.layers),
         config=json.loads(json.dumps(config, default=str)),
-        dtype=declared if declared in FLOAT_DTYPES else None,
+        dtype=located.declared_dtype,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
-
-
-def _with_id(loaded: LoadedModel, model_id: str) -> LoadedModel:
-    loaded.info = dataclasses.replace(loaded.info, id=model_id)
-    return loaded

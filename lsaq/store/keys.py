@@ -8,14 +8,17 @@ temporary files), over-long segments or keys. Model and device names become slug
 
 The layout (documented in the README; stable, human-browsable, keyed by content)::
 
-    <root>/<model-slug>/<revision>/importance/<importance-id>/...
+    <root>/<model-slug>/<revision>/calibration/<calibration-key>/{tokens.safetensors, calibration.json}
+    <root>/<model-slug>/<revision>/importance/<importance-key>/importance.json
     <root>/<model-slug>/<revision>/plans/<plan-id>.json
     <root>/<model-slug>/<revision>/builds/<device-slug>/<build-id>/<artifact files, report.json/.md, plots/>
     <root>/<model-slug>/<revision>/builds/<device-slug>/<build-id>/manifest.json   (written last: the build exists)
     <root>/<model-slug>/<revision>/builds/<device-slug>/latest.json                (the build published last)
 
 The revision is the hub commit of a hub model, else ``sha256-`` and the first 16 hex digits of the weights'
-content hash (the whole hash is in every manifest).
+content hash (the whole hash is in every manifest). Calibration sets and importance records are keyed by what
+they are computed from (a hash of the model, the settings and the code version; see ``tasks.keys``), so a pipeline
+finds them before computing. ``_cache/`` holds the pipeline's cache records (a slug never starts with ``_``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ MAX_SEGMENT_BYTES = 255  # the usual file-name limit of local file systems
 MAX_SLUG = 96
 REVISION_HASH_DIGITS = 16
 
-BUILDS, PLANS, IMPORTANCE = "builds", "plans", "importance"
+BUILDS, PLANS, IMPORTANCE, CALIBRATION = "builds", "plans", "importance", "calibration"
+CACHE = "_cache"  # the pipeline's cache records (never a slug: slugs start with a letter or digit)
 MANIFEST = "manifest.json"
 LATEST = "latest.json"
 
@@ -87,8 +91,8 @@ def slugify(name: str, *, what: str = "name") -> str:
     if not isinstance(name, str):
         raise BadKeyError(f"{what} must be a string, got {type(name).__name__}")
     text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
-    parts = [_SLUG_DROP.sub("-", p).strip("-.") for p in text.split("/")]
-    slug = "--".join(p for p in parts if p)[:MAX_SLUG].strip("-.")
+    parts = [_SLUG_DROP.sub("-", p).strip("-._") for p in text.split("/")]
+    slug = "--".join(p for p in parts if p)[:MAX_SLUG].strip("-._")
     if not slug:
         raise BadKeyError(f"{what} {name!r} has no letters or digits to make a key of")
     return validate_key(slug, what=what)
@@ -157,9 +161,20 @@ def plan_key(model_slug_: str, revision: str, plan_id: str) -> str:
     return join(model_prefix(model_slug_, revision), PLANS, validate_key(plan_id, what="plan id") + ".json")
 
 
-def importance_prefix(model_slug_: str, revision: str, importance_id: str) -> str:
-    """``<model>/<revision>/importance/<importance-id>``: an importance run's record and calibration."""
-    return join(model_prefix(model_slug_, revision), IMPORTANCE, validate_key(importance_id, what="importance id"))
+def importance_prefix(model_slug_: str, revision: str, importance_key: str) -> str:
+    """``<model>/<revision>/importance/<importance-key>``: an importance run's record."""
+    return join(model_prefix(model_slug_, revision), IMPORTANCE, validate_key(importance_key, what="importance key"))
+
+
+def calibration_prefix(model_slug_: str, revision: str, calibration_key: str) -> str:
+    """``<model>/<revision>/calibration/<calibration-key>``: a calibration set (tokens and record)."""
+    return join(model_prefix(model_slug_, revision), CALIBRATION,
+                validate_key(calibration_key, what="calibration key"))
+
+
+def cache_key(key: str) -> str:
+    """``_cache/<key>``: where the pipeline keeps the cache record of a task run."""
+    return join(CACHE, validate_key(key, what="cache key"))
 
 
 def parse_build_manifest_key(key: str) -> tuple[str, str, str, str] | None:

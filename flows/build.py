@@ -1,0 +1,118 @@
+"""The build flow: one importance run fans out to a verified, published build for every device.
+
+``build`` (deployed as ``lsaq/build``) resolves the model's identity and every device first (bad names, bad
+options and budgets no plan fits fail here, before any model is loaded), then calibrates and scores once, then per
+device plans, quantizes, evaluates and publishes, devices concurrently. Every task is cached by content in the
+store (:mod:`tasks.storage`), so a rerun, another device or another machine sharing the store reuses what exists.
+One device that fails (a budget too small among several devices) does not stop the others; the flow fails at the
+end naming it, after the others are published.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.futures import PrefectFuture, wait
+
+from lsaq.eval.stage import EvalOptions
+from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
+from lsaq.paths import cache_dir
+from lsaq.planning.planner import InfeasiblePlanError, PlanOptions, Strategy
+from lsaq.planning.stage import DeviceRequest
+from lsaq.store.stage import default_store_uri
+from tasks.records import DeviceOutcome, RunSummary
+from tasks.stages import bind
+from tasks.summary import BuildFailed, outcome, summarize
+
+
+def device_requests(device: str | None, devices: list[str] | None, budget: str | None,
+                    device_file: str | None) -> list[DeviceRequest]:
+    """The devices a run builds for: ``device``, ``devices`` and ``budget`` together, each once, in order."""
+    names = ([device] if device else []) + list(devices or [])
+    if not names and budget is None:
+        raise ValueError("give a device (device=NAME or devices=[...], see `lsaq devices`) or a budget (budget=6GiB)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a device is named twice in {names}")
+    requests = [DeviceRequest(name=n, device_file=device_file) for n in names]
+    return requests + ([DeviceRequest(budget=budget)] if budget is not None else [])
+
+
+@flow(name="lsaq", log_prints=True, persist_result=False)
+def build(
+    model: str | None = None,
+    device: str | None = None,
+    devices: list[str] | None = None,
+    budget: str | None = None,
+    device_file: str | None = None,
+    context: int = 4096,
+    strategy: str = Strategy.LSAQ.value,
+    method: str = DEFAULT_METHOD.value,
+    k: int = DEFAULT_K,
+    samples: int = 32,
+    seq_len: int = 512,
+    calib: str | None = None,
+    seed: int = 0,
+    batch_size: int = 4,
+    ppl: bool = False,
+    eval_tasks: str = "",
+    eval_limit: int | None = None,
+    fidelity_windows: int = 8,
+    revision: str | None = None,
+    store: str | None = None,
+    work: str | None = None,
+) -> RunSummary:
+    """Build ``model`` (default: the embedded one) for every device (``device``, ``devices``, ``budget``).
+
+    ``context``/``strategy``: plan options; ``method``/``k``/``samples``/``seq_len``/``calib``/``seed``: the
+    importance run; ``ppl``/``eval_tasks``/``eval_limit``/``fidelity_windows``: what each build's evaluation
+    measures besides fidelity to the float model. ``store``: where results go (default ``$LSAQ_STORE`` or the
+    local store); ``work``: this machine's scratch directory (default ``<lsaq cache>/work``).
+    """
+    # Every option is checked before anything runs: a bad value fails the flow with the stage's own message.
+    requests = device_requests(device, devices, budget, device_file)
+    options = PlanOptions(context=context, strategy=Strategy.parse(strategy))
+    method = Method.parse(method).value
+    evaluation = EvalOptions(ppl=ppl, tasks=eval_tasks, limit=eval_limit, fidelity_windows=fidelity_windows)
+    store = store or default_store_uri()
+    work = work or str(cache_dir() / "work")
+    t = bind(store)
+
+    ident = t.identify(model, revision)
+    resolved = [t.resolve_device.submit(ident, r, options) for r in requests]
+    wait(resolved)
+    targets, outcomes = [], {}
+    for request, future in zip(requests, resolved):
+        state = future.state
+        error = None if state.is_completed() else state.result(raise_on_failure=False)
+        if error is None:
+            targets.append(future.result())
+        elif isinstance(error, InfeasiblePlanError) and len(requests) > 1:
+            outcomes[request] = DeviceOutcome(request.name or f"budget={request.budget}", state.name,
+                                              stage="resolve-device", message=str(error))
+        else:
+            raise error  # an unknown device, a bad option, or the only device does not fit: nothing is built
+    if not targets:
+        raise BuildFailed(summarize(ident, None, store, list(outcomes.values())))
+
+    calibration = t.calibrate(ident, calib, samples, seq_len, seed, store, work)
+    importance = t.score(ident, calibration, method, k, batch_size, store, work)
+
+    chains: list[tuple[PrefectFuture, ...]] = []
+    for target in targets:
+        plan = t.plan.submit(ident, importance, target, options, store, work)
+        artifact = t.quantize.submit(ident, plan, store, work)
+        report = t.evaluate.submit(ident, plan, artifact, evaluation, store, work)
+        chains.append((plan, artifact, report, t.publish.submit(ident, plan, artifact, report, store, work)))
+    wait([f for chain in chains for f in chain])
+    built = [outcome(target.slug, chain) for target, chain in zip(targets, chains)]
+    summary = summarize(ident, importance, store, [*built, *outcomes.values()])
+    if summary.failed:
+        raise BuildFailed(summary)
+    return summary
+
+
+def local_paths(out: str | Path) -> tuple[str, str]:
+    """``(store, work)`` under one output directory (``make run``)."""
+    out = Path(out).resolve()
+    return str(out / "store"), str(out / "work")

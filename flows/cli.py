@@ -1,0 +1,59 @@
+"""``lsaq-build``: run the build flow from a shell and print where the builds are.
+
+Parses the flow's parameters, calls :func:`flows.build.build` once (on Prefect's local API unless
+``PREFECT_API_URL`` names a server) and prints one row per device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flows.build import build, local_paths
+from tasks.summary import BuildFailed, format_table
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lsaq-build", description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="local directory, .gguf or hub id (default: the embedded default model)")
+    p.add_argument("--device", action="append", dest="devices", metavar="NAME",
+                   help="a device profile (repeat for several; see `lsaq devices`)")
+    p.add_argument("--budget", help="an explicit memory budget, e.g. 300MiB")
+    p.add_argument("--device-file", help="a YAML file of extra device profiles")
+    p.add_argument("--context", type=int, default=4096, help="context length every plan reserves (default 4096)")
+    p.add_argument("--strategy", default="lsaq")
+    p.add_argument("--method", default="cosine", help="importance method: cosine, jaccard or sensitivity")
+    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--calib", help="calibration source (a text/JSONL file, a dataset name, or generated)")
+    p.add_argument("--ppl", action="store_true", help="also measure perplexity in each build's evaluation")
+    p.add_argument("--fidelity-windows", type=int, default=8)
+    p.add_argument("--store", help="store URI (default $LSAQ_STORE or the local store)")
+    p.add_argument("--work", help="this machine's scratch directory")
+    p.add_argument("--out", help="put the store and scratch directories under OUT (instead of --store/--work)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    store, work = local_paths(args.out) if args.out else (args.store, args.work)
+    try:
+        summary = build(model=args.model, devices=args.devices, budget=args.budget, device_file=args.device_file,
+                        context=args.context, strategy=args.strategy, method=args.method, k=args.k,
+                        samples=args.samples, seq_len=args.seq_len, calib=args.calib, ppl=args.ppl,
+                        fidelity_windows=args.fidelity_windows, store=store, work=work)
+    except BuildFailed as e:
+        print(format_table(e.summary))
+        print(f"lsaq-build: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"lsaq-build: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{summary.model} {summary.revision}; importance {summary.importance}")
+    print(format_table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
