@@ -143,6 +143,27 @@ def test_generated_set_is_deterministic_per_seed(model):
     assert a.source_hash == expected
 
 
+def test_generated_text_is_kept_in_the_cache_and_a_damaged_copy_is_redrawn(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("LSAQ_CACHE", str(tmp_path))
+    tok = word_tokenizer()
+    first = cal.generate_calibration(model, tok, "c" * 64, samples=3, seq_len=9, seed=5)
+    (kept,) = (tmp_path / "generated").glob("*.safetensors")
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled again although the set is cached")
+
+    monkeypatch.setattr(cal, "sample_sequences", no_sampling)
+    again = cal.generate_calibration(model, tok, "c" * 64, samples=3, seq_len=9, seed=5)
+    assert torch.equal(again.tokens, first.tokens) and again.hash == first.hash
+    with pytest.raises(AssertionError, match="sampled again"):  # another seed is another set
+        cal.generate_calibration(model, tok, "c" * 64, samples=3, seq_len=9, seed=6)
+    monkeypatch.undo()
+    monkeypatch.setenv("LSAQ_CACHE", str(tmp_path))
+    kept.write_bytes(kept.read_bytes()[:20])  # truncated: not used, drawn again and replaced
+    redrawn = cal.generate_calibration(model, tok, "c" * 64, samples=3, seq_len=9, seed=5)
+    assert torch.equal(redrawn.tokens, first.tokens) and kept.stat().st_size > 20
+
+
 def test_start_token_is_bos_else_eos():
     assert generated.start_token(Ids(bos=5, eos=6)) == 5
     assert generated.start_token(Ids(eos=6)) == 6

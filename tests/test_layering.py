@@ -110,7 +110,7 @@ def test_no_private_names_across_modules():
 
 @pytest.mark.parametrize("module", ["lsaq.planning.stage", "lsaq.commands.plan", "lsaq.importance.record",
                                     "lsaq.models.families", "lsaq.models.configs", "lsaq.quantization.record",
-                                    "lsaq.store.stage", "lsaq.commands.store"])
+                                    "lsaq.store.stage", "lsaq.store.objects", "lsaq.commands.store"])
 def test_planning_and_the_store_need_no_torch(module):
     """Planning needs no weights and the store only moves files, so both load without torch (fast CLI, light
     pipeline workers and device-side downloads)."""
@@ -129,3 +129,21 @@ def test_the_python_api_exports_every_stage():
         assert getattr(lsaq, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         lsaq.nope  # noqa: B018
+
+
+PIPELINE = {module_name(p): p for d in ("tasks", "flows") for p in sorted((ROOT / d).rglob("*.py"))}
+
+
+def test_the_pipeline_wraps_the_core_without_reaching_into_it():
+    """tasks/ and flows/ import no private lsaq names, flows/ reach lsaq only through records and options (the
+    stages run in tasks), and lsaq/ never imports the pipeline."""
+    private = [f"{m}:{line} imports {n} from {t}" for m, p in PIPELINE.items() for t, names, line in imports(p)
+               if t.startswith(("lsaq", "tasks", "flows")) for n in names if n.startswith("_") and n != "__version__"]
+    assert not private, private
+    stages = {"lsaq.importance.stage", "lsaq.quantization.stage", "lsaq.quantization.artifact",
+              "lsaq.models.loading", "lsaq.store.publish"}
+    flows_calling_stages = [(m, t) for m, p in PIPELINE.items() if m.startswith("flows")
+                            for t, _, _ in imports(p) if t in stages]
+    assert not flows_calling_stages, flows_calling_stages
+    upward = [(m, t) for m, p in MODULES.items() for t, _, _ in imports(p) if t.startswith(("tasks", "flows"))]
+    assert not upward, upward

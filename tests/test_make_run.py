@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from lsaq.store.stage import list_builds, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,19 +30,35 @@ def test_make_run_offline_without_shared(tmp_path):
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
     }
     # -o: the venv this test runs in is the set-up; do not reinstall it.
-    proc = subprocess.run(["make", "-C", str(ROOT), "-o", ".venv/.installed", "run", f"OUT={out}"],
-                          env=env, capture_output=True, text=True, timeout=1500)
+    make = ["make", "-C", str(ROOT), "-o", ".venv/.installed", "run", f"OUT={out}"]
+    proc = subprocess.run(make, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "generated" in log  # the one line that says which calibration source was used
+    tasks = task_states(log)
+    assert len(tasks) == 13 and set(tasks.values()) == {"Completed"}, tasks  # 3 shared + 5 per device
 
-    importance = json.loads((out / "importance.json").read_text())
-    assert importance["calibration"]["kind"] == "generated"
-    plan = json.loads((out / "plan.json").read_text())
-    assert plan["budget"]["fits"] and plan["importance"]["id"] == importance["id"]
-    manifest = json.loads((out / "artifact" / "lsaq_artifact.json").read_text())
-    assert manifest["plan_id"] == plan["id"]
-    report = json.loads((out / "report.json").read_text())
-    fidelity = report["fidelity"]
-    assert fidelity["positions"] > 0 and 0 <= fidelity["kl_mean"] <= fidelity["kl_p99"]
-    assert 0.5 < fidelity["top1_agreement"] <= 1.0
+    store = open_store(out / "store")
+    builds = {m.device_slug: m for m in list_builds(store)}
+    assert set(builds) == {"beaglebone-black", "rpi-zero-2w"}
+    assert builds["beaglebone-black"].avg_bits != builds["rpi-zero-2w"].avg_bits  # the plans differ
+    for device, m in builds.items():
+        assert m.required_bytes <= m.device["usable_bytes"]
+        fidelity = m.evaluation["fidelity"]
+        assert fidelity["positions"] > 0 and 0 <= fidelity["kl_mean"] <= fidelity["kl_p99"]
+        assert 0.5 < fidelity["top1_agreement"] <= 1.0
+        assert m.prefix in proc.stdout  # the printed table says where each build is
+    calib = [k for k in store.list("") if k.endswith("/calibration.json")]
+    assert len(calib) == 1 and json.loads(store.get_bytes(calib[0]))["calibration"]["kind"] == "generated"
+    assert "Paris" in proc.stdout or "tokens/s" in proc.stdout  # the downloaded build generates
+
+    again = subprocess.run(make, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    tasks = task_states(again.stdout + again.stderr)
+    assert len(tasks) == 13 and set(tasks.values()) == {"Cached"}, tasks
+    assert {m.build_id for m in list_builds(store)} == {m.build_id for m in builds.values()}
+
+
+def task_states(log: str) -> dict[str, str]:
+    """Task run name -> final state name, from Prefect's console log."""
+    return dict(re.findall(r"Task run '([^']+)' - Finished in state (\w+)", log))

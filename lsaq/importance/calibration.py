@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlparse
 
 from lsaq.importance.generated import SAMPLE_BATCH, SAMPLER, sample_sequences, start_token
-from lsaq.paths import shared_dir
+from lsaq.paths import cache_dir, shared_dir
 from lsaq.records import (
     RecordError,
     atomic_dir,
+    atomic_write_bytes,
     atomic_write_json,
     canonical_json,
     decode_record,
@@ -276,10 +277,54 @@ def generate_calibration(
     start = start_token(tokenizer, model)
     settings = dict(SAMPLER, start_token=start)
     source_hash = sha256_hex(canonical_json({"model": model_hash, "seed": seed, "sampler": settings}))
-    with tqdm(total=samples * (seq_len - 1), desc="generating text", unit="tok", file=sys.stderr,
-              disable=not progress) as bar:
-        tokens = sample_sequences(model, start, samples, seq_len, seed, batch_size=batch_size, progress=bar.update)
+    cached = generated_cache_path(model, source_hash, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    tokens = read_generated(cached, samples, seq_len)
+    if tokens is None:
+        with tqdm(total=samples * (seq_len - 1), desc="generating text", unit="tok", file=sys.stderr,
+                  disable=not progress) as bar:
+            tokens = sample_sequences(model, start, samples, seq_len, seed, batch_size=batch_size,
+                                      progress=bar.update)
+        write_generated(cached, tokens)
     return _make(tokens, GENERATED, source_hash, seed, GENERATED)
+
+
+def generated_cache_path(model: nn.Module, source_hash: str, *, samples: int, seq_len: int, batch_size: int) -> Path:
+    """Where this machine keeps a generated set: sampling is the slow part of an evaluation or calibration without
+    a corpus, and its result is a function of the weights (``source_hash``), the sizes, the batch size (batched
+    matmuls round differently), the compute dtype and device, and the torch and lsaq versions."""
+    import torch
+
+    from lsaq import __version__
+
+    param = next(model.parameters(), None)
+    key = canonical_json({"source": source_hash, "samples": samples, "seq_len": seq_len, "batch": batch_size,
+                          "dtype": str(param.dtype if param is not None else None),
+                          "device": param.device.type if param is not None else "cpu",
+                          "torch": torch.__version__, "lsaq": __version__})
+    return cache_dir() / "generated" / f"{sha256_hex(key)[:32]}.safetensors"
+
+
+def read_generated(path: Path, samples: int, seq_len: int) -> "torch.Tensor | None":
+    """The cached token ids at ``path`` when they are there and whole (``[samples, seq_len]`` int64), else None."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tokens = load_file(str(path))["tokens"]
+    except (OSError, KeyError, SafetensorError):
+        return None
+    return tokens if tokens.dtype == torch.int64 and tuple(tokens.shape) == (samples, seq_len) else None
+
+
+def write_generated(path: Path, tokens: "torch.Tensor") -> None:
+    """Keep generated token ids for :func:`read_generated` (atomically; a read-only cache only costs time)."""
+    from safetensors.torch import save
+
+    try:
+        atomic_write_bytes(path, save({"tokens": tokens.contiguous()}))
+    except OSError as e:
+        log.warning("could not cache generated text in %s: %s", path, e)
 
 
 # ------------------------------------------------------------------------------------------ loading a set

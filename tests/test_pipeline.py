@@ -1,0 +1,197 @@
+"""The build flow end to end: a real Prefect server (``prefect_test_harness``, its own PREFECT_HOME), a real S3 API
+(moto's server on 127.0.0.1, through the store's boto3 code path) and the real SmolLM2-135M.
+
+One store serves the whole module, as one team's bucket would: machine 1 builds two devices, reruns (all
+``Cached``), then machine 2 (a fresh PREFECT_HOME and server, its own scratch directory, the same bucket) reruns
+and adds a third device. Task states, not timing, say what was computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import threading
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lsaq.store.stage import download, list_builds, open_store
+
+pytest.importorskip("moto")
+pytestmark = pytest.mark.model
+
+DEVICES = ["beaglebone-black", "rpi-zero-2w"]  # SBC profiles whose plans differ (FP16/INT8 vs INT8/INT4)
+FAST = dict(samples=4, seq_len=64, fidelity_windows=1)  # a small importance run and evaluation: semantics, not quality
+
+
+@pytest.fixture(scope="module")
+def s3_store(tmp_path_factory):
+    """``s3://<fresh bucket>/team`` on moto's server (127.0.0.1, stopped after the module), with fake credentials
+    and the endpoint in the environment, as a deployment would set them."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    mp = pytest.MonkeyPatch()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+            mp.delenv(var, raising=False)
+        mp.setenv("AWS_ACCESS_KEY_ID", "AKIAPIPELINETEST0000")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "pipeline-test-secret-never-logged")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        mp.setenv("AWS_CONFIG_FILE", os.devnull)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        bucket = f"lsaq-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        yield f"s3://{bucket}/team"
+    finally:
+        mp.undo()
+        server.stop()
+
+
+@contextlib.contextmanager
+def machine(home: Path):
+    """A Prefect 'machine': its own PREFECT_HOME and a fresh server with an empty database."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))
+        with prefect_test_harness(server_startup_timeout=90):
+            yield
+
+
+def run(model: Path, store: str, work: Path, **params):
+    """Run the flow; ``(final state, {task: Counter of state names})`` of that flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.build import build
+
+    state = build(model=str(model), store=store, work=str(work), **{**FAST, **params}, return_state=True)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    states: dict[str, Counter] = {}
+    for r in runs:
+        states.setdefault(r.name.split()[0], Counter())[r.state.name] += 1
+    return state, states
+
+
+@pytest.fixture(scope="module")
+def machine1(s3_store, shared_gguf, tmp_path_factory):
+    """Machine 1: a first two-device build, then the same run again; both runs' states."""
+    root = tmp_path_factory.mktemp("machine1")
+    with machine(root / "prefect"):
+        first = run(shared_gguf, s3_store, root / "work", devices=DEVICES)
+        again = run(shared_gguf, s3_store, root / "work", devices=DEVICES)
+    return first, again
+
+
+def test_two_devices_publish_two_verified_builds_from_one_importance_run(machine1, s3_store, tmp_path):
+    (state, states), _ = machine1
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert [o.device for o in summary.outcomes] == DEVICES and not summary.failed
+    # one identity, one calibration set and one importance run serve both devices
+    for stage in ("identify", "calibrate", "score"):
+        assert states[stage] == Counter({"Completed": 1}), (stage, states[stage])
+    for stage in ("resolve", "plan", "quantize", "evaluate", "publish"):
+        assert states[stage] == Counter({"Completed": 2}), (stage, states[stage])
+
+    store = open_store(s3_store)
+    builds = {m.device_slug: m for m in list_builds(store)}
+    assert set(builds) == set(DEVICES)
+    bits = {d: m.avg_bits["quantizable_linears"] for d, m in builds.items()}
+    assert 8 < bits["beaglebone-black"] < 16 and 4 < bits["rpi-zero-2w"] < 8  # the plans differ
+    for d, m in builds.items():
+        assert m.required_bytes <= m.device["usable_bytes"] and m.evaluation["fidelity"]["positions"] > 0
+        got = download(store, tmp_path / d, device=d)  # every file checked against the manifest's sha256
+        assert got.manifest.build_id == m.build_id and (got.path / "model.safetensors").is_file()
+        outcome = next(o for o in summary.outcomes if o.device == d)
+        assert outcome.build.build_id == m.build_id and outcome.build.fidelity["top1_agreement"] > 0.3
+    keys = store.list("")
+    assert sum("/importance/" in k for k in keys) == 1 and sum("/calibration/" in k for k in keys) == 2
+    assert not any(os.environ["AWS_SECRET_ACCESS_KEY"] in store.get_bytes(k).decode(errors="ignore")
+                   for k in keys if k.endswith(".json") or k.startswith("_cache/"))
+
+
+def test_a_rerun_is_all_cached(machine1):
+    _, (state, states) = machine1
+    assert state.is_completed(), state.message
+    assert {name for c in states.values() for name in c} == {"Cached"}, states
+    assert sum(sum(c.values()) for c in states.values()) == 13  # 3 shared + 2 x 5 per device
+    assert [o.state for o in state.result().outcomes] == ["Cached", "Cached"]
+
+
+def test_a_second_machine_sharing_only_the_store_reuses_everything(machine1, s3_store, shared_gguf,
+                                                                   tmp_path_factory):
+    root = tmp_path_factory.mktemp("machine2")
+    with machine(root / "prefect"):
+        state, states = run(shared_gguf, s3_store, root / "work", devices=DEVICES)
+        assert state.is_completed(), state.message
+        assert {name for c in states.values() for name in c} == {"Cached"}, states
+        # a third device: importance reused, only its own stages run (its artifact is made here)
+        state, states = run(shared_gguf, s3_store, root / "work", devices=[*DEVICES, "rpi-3b"])
+    assert state.is_completed(), state.message
+    for stage in ("identify", "calibrate", "score"):
+        assert states[stage] == Counter({"Cached": 1}), (stage, states[stage])
+    for stage in ("plan", "quantize", "evaluate", "publish"):
+        assert states[stage] == Counter({"Cached": 2, "Completed": 1}), (stage, states[stage])
+    assert {m.device_slug for m in list_builds(open_store(s3_store))} == {*DEVICES, "rpi-3b"}
+
+
+def test_a_bad_device_fails_early_and_publishes_nothing(machine1, s3_store, shared_gguf, tmp_path):
+    store = open_store(s3_store)
+    before = store.list("")
+    with machine(tmp_path / "prefect"):
+        state, states = run(shared_gguf, s3_store, tmp_path / "work", devices=["beaglebone-black", "no-such-board"])
+    assert state.is_failed()
+    assert "unknown device 'no-such-board'" in state.message and "rpi-zero-2w" in state.message
+    assert set(states) <= {"identify", "resolve"}  # nothing was loaded, nothing planned
+    assert not (set(store.list("")) - set(before) - set(store.list("_cache")))
+
+
+def test_a_bad_parameter_fails_before_any_task(s3_store, shared_gguf, tmp_path):
+    with machine(tmp_path / "prefect"):
+        state, states = run(shared_gguf, s3_store, tmp_path / "work", devices=DEVICES, method="magic")
+    assert state.is_failed() and "magic" in state.message and "cosine" in state.message
+    assert states == {}
+
+
+def test_an_infeasible_device_fails_alone(machine1, s3_store, shared_gguf, tmp_path):
+    with machine(tmp_path / "prefect"):
+        state, states = run(shared_gguf, s3_store, tmp_path / "work", devices=["rpi-zero-2w"], budget="64MiB")
+    assert state.is_failed()
+    assert "1 of 2 device builds failed (built: rpi-zero-2w)" in state.message
+    assert "budget=64MiB" in state.message and "does not fit" in state.message
+    assert states["publish"] == Counter({"Cached": 1})  # the feasible device went through
+    assert not any(m.device_slug.startswith("budget") for m in list_builds(open_store(s3_store)))
+
+
+def test_two_concurrent_builds_compute_the_importance_once(s3_store, shared_gguf, tmp_path):
+    """Two flows on one host, on a fresh store prefix, need the same importance at the same time: one computes it,
+    the other waits on the lock and finds it cached."""
+    store = s3_store + f"/concurrent-{uuid.uuid4().hex[:6]}"
+    results = {}
+    with machine(tmp_path / "prefect"):
+        def go(device):
+            results[device] = run(shared_gguf, store, tmp_path / "work", devices=[device], fidelity_windows=1)
+
+        # each thread runs in a copy of this context: the harness's settings (its server) are context variables
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(go, d)) for d in DEVICES]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert all(state.is_completed() for state, _ in results.values()), results
+    scored = Counter(name for _, states in results.values() for name in states["score"].elements())
+    assert scored == Counter({"Completed": 1, "Cached": 1}), scored
+    assert sum("/importance/" in k for k in open_store(store).list("")) == 1
