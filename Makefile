@@ -19,7 +19,7 @@ setup: $(STAMP)
 # then per device plan, quantize, evaluate (fidelity to the float model) and publish. It prints where each build
 # is; run again, every task is Cached. Then one build is downloaded (verified) and generates text on lsaq's packed
 # runtime. Needs nothing but PyPI: without a local corpus or the hub, calibration runs on text the model generates.
-PREFECT_ENV = PREFECT_HOME=$(abspath $(OUT))/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXTRA_LOGGERS=lsaq
+PREFECT_ENV = PREFECT_HOME=$(abspath $(OUT))/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false
 
 run: $(STAMP)
 	mkdir -p $(OUT)

@@ -22,7 +22,7 @@ from lsaq.planning.planner import InfeasiblePlanError, PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest
 from lsaq.store.stage import default_store_uri
 from tasks.records import DeviceOutcome, RunSummary
-from tasks.stages import bind
+from tasks.stages import bind, request_label
 from tasks.summary import BuildFailed, outcome, summarize
 
 
@@ -38,7 +38,7 @@ def device_requests(device: str | None, devices: list[str] | None, budget: str |
     return requests + ([DeviceRequest(budget=budget)] if budget is not None else [])
 
 
-@flow(name="lsaq", log_prints=True, persist_result=False)
+@flow(name="lsaq", persist_result=False)
 def build(
     model: str | None = None,
     device: str | None = None,
@@ -88,7 +88,7 @@ def build(
         if error is None:
             targets.append(future.result())
         elif isinstance(error, InfeasiblePlanError) and len(requests) > 1:
-            outcomes[request] = DeviceOutcome(request.name or f"budget={request.budget}", state.name,
+            outcomes[request] = DeviceOutcome(request_label(request), state.name,
                                               stage="resolve-device", message=str(error))
         else:
             raise error  # an unknown device, a bad option, or the only device does not fit: nothing is built

@@ -7,10 +7,16 @@ Parses the flow's parameters, calls :func:`flows.build.build` once (on Prefect's
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
-from flows.build import build, local_paths
-from tasks.summary import BuildFailed, format_table
+# lsaq's own notices (which calibration source, which device) go through Prefect's handlers, like its own logs;
+# set before Prefect is imported, which configures logging once.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lsaq")
+
+from flows.build import build, local_paths  # noqa: E402
+from tasks.summary import BuildFailed, format_table  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,6 +43,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    logging.getLogger("lsaq").setLevel(logging.INFO)
     store, work = local_paths(args.out) if args.out else (args.store, args.work)
     try:
         summary = build(model=args.model, devices=args.devices, budget=args.budget, device_file=args.device_file,

@@ -41,12 +41,11 @@ class ModelKey:
 
 @dataclass(frozen=True)
 class DeviceTarget:
-    """A resolved device and the least memory any plan of the model needs on it (checked before any model loads)."""
+    """A resolved device on which some plan of the model fits (checked before any model is loaded)."""
 
     request: str  # the device name or budget as asked for
     slug: str
     profile: dict[str, Any]  # DeviceProfile.to_json()
-    min_required: int
     key: str
 
     @property

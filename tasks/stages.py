@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from prefect import Task, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.runtime import task_run
 
 import lsaq
 from lsaq.eval.stage import EvalOptions
@@ -85,8 +86,6 @@ def _identify_key(model: str | None, revision: str | None = None, **_: Any) -> s
 
 
 def _identify_name() -> str:
-    from prefect.runtime import task_run
-
     return f"identify {task_run.parameters.get('model') or 'default'}"
 
 
@@ -114,16 +113,22 @@ def request_label(request: DeviceRequest) -> str:
     return request.name if request.name is not None else f"budget={request.budget}"
 
 
-@task(name="resolve-device", task_run_name="resolve {model.slug} for {request.name}",
+def _resolve_name() -> str:
+    params = task_run.parameters
+    return f"resolve {params['model'].slug} for {request_label(params['request'])}"
+
+
+@task(name="resolve-device", task_run_name=_resolve_name,
       cache_policy=cache_policy(_device_key), **COMMON)
 def resolve_device(model: ModelKey, request: DeviceRequest, options: PlanOptions) -> DeviceTarget:
     """The device's profile, after checking that some plan of the model fits it (weights are not loaded):
     ``ValueError`` for an unknown device, :class:`~lsaq.planning.planner.InfeasiblePlanError` when even the
     smallest plan does not fit."""
     profile = lsaq.resolve_device(request)
-    smallest = lsaq.plan(profile, config=model.config_dir, options=options)  # InfeasiblePlanError: says what helps
+    # Feasibility depends on sizes alone: plan with uniform importance (InfeasiblePlanError says what would help).
+    lsaq.plan(profile, importance=[1.0] * model.num_layers, config=model.config_dir, options=options)
     return DeviceTarget(request=request_label(request), slug=device_slug(profile), profile=profile.to_json(),
-                        min_required=smallest.breakdown.required, key=_device_key(model, request, options) or "")
+                        key=_device_key(model, request, options) or "")
 
 
 # ------------------------------------------------------------------------------------------ importance
@@ -212,7 +217,7 @@ def plan(model: ModelKey, importance: ImportanceResult, device: DeviceTarget, op
     backend(store).create_bytes(key, path.read_bytes())  # keyed by content: the first copy stays
     create_table_artifact(
         key=artifact_key(f"{model.slug}-{device.slug}-plan"),
-        table=[{"layer": i, "importance": round(v, 6), "precision": str(p)}
+        table=[{"layer": i, "importance": round(v, 6), "precision": p.value}
                for i, (v, p) in enumerate(zip(result.importance, result.precisions))],
         description=f"{model.id} on {device.device.describe()}: {_counts(result)}; avg "
                     f"{result.avg_bits['quantizable_linears']:.2f} bits/weight; needs {result.breakdown.required:,} of "

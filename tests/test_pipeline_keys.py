@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 
 from lsaq.eval.stage import EvalOptions
 from lsaq.planning.planner import PlanOptions
-from lsaq.store.backend import ObjectNotFoundError
+from lsaq.store.backend import ObjectNotFoundError, StoreError, StoreUnavailableError
 from lsaq.store.keys import CACHE, BadKeyError, cache_key, calibration_prefix, slugify
 from lsaq.store.objects import fetch_files, has_files, put_files
 from lsaq.store.stage import open_store
 from tasks import keys
 from tasks.records import ArtifactResult, CalibrationResult, DeviceTarget, EvalResult, ImportanceResult, ModelKey
-from tasks.storage import StoreResults
+from tasks.storage import StoreResults, io_failure
 
 MODEL = ModelKey(spec=None, id="default", source="/m.gguf", revision=None, content_hash="ab" * 32,
                  model_type="llama", num_layers=30, config_dir="/c", slug="m", revision_slug="sha256-abab",
@@ -28,7 +28,7 @@ CALIB = CalibrationResult(key="calibration-1", uri="/s/c", prefix="m/r/calibrati
 IMP = ImportanceResult(key="importance-1", uri="/s/i", prefix="m/r/importance/i", record_id="i", method="cosine",
                        k=1, importance=(1.0, 0.5), seconds=1.0, computed=True)
 DEVICE = DeviceTarget(request="rpi-zero-2w", slug="rpi-zero-2w", profile={"name": "rpi-zero-2w", "memory_bytes": 1},
-                      min_required=1, key="device-1")
+                      key="device-1")
 ART = ArtifactResult(key="quantize-1", path="/a", plan_id="p" * 64, device="rpi-zero-2w", tensor_bytes=1,
                      file_bytes=2)
 
@@ -126,3 +126,13 @@ def test_intermediate_results_are_complete_only_once_their_record_is_there(tmp_p
     assert not (tmp_path / "none").exists()
     with pytest.raises(ValueError, match="record file"):
         put_files(store, prefix, files, record="other.json")
+
+
+@pytest.mark.parametrize("error, retried", [(StoreUnavailableError("endpoint refused"), True),
+                                            (StoreError("503 slow down"), True),
+                                            (ValueError("unknown device 'x'"), False),
+                                            (RuntimeError("numerics"), False)])
+def test_only_store_failures_are_retried(error, retried):
+    from prefect.states import Failed
+
+    assert io_failure(None, None, Failed(data=error)) is retried
