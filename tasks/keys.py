@@ -22,6 +22,8 @@ from typing import Any
 
 from lsaq import __version__
 from lsaq.eval.stage import EvalOptions
+from lsaq.models.default import default_model_path
+from lsaq.models.weights import is_hub_id, weight_files
 from lsaq.planning.planner import PlanOptions
 from lsaq.records import canonical_json, file_sha256, sha256_hex
 from tasks.records import ArtifactResult, CalibrationResult, DeviceTarget, EvalResult, ImportanceResult, ModelKey
@@ -39,13 +41,13 @@ def content_key(stage: str, **parts: Any) -> str:
 def identity_probe(spec: str | None, revision: str | None) -> str | None:
     """The key of a model's identity on this machine, from the weights' paths, sizes and modification times (what
     lsaq's hash cache trusts); None for a hub id without a pinned revision (the hub may have moved)."""
-    from lsaq.models.default import default_model_path
-    from lsaq.models.loading import WEIGHT_SUFFIXES, is_hub_id
-
     path = default_model_path() if spec is None else Path(spec).expanduser()
     if not path.exists():
         return content_key("identity", spec=spec, revision=revision) if is_hub_id(str(spec)) and revision else None
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (*WEIGHT_SUFFIXES, ".gguf"))
+    try:
+        _, files = weight_files(path)
+    except ValueError:
+        return None  # identify will say what is wrong
     stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     return content_key("identity", spec=spec, revision=revision, files=stats, code=CODE)
 

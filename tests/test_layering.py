@@ -110,7 +110,8 @@ def test_no_private_names_across_modules():
 
 @pytest.mark.parametrize("module", ["lsaq.planning.stage", "lsaq.commands.plan", "lsaq.importance.record",
                                     "lsaq.models.families", "lsaq.models.configs", "lsaq.quantization.record",
-                                    "lsaq.store.stage", "lsaq.store.objects", "lsaq.commands.store"])
+                                    "lsaq.store.stage", "lsaq.store.objects", "lsaq.store.select",
+                                    "lsaq.commands.store"])
 def test_planning_and_the_store_need_no_torch(module):
     """Planning needs no weights and the store only moves files, so both load without torch (fast CLI, light
     pipeline workers and device-side downloads)."""

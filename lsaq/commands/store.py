@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lsaq.units import format_bytes
+from lsaq.units import format_bytes, parse_bytes
 
 STORE_HELP = "store: a directory, file:///path or s3://bucket/prefix (default: $LSAQ_STORE, else <lsaq cache>/store)"
 
@@ -39,10 +39,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("download", help="download a build into a directory, verifying every file's sha256")
     d.add_argument("--model", required=True, help="model (slug, hub id, path, or 'default'; see `lsaq ls`)")
-    d.add_argument("--device", required=True, help="device (slug or profile name; see `lsaq ls`)")
+    d.add_argument("--device", required=True,
+                   help="device (slug or profile name; see `lsaq ls`), or 'local': the most faithful build that "
+                        "fits the memory free here now (freest NVIDIA GPU, else available RAM)")
     d.add_argument("--to", required=True, help="directory to create (must not exist or be empty)")
     d.add_argument("--build", default=None, help="build id (default: the latest complete build)")
     d.add_argument("--force", action="store_true", help="replace --to if it exists")
+    d.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="--device local: use at most this much memory (e.g. 300MiB), whatever is free")
+    d.add_argument("--wait-for-memory", type=float, default=None, metavar="SECONDS",
+                   help="--device local: first wait up to SECONDS for the smallest build to fit")
     add_store_args(d)
     d.set_defaults(func=run_download)
 
@@ -117,12 +123,26 @@ def run_ls(args: argparse.Namespace) -> int:
 
 
 def run_download(args: argparse.Namespace) -> int:
+    from lsaq.planning.devices import LOCAL
     from lsaq.store.backend import StoreError
+    from lsaq.store.select import describe, download_local
     from lsaq.store.stage import download
 
+    local = args.device == LOCAL
+    if not local and (args.max_memory is not None or args.wait_for_memory is not None):
+        raise ValueError(f"--max-memory and --wait-for-memory apply to --device {LOCAL}, not {args.device!r}")
+    if local and args.build is not None:
+        raise ValueError(f"--device {LOCAL} chooses the build; give a device name with --build {args.build}")
     try:
         store = open_from_args(args)
-        result = download(store, args.to, model=args.model, device=args.device, build=args.build, force=args.force)
+        if local:
+            limit = parse_bytes(args.max_memory, what="--max-memory") if args.max_memory is not None else None
+            chosen, result = download_local(store, args.to, args.model, max_memory=limit,
+                                            wait_seconds=args.wait_for_memory, force=args.force)
+            print(f"{chosen.available.describe()}: chose {describe(chosen.build)}")
+        else:
+            result = download(store, args.to, model=args.model, device=args.device, build=args.build,
+                              force=args.force)
     except StoreError as e:
         return fail("download", e)
     m = result.manifest

@@ -41,7 +41,8 @@ from lsaq.eval.perplexity import (
 )
 from lsaq.eval.report import EvalReport, ModelEval, build_report, markdown_path, plan_summary, run_record, write_report
 from lsaq.eval.tasks import resolve_tasks
-from lsaq.models.loading import LoadedModel, is_hub_id
+from lsaq.models.loading import LoadedModel
+from lsaq.models.weights import is_hub_id
 from lsaq.planning.planner import Plan
 from lsaq.records import atomic_write_json
 

@@ -6,11 +6,9 @@ hash, architecture, config) that every downstream result carries.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +19,12 @@ from torch import nn
 from lsaq.models.families import family
 from lsaq.models.identity import ModelInfo
 from lsaq.models.parts import decoder_parts
+from lsaq.models.weights import WEIGHT_SUFFIXES, content_hash, is_hub_id, weight_files
 from lsaq.paths import cache_dir
-from lsaq.records import atomic_dir, atomic_write_json, canonical_json, file_sha256, sha256_hex
+from lsaq.records import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors",)
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -44,35 +42,6 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     info: ModelInfo
-
-
-# ----------------------------------------------------------------------------------------------- hashing
-
-
-def _hash_cache_path() -> Path:
-    return cache_dir() / "hashes.json"
-
-
-def content_hash(files: list[Path]) -> str:
-    """sha256 over the sha256 of each file (by name order). Per-file hashes are cached by (path, size, mtime)."""
-    cache_file = _hash_cache_path()
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    digests, changed = [], False
-    for f in sorted(files, key=lambda p: p.name):
-        st = f.stat()
-        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        if key not in cache:
-            cache[key], changed = file_sha256(f), True
-        digests.append([f.name, cache[key]])
-    if changed:
-        try:
-            atomic_write_json(cache_file, cache)
-        except OSError as e:  # a read-only cache only costs speed
-            log.warning("could not update hash cache %s: %s", cache_file, e)
-    return digests[0][1] if len(digests) == 1 else sha256_hex(canonical_json(digests))
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -125,14 +94,6 @@ def _gguf_to_float_dir(gguf: Path, digest: str, dtype: torch.dtype) -> Path:
     return target
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def is_hub_id(s: str) -> bool:
-    """``org/name`` with no leading ``.``/``/``/``~`` and no ``.gguf`` suffix: worth asking the hub."""
-    return bool(_HUB_ID.match(s)) and not s.endswith(".gguf")
-
-
 @dataclass(frozen=True)
 class LocatedModel:
     """Where a model's weights are and who they are, found without loading them (only a GGUF is converted, once).
@@ -167,21 +128,10 @@ def locate_model(source: str | os.PathLike | None = None, *, revision: str | Non
         source = default_model_path()
     path = Path(source).expanduser()
     hub_revision = None
-    if path.is_file() and path.suffix == ".gguf":
-        digest = content_hash([path])
-        load_dir = _gguf_to_float_dir(path, digest, dtype)
-    elif path.is_dir():
-        weights = [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES]
-        ggufs = sorted(path.glob("*.gguf"))
-        if not weights and len(ggufs) == 1:
-            return dataclasses.replace(locate_model(ggufs[0], dtype=dtype), id=model_id)
-        if not weights:
-            raise ValueError(f"model directory {path} has no *.safetensors weights (only safetensors are loaded)")
-        digest, load_dir = content_hash(weights), path
-    elif path.exists():
-        raise ValueError(f"model path {path} is neither a directory nor a .gguf file")
-    elif not is_hub_id(str(source)):
-        raise ValueError(f"model path {path} does not exist")
+    if path.exists() or not is_hub_id(str(source)):
+        path, files = weight_files(path)  # ValueError names what is wrong
+        digest = content_hash(files)
+        load_dir = _gguf_to_float_dir(path, digest, dtype) if path.suffix == ".gguf" else path
     else:
         load_dir, hub_revision = _resolve_hub(str(source), revision)
         digest = content_hash([p for p in load_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES])

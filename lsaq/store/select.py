@@ -1,0 +1,117 @@
+"""On-device selection: the most faithful published build of a model that fits the memory free here now.
+
+A device that pulls its own build (``lsaq download --device local``) measures what it can give a model right now
+(:func:`lsaq.planning.detect.detect_local`: the freest NVIDIA GPU, else available system RAM, minus a safety
+reserve), optionally capped by the user, and picks among the builds of the model's newest published revision the
+one with the best evaluation whose memory need (weights + KV cache + workspace at its context) fits. Faithfulness is
+read from the manifests: lowest mean KL to the float model, then highest top-1 agreement; builds without an
+evaluation rank after evaluated ones, by average bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from lsaq.planning.devices import DeviceProfile
+from lsaq.store.backend import Backend, ObjectNotFoundError
+from lsaq.store.download import Downloaded, download, list_builds
+from lsaq.store.manifest import BuildManifest
+from lsaq.units import format_bytes
+
+log = logging.getLogger(__name__)
+
+
+class NoBuildFitsError(ValueError):
+    """No published build of the model fits the memory available; the message lists each build and its need."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen build, the memory it was chosen for, and every build considered."""
+
+    build: BuildManifest
+    available: DeviceProfile
+    candidates: tuple[BuildManifest, ...]
+
+
+def faithfulness(m: BuildManifest) -> tuple:
+    """Sort key, best first: evaluated builds by (KL mean, -top-1), then the others by more bits."""
+    fid = (m.evaluation or {}).get("fidelity") or {}
+    kl, top1 = fid.get("kl_mean"), fid.get("top1_agreement")
+    bits = m.avg_bits.get("all_weights", 0.0)
+    if isinstance(kl, (int, float)):
+        return (0, float(kl), -float(top1 or 0.0), -bits)
+    return (1, 0.0, 0.0, -bits)
+
+
+def newest_revision(builds: list[BuildManifest]) -> list[BuildManifest]:
+    """The builds of the revision published most recently (a new base revision replaces the old builds)."""
+    newest = max(builds, key=lambda m: m.published_at)
+    return [m for m in builds if (m.model_slug, m.revision) == (newest.model_slug, newest.revision)]
+
+
+def describe(m: BuildManifest) -> str:
+    fid = (m.evaluation or {}).get("fidelity") or {}
+    quality = f"KL {fid['kl_mean']:.4f}" if isinstance(fid.get("kl_mean"), (int, float)) else "not evaluated"
+    return f"{m.device_slug} {m.build_id} needs {format_bytes(m.required_bytes)} ({quality})"
+
+
+def cap(profile: DeviceProfile, max_memory: int | None) -> DeviceProfile:
+    """``profile`` with its usable memory capped at ``max_memory`` bytes (a user's limit), when given."""
+    if max_memory is None or profile.usable <= max_memory:
+        return profile
+    if max_memory <= 0:
+        raise ValueError(f"the memory limit must be positive, got {max_memory}")
+    return dataclasses.replace(profile, memory=max_memory + profile.reserve,
+                               notes=f"{profile.notes}; capped at {format_bytes(max_memory)}")
+
+
+def select_build(store: Backend, model: str, *, available: DeviceProfile) -> Selection:
+    """The most faithful build of ``model`` (its newest published revision) whose memory need fits
+    ``available.usable``; :class:`NoBuildFitsError` lists every build and what it needs when none does."""
+    builds = list_builds(store, model=model)
+    if not builds:
+        raise ObjectNotFoundError(f"{store.uri}: no complete build of model {model!r} (see `lsaq ls`)")
+    builds = sorted(newest_revision(builds), key=faithfulness)
+    fitting = [m for m in builds if m.required_bytes <= available.usable]
+    if not fitting:
+        listed = "; ".join(describe(m) for m in sorted(builds, key=lambda m: m.required_bytes))
+        raise NoBuildFitsError(f"no build of {model} fits the {format_bytes(available.usable)} usable here "
+                               f"({available.describe()}; {available.notes}). Builds: {listed}. Free memory, wait "
+                               "for it (--wait-for-memory), or build for a smaller device")
+    log.info("local device: %s usable; chose %s", format_bytes(available.usable), describe(fitting[0]))
+    return Selection(fitting[0], available, tuple(builds))
+
+
+def select_local(store: Backend, model: str, *, max_memory: int | None = None, wait_seconds: float | None = None,
+                 probe: Callable[[], DeviceProfile] | None = None) -> Selection:
+    """:func:`select_build` for the memory free on this machine now (``probe``, default NVML / psutil), capped at
+    ``max_memory``; ``wait_seconds``: first wait until the smallest build fits, up to that long."""
+    from lsaq.planning.detect import detect_local, wait_for_memory
+
+    measure = probe or detect_local
+
+    def capped() -> DeviceProfile:
+        return cap(measure(), max_memory)
+
+    if wait_seconds is not None:
+        builds = list_builds(store, model=model)
+        if builds:
+            need = min(m.required_bytes for m in newest_revision(builds))
+            if max_memory is not None and need > max_memory:
+                raise NoBuildFitsError(f"the smallest build of {model} needs {format_bytes(need)}, more than the "
+                                       f"limit of {format_bytes(max_memory)}: waiting would not help")
+            wait_for_memory(need, wait_seconds, probe=capped)
+    return select_build(store, model, available=capped())
+
+
+def download_local(store: Backend, dest: str | Path, model: str, *, max_memory: int | None = None,
+                   wait_seconds: float | None = None, force: bool = False) -> tuple[Selection, Downloaded]:
+    """Choose with :func:`select_local`, then download and verify that build into ``dest`` (see :func:`download`)."""
+    chosen = select_local(store, model, max_memory=max_memory, wait_seconds=wait_seconds)
+    m = chosen.build
+    return chosen, download(store, dest, model=model, device=m.device_slug, build=m.build_id, force=force)
