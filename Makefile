@@ -5,7 +5,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 OUT     ?= out
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench infra-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -34,6 +34,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_importance.py
 	$(PY) benchmarks/bench_runtime.py
+
+# Offline checks of infra/ (hadolint, compose spec, work-pool templates rendered by Prefect's workers).
+infra-check:
+	bash infra/validate.sh
 
 clean:
 	rm -rf .venv $(OUT) .pytest_cache
