@@ -10,8 +10,6 @@ end naming it, after the others are published.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 from prefect.futures import PrefectFuture, wait
 
@@ -111,8 +109,3 @@ def build(
         raise BuildFailed(summary)
     return summary
 
-
-def local_paths(out: str | Path) -> tuple[str, str]:
-    """``(store, work)`` under one output directory (``make run``)."""
-    out = Path(out).resolve()
-    return str(out / "store"), str(out / "work")

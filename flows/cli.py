@@ -10,13 +10,20 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 # lsaq's own notices (which calibration source, which device) go through Prefect's handlers, like its own logs;
 # set before Prefect is imported, which configures logging once.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lsaq")
 
-from flows.build import build, local_paths  # noqa: E402
+from flows.build import build  # noqa: E402
 from tasks.summary import BuildFailed, format_table  # noqa: E402
+
+
+def local_paths(out: str) -> tuple[str, str]:
+    """``(store, work)`` under one output directory (``--out``, as ``make run`` uses)."""
+    root = Path(out).resolve()
+    return str(root / "store"), str(root / "work")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from lsaq.models.families import model_shape
 from lsaq.models.identity import ModelRef
 from lsaq.models.loading import locate_model
 from lsaq.planning.devices import LOCAL
-from lsaq.planning.planner import Plan, PlanOptions
+from lsaq.planning.planner import PlanOptions
 from lsaq.planning.stage import DeviceRequest
 from lsaq.quantization.artifact import verify_artifact
 from lsaq.quantization.record import Artifact
@@ -219,18 +219,14 @@ def plan(model: ModelKey, importance: ImportanceResult, device: DeviceTarget, op
         key=artifact_key(f"{model.slug}-{device.slug}-plan"),
         table=[{"layer": i, "importance": round(v, 6), "precision": p.value}
                for i, (v, p) in enumerate(zip(result.importance, result.precisions))],
-        description=f"{model.id} on {device.device.describe()}: {_counts(result)}; avg "
+        description=f"{model.id} on {device.device.describe()}: {result.mix}; avg "
                     f"{result.avg_bits['quantizable_linears']:.2f} bits/weight; needs {result.breakdown.required:,} of "
                     f"{device.device.usable:,} usable bytes",
     )
     return PlanResult(key=_plan_key(importance, device, options), uri=backend(store).key_uri(key), store_key=key,
-                      plan_id=result.id, device=device.slug, counts={str(k): v for k, v in result.counts.items()},
+                      plan_id=result.id, device=device.slug, counts=result.counts,
                       avg_bits=dict(result.avg_bits), weights_bytes=result.breakdown.weights,
                       required_bytes=result.breakdown.required, usable_bytes=device.device.usable)
-
-
-def _counts(p: Plan) -> str:
-    return ", ".join(f"{n} {prec}" for prec, n in p.counts.items() if n)
 
 
 def _quantize_key(model: ModelKey, plan: PlanResult, **_: Any) -> str:

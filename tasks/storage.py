@@ -24,7 +24,7 @@ from prefect.locking.filesystem import FileSystemLockManager
 
 from lsaq.paths import cache_dir
 from lsaq.records import sha256_hex
-from lsaq.store.backend import Backend, StoreError, StoreUnavailableError
+from lsaq.store.backend import Backend, StoreError
 from lsaq.store.keys import cache_key
 from lsaq.store.stage import open_store
 
@@ -70,10 +70,8 @@ def result_storage(store_uri: str) -> StoreResults:
 
 
 def lock_dir() -> Path:
-    """This host's lock files for serializable cache transactions."""
-    path = cache_dir() / "locks"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """This host's lock files for serializable cache transactions (the lock manager creates it when it locks)."""
+    return cache_dir() / "locks"
 
 
 def cache_policy(key_fn: Callable[..., str | None]) -> CachePolicy:
@@ -90,7 +88,7 @@ def io_failure(_task: Any, _run: Any, state: Any) -> bool:
     """Retry condition: only a store that failed (unreachable, refused); never a numeric or input error."""
     try:
         state.result()
-    except (StoreError, StoreUnavailableError, ConnectionError, TimeoutError):
+    except (StoreError, ConnectionError, TimeoutError):  # StoreUnavailableError is a StoreError
         return True
     except BaseException:
         return False

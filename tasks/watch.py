@@ -96,9 +96,9 @@ def check_model(target: WatchTarget, store: str) -> ModelCheck:
         now = current_revision(target.model, revision=target.revision)
     except ModelUnreachableError as e:
         return ModelCheck(model=target.label, error=str(e))
-    slug, rev = model_slug(now.ref), revision_slug(now.ref)
+    slug, rev = model_slug(now), revision_slug(now)
     stale = stale_devices(store, slug, rev, target.devices)
-    return ModelCheck(model=target.label, revision=rev, hub_revision=now.hub_revision, stale=stale,
+    return ModelCheck(model=target.label, revision=rev, hub_revision=now.revision, stale=stale,
                       built=tuple(d for d in target.devices if d not in stale))
 
 

@@ -38,10 +38,10 @@ def test_a_watch_config_reads_and_names_what_is_wrong(tmp_path):
 
 def test_the_revision_of_a_local_model_follows_its_weights(local_model):
     first = current_revision(str(local_model))
-    assert first.hub_revision is None and revision_slug(first.ref).startswith("sha256-")
-    assert model_slug(first.ref) == "my-model"
+    assert first.revision is None and revision_slug(first).startswith("sha256-")
+    assert model_slug(first) == "my-model"
     (local_model / "model.safetensors").write_bytes(b"weights v2")
-    assert revision_slug(current_revision(str(local_model)).ref) != revision_slug(first.ref)
+    assert revision_slug(current_revision(str(local_model))) != revision_slug(first)
     with pytest.raises(ModelUnreachableError, match="does not exist"):
         current_revision(str(local_model / "missing"))
 

@@ -32,9 +32,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     with tqdm(total=plan.shape.num_layers, desc="quantizing", unit="layer", file=sys.stderr) as bar:
         art = quantize(plan, args.out, model=args.model, progress=lambda i: bar.update(1))
-    counts = ", ".join(f"{n} {p}" for p, n in plan.counts.items() if n)
     policy = plan.options.policy
-    print(f"wrote {art.path} ({counts}; embedding {policy.embed.value}, head {policy.head_precision.value}; "
+    print(f"wrote {art.path} ({plan.mix}; embedding {policy.embed.value}, head {policy.head_precision.value}; "
           f"{art.dtype}; {art.file_bytes / 2**20:.1f} MiB on disk) in {time.perf_counter() - start:.1f}s")
     print(f"loads in: {', '.join(art.runtimes)}")
     return 0

@@ -8,7 +8,6 @@ hash (:mod:`lsaq.models.weights`). The store keys (:mod:`lsaq.store.keys`) come 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from lsaq.models.identity import ModelRef
@@ -17,18 +16,6 @@ from lsaq.models.weights import content_hash, is_hub_id, weight_files
 
 class ModelUnreachableError(ValueError):
     """The model's current revision cannot be found (a missing path, the hub unreachable or not knowing it)."""
-
-
-@dataclass(frozen=True)
-class CurrentRevision:
-    """What a model is now: ``ref`` (for store keys), and the hub commit or weights hash it came from."""
-
-    model: str | None  # as named; None is the embedded default model
-    ref: ModelRef
-
-    @property
-    def hub_revision(self) -> str | None:
-        return self.ref.revision
 
 
 def hub_commit(model_id: str, revision: str | None, timeout: float) -> str:
@@ -45,27 +32,23 @@ def hub_commit(model_id: str, revision: str | None, timeout: float) -> str:
     return info.sha
 
 
-def current_revision(model: str | None, *, revision: str | None = None, timeout: float = 10.0) -> CurrentRevision:
-    """``model``'s revision now: a local path (``.gguf`` or directory) by content hash, a hub id by the commit the
-    hub serves (``revision``: a branch, tag or commit; default the main branch), None the default model.
+def current_revision(model: str | None, *, revision: str | None = None, timeout: float = 10.0) -> ModelRef:
+    """``model``'s revision now, as the reference store keys are made from: a local path (``.gguf`` or directory)
+    by content hash, a hub id by the commit the hub serves (``revision``: a branch, tag or commit; default the main
+    branch; it becomes the reference's ``revision``), None the default model.
     :class:`ModelUnreachableError` when it cannot be told."""
-    if model is None:
-        from lsaq.models.default import default_model_path
+    if model is not None and not Path(model).expanduser().exists() and is_hub_id(model):
+        commit = hub_commit(model, revision, timeout)
+        return ModelRef(id=model, model_type="?", num_layers=0, revision=commit)
+    try:
+        if model is None:
+            from lsaq.models.default import default_model_path
 
-        try:
             path = default_model_path()
-        except (RuntimeError, ValueError) as e:
-            raise ModelUnreachableError(f"the default model: {e}") from e
+        else:
+            path = Path(model).expanduser()
         source, files = weight_files(path)
-        ref = ModelRef(id="default", model_type="?", num_layers=0, source=str(source), content_hash=content_hash(files))
-        return CurrentRevision(None, ref)
-    path = Path(model).expanduser()
-    if path.exists() or not is_hub_id(model):
-        try:
-            source, files = weight_files(path)
-        except ValueError as e:
-            raise ModelUnreachableError(str(e)) from e
-        ref = ModelRef(id=model, model_type="?", num_layers=0, source=str(source), content_hash=content_hash(files))
-        return CurrentRevision(model, ref)
-    commit = hub_commit(model, revision, timeout)
-    return CurrentRevision(model, ModelRef(id=model, model_type="?", num_layers=0, revision=commit))
+    except (RuntimeError, ValueError) as e:  # the default model not fetchable; a missing or unusable path
+        raise ModelUnreachableError(f"{model or 'the default model'}: {e}") from e
+    return ModelRef(id=model or "default", model_type="?", num_layers=0, source=str(source),
+                    content_hash=content_hash(files))

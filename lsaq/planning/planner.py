@@ -243,6 +243,11 @@ class Plan:
         return {p.value: sum(1 for x in self.precisions if x is p) for p in Precision}
 
     @property
+    def mix(self) -> str:
+        """Decoder layers per precision as text, e.g. ``7 fp16, 23 int8`` (precisions no layer has are left out)."""
+        return ", ".join(f"{n} {p}" for p, n in self.counts.items() if n)
+
+    @property
     def id(self) -> str:
         """Content hash of what the plan decides and from what (not the lsaq version)."""
         j = self.to_json(with_id=False)

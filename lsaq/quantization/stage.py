@@ -59,6 +59,6 @@ def quantize(
     path = write_artifact(loaded, plan, out, progress=progress)
     artifact = Artifact.load(path)
     log.info("quantized %s into %s (%s; %d tensor bytes, %s) in %.1fs", loaded.info.id, path,
-             ", ".join(f"{n} {p}" for p, n in plan.counts.items() if n), artifact.tensor_bytes, artifact.dtype,
+             plan.mix, artifact.tensor_bytes, artifact.dtype,
              time.perf_counter() - start)
     return artifact

@@ -70,13 +70,17 @@ def cap(profile: DeviceProfile, max_memory: int | None) -> DeviceProfile:
                                notes=f"{profile.notes}; capped at {format_bytes(max_memory)}")
 
 
-def select_build(store: Backend, model: str, *, available: DeviceProfile) -> Selection:
-    """The most faithful build of ``model`` (its newest published revision) whose memory need fits
-    ``available.usable``; :class:`NoBuildFitsError` lists every build and what it needs when none does."""
+def candidates(store: Backend, model: str) -> list[BuildManifest]:
+    """The builds of ``model``'s newest published revision, most faithful first (one listing of the store)."""
     builds = list_builds(store, model=model)
     if not builds:
         raise ObjectNotFoundError(f"{store.uri}: no complete build of model {model!r} (see `lsaq ls`)")
-    builds = sorted(newest_revision(builds), key=faithfulness)
+    return sorted(newest_revision(builds), key=faithfulness)
+
+
+def choose(model: str, builds: list[BuildManifest], available: DeviceProfile) -> Selection:
+    """The first of ``builds`` (most faithful first) whose memory need fits ``available.usable``;
+    :class:`NoBuildFitsError` lists every build and what it needs when none does."""
     fitting = [m for m in builds if m.required_bytes <= available.usable]
     if not fitting:
         listed = "; ".join(describe(m) for m in sorted(builds, key=lambda m: m.required_bytes))
@@ -85,6 +89,12 @@ def select_build(store: Backend, model: str, *, available: DeviceProfile) -> Sel
                                "for it (--wait-for-memory), or build for a smaller device")
     log.info("local device: %s usable; chose %s", format_bytes(available.usable), describe(fitting[0]))
     return Selection(fitting[0], available, tuple(builds))
+
+
+def select_build(store: Backend, model: str, *, available: DeviceProfile) -> Selection:
+    """The most faithful build of ``model`` (its newest published revision) whose memory need fits
+    ``available.usable`` (see :func:`choose`)."""
+    return choose(model, candidates(store, model), available)
 
 
 def select_local(store: Backend, model: str, *, max_memory: int | None = None, wait_seconds: float | None = None,
@@ -98,15 +108,14 @@ def select_local(store: Backend, model: str, *, max_memory: int | None = None, w
     def capped() -> DeviceProfile:
         return cap(measure(), max_memory)
 
+    builds = candidates(store, model)
     if wait_seconds is not None:
-        builds = list_builds(store, model=model)
-        if builds:
-            need = min(m.required_bytes for m in newest_revision(builds))
-            if max_memory is not None and need > max_memory:
-                raise NoBuildFitsError(f"the smallest build of {model} needs {format_bytes(need)}, more than the "
-                                       f"limit of {format_bytes(max_memory)}: waiting would not help")
-            wait_for_memory(need, wait_seconds, probe=capped)
-    return select_build(store, model, available=capped())
+        need = min(m.required_bytes for m in builds)
+        if max_memory is not None and need > max_memory:
+            raise NoBuildFitsError(f"the smallest build of {model} needs {format_bytes(need)}, more than the "
+                                   f"limit of {format_bytes(max_memory)}: waiting would not help")
+        wait_for_memory(need, wait_seconds, probe=capped)
+    return choose(model, builds, capped())
 
 
 def download_local(store: Backend, dest: str | Path, model: str, *, max_memory: int | None = None,
