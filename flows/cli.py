@@ -15,6 +15,9 @@ from pathlib import Path
 # lsaq's own notices (which calibration source, which device) go through Prefect's handlers, like its own logs;
 # set before Prefect is imported, which configures logging once.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lsaq")
+# Without PREFECT_API_URL the run starts Prefect's temporary local server; on a fresh PREFECT_HOME its database
+# migrations took 15-25 s on 2 busy cores here, past Prefect's 20 s default, and the run failed before starting.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from flows.build import build  # noqa: E402
 from tasks.summary import BuildFailed, format_table  # noqa: E402
