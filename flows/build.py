@@ -6,9 +6,16 @@ device plans, quantizes, evaluates and publishes, devices concurrently. Every ta
 store (:mod:`tasks.storage`), so a rerun, another device or another machine sharing the store reuses what exists.
 One device that fails (a budget too small among several devices) does not stop the others; the flow fails at the
 end naming it, after the others are published.
+
+Scale-out: with ``dispatch`` (a deployment of this flow, e.g. ``lsaq/build-k8s``) each device's build runs as its
+own flow run of that deployment (:mod:`tasks.dispatch`), so a Docker or Kubernetes pool builds devices in parallel
+containers that share the store; the parent then collects each device's records, ``Cached`` from the store.
+Without it every device is built in this process.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from prefect import flow
 from prefect.futures import PrefectFuture, wait
@@ -19,6 +26,7 @@ from lsaq.paths import cache_dir
 from lsaq.planning.planner import InfeasiblePlanError, PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest
 from lsaq.store.stage import default_store_uri
+from tasks.dispatch import dispatch_device
 from tasks.records import DeviceOutcome, RunSummary
 from tasks.stages import bind, request_label
 from tasks.summary import BuildFailed, outcome, summarize
@@ -34,6 +42,11 @@ def device_requests(device: str | None, devices: list[str] | None, budget: str |
         raise ValueError(f"a device is named twice in {names}")
     requests = [DeviceRequest(name=n, device_file=device_file) for n in names]
     return requests + ([DeviceRequest(budget=budget)] if budget is not None else [])
+
+
+def one_device(request: DeviceRequest) -> dict[str, str | None]:
+    """The device parameters of a flow run that builds ``request`` alone."""
+    return {"device": request.name, "devices": None, "budget": request.budget}
 
 
 @flow(name="lsaq", persist_result=False)
@@ -59,13 +72,15 @@ def build(
     revision: str | None = None,
     store: str | None = None,
     work: str | None = None,
+    dispatch: str | None = None,
 ) -> RunSummary:
     """Build ``model`` (default: the embedded one) for every device (``device``, ``devices``, ``budget``).
 
     ``context``/``strategy``: plan options; ``method``/``k``/``samples``/``seq_len``/``calib``/``seed``: the
     importance run; ``ppl``/``eval_tasks``/``eval_limit``/``fidelity_windows``: what each build's evaluation
     measures besides fidelity to the float model. ``store``: where results go (default ``$LSAQ_STORE`` or the
-    local store); ``work``: this machine's scratch directory (default ``<lsaq cache>/work``).
+    local store); ``work``: this machine's scratch directory (default ``<lsaq cache>/work``). ``dispatch``: a
+    deployment of this flow to run each device's build as its own flow run (see the module docstring).
     """
     # Every option is checked before anything runs: a bad value fails the flow with the stage's own message.
     requests = device_requests(device, devices, budget, device_file)
@@ -79,12 +94,12 @@ def build(
     ident = t.identify(model, revision)
     resolved = [t.resolve_device.submit(ident, r, options) for r in requests]
     wait(resolved)
-    targets, outcomes = [], {}
+    targets, outcomes = {}, {}
     for request, future in zip(requests, resolved):
         state = future.state
         error = None if state.is_completed() else state.result(raise_on_failure=False)
         if error is None:
-            targets.append(future.result())
+            targets[request] = future.result()
         elif isinstance(error, InfeasiblePlanError) and len(requests) > 1:
             outcomes[request] = DeviceOutcome(request_label(request), state.name,
                                               stage="resolve-device", message=str(error))
@@ -96,14 +111,34 @@ def build(
     calibration = t.calibrate(ident, calib, samples, seq_len, seed, store, work)
     importance = t.score(ident, calibration, method, k, batch_size, store, work)
 
+    if dispatch:
+        # Every option a child needs, as this run got it (but `work`: a child's scratch is its own machine's), a hub
+        # model pinned to the commit this run resolved.
+        shared = dict(model=model, device_file=device_file, context=context, strategy=strategy, method=method, k=k,
+                      samples=samples, seq_len=seq_len, calib=calib, seed=seed, batch_size=batch_size, ppl=ppl,
+                      eval_tasks=eval_tasks, eval_limit=eval_limit, fidelity_windows=fidelity_windows,
+                      revision=ident.revision or revision, store=store)
+        runs = {r: dispatch_device.submit(dispatch, request_label(r), {**shared, **one_device(r)}) for r in targets}
+        wait(list(runs.values()))
+        for request, future in runs.items():
+            if not future.state.is_completed():
+                error = future.state.result(raise_on_failure=False)
+                outcomes[request] = DeviceOutcome(request_label(request), future.state.name, stage="dispatch",
+                                                  message=str(error))
+                del targets[request]
+
+    # In process; after a dispatch every task here is Cached from the store (the children computed them).
     chains: list[tuple[PrefectFuture, ...]] = []
-    for target in targets:
+    for target in targets.values():
         plan = t.plan.submit(ident, importance, target, options, store, work)
         artifact = t.quantize.submit(ident, plan, store, work)
         report = t.evaluate.submit(ident, plan, artifact, evaluation, store, work)
         chains.append((plan, artifact, report, t.publish.submit(ident, plan, artifact, report, store, work)))
     wait([f for chain in chains for f in chain])
-    built = [outcome(target.slug, chain) for target, chain in zip(targets, chains)]
+    built = [outcome(target.slug, chain) for target, chain in zip(targets.values(), chains)]
+    if dispatch:  # the device was built (or found Cached) by its own run, not by these cache reads
+        built = [replace(o, state="Completed", flow_run=run.result().name) if o.build else o
+                 for o, run in zip(built, (runs[r] for r in targets))]
     summary = summarize(ident, importance, store, [*built, *outcomes.values()])
     if summary.failed:
         raise BuildFailed(summary)

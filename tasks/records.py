@@ -153,6 +153,7 @@ class DeviceOutcome:
     build: BuildResult | None = None
     stage: str | None = None  # the stage that failed
     message: str | None = None
+    flow_run: str | None = None  # the flow run that built it, when dispatched (then the state is that run's)
 
 
 @dataclass(frozen=True)
@@ -168,3 +169,14 @@ class RunSummary:
     @property
     def failed(self) -> tuple[DeviceOutcome, ...]:
         return tuple(o for o in self.outcomes if o.build is None)
+
+
+@dataclass(frozen=True)
+class DispatchedRun:
+    """One device's build run as its own flow run of a deployment (``dispatch``): which run, how it ended."""
+
+    device: str
+    deployment: str
+    flow_run: str  # the flow run's id
+    name: str
+    state: str

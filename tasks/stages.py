@@ -7,7 +7,8 @@ tensors never cross a task boundary.
 
 Caching: every task is keyed by an explicit content key (:mod:`tasks.keys`), its record persisted as JSON in the
 store (:mod:`tasks.storage`); the flow binds the store with :func:`bind`. Stages that load a whole model share
-``LSAQ_MODEL_SLOTS`` slots per process (default 1), so concurrent device builds do not load five models at once.
+``LSAQ_MODEL_SLOTS`` slots per process (default 1), so concurrent device builds do not load five models at once,
+and across processes a Prefect global concurrency limit when ``LSAQ_MODEL_CONCURRENCY`` names one.
 Only store I/O is retried.
 """
 
@@ -23,6 +24,7 @@ from typing import Any, Iterator
 
 from prefect import Task, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import task_run
 
 import lsaq
@@ -56,6 +58,7 @@ from tasks.storage import IO_RETRIES, IO_RETRY_DELAY_S, backend, cache_policy, i
 CALIB_FILES = ("calibration.json", "tokens.safetensors")  # the record last: lsaq.importance.calibration's names
 IMPORTANCE_FILE = "importance.json"
 MODEL_SLOTS = threading.BoundedSemaphore(max(1, int(os.environ.get("LSAQ_MODEL_SLOTS", "1"))))
+MODEL_CONCURRENCY_ENV = "LSAQ_MODEL_CONCURRENCY"  # a Prefect global concurrency limit shared across processes
 
 COMMON: dict[str, Any] = dict(persist_result=True, result_serializer="json", retries=IO_RETRIES,
                               retry_delay_seconds=IO_RETRY_DELAY_S, retry_condition_fn=io_failure)
@@ -63,8 +66,11 @@ COMMON: dict[str, Any] = dict(persist_result=True, result_serializer="json", ret
 
 @contextlib.contextmanager
 def model_slot() -> Iterator[None]:
-    """Hold one of this process's model slots while a whole model is in memory."""
-    with MODEL_SLOTS:
+    """Hold one of this process's model slots while a whole model is in memory, and one slot of the Prefect global
+    concurrency limit named by ``$LSAQ_MODEL_CONCURRENCY`` when set (flow runs in several containers sharing one
+    GPU: ``prefect gcl create lsaq-gpu0 --limit 1``); a name with no such limit is an error, not ignored."""
+    limit = os.environ.get(MODEL_CONCURRENCY_ENV)
+    with MODEL_SLOTS, (concurrency(limit, occupy=1, strict=True) if limit else contextlib.nullcontext()):
         yield
 
 

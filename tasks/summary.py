@@ -54,7 +54,7 @@ def rows(summary: RunSummary) -> list[dict[str, str]]:
         fid = (b.fidelity or {}) if b else {}
         out.append({
             "device": o.device,
-            "state": o.state if b else f"{o.state} at {o.stage}",
+            "state": (o.state + (f" in {o.flow_run}" if o.flow_run else "")) if b else f"{o.state} at {o.stage}",
             "avg bits": f"{b.avg_bits['quantizable_linears']:.2f}" if b else "-",
             "bytes": format_bytes(b.file_bytes) if b else "-",
             "needs / usable": f"{format_bytes(b.required_bytes)} / {format_bytes(b.usable_bytes)}" if b else "-",

@@ -9,7 +9,9 @@ The config is a small YAML (or JSON) file::
         devices: [rtx3060, rpi-zero-2w]
 
 A device is stale when the store holds no complete build of the model's *current* revision for it: the model
-changed (a new hub commit, other local weights) or that device was never built.
+changed (a new hub commit, other local weights) or that device was never built. A stale device that a run of the
+build deployment is already building (scheduled, pending or running) is left to that run, so a watch that runs
+again before a build ends does not start it twice.
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ from typing import Any
 
 import yaml
 from prefect import task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 
 from lsaq.models.revision import ModelUnreachableError, current_revision
 from lsaq.store.download import device_matches, list_builds
@@ -80,6 +92,7 @@ class ModelCheck:
     built: tuple[str, ...] = ()
     error: str | None = None
     triggered: str | None = None  # the flow run of lsaq/build started for the stale devices
+    in_flight: tuple[str, ...] = ()  # stale devices that a build run not yet finished is building
 
 
 def stale_devices(store: str, slug: str, revision: str, devices: tuple[str, ...]) -> tuple[str, ...]:
@@ -113,3 +126,29 @@ def trigger_build(target: WatchTarget, check: ModelCheck, store: str, deployment
     run = run_deployment(name=deployment, parameters=params, timeout=0,
                          tags=["lsaq-watch", f"model:{slugify(check.model)[:40]}"])
     return dataclasses.replace(check, triggered=str(run.id))
+
+
+UNFINISHED = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]
+
+
+def devices_in(parameters: dict[str, Any], model: str | None) -> tuple[str, ...]:
+    """The devices a build run with these ``parameters`` builds, if it builds ``model`` (None: the default)."""
+    if parameters.get("model") != model:
+        return ()
+    return tuple(d for d in [parameters.get("device"), *(parameters.get("devices") or [])] if d)
+
+
+@task(name="find-running-builds", task_run_name="builds of {target.label} in flight", retries=0)
+def in_flight(target: WatchTarget, deployment: str) -> tuple[str, ...]:
+    """The devices of ``target`` that an unfinished flow run of ``deployment`` is building (none when the
+    deployment does not exist: triggering it reports that)."""
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            return ()
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=UNFINISHED))))
+    busy = {d for r in runs for d in devices_in(r.parameters, target.model)}
+    return tuple(d for d in target.devices if d in busy)

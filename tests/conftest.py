@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,6 +40,55 @@ def shared_model(shared_gguf):
     from lsaq.models.loading import load_model
 
     return load_model(shared_gguf)
+
+
+@dataclass(frozen=True)
+class S3:
+    """A bucket on moto's S3 server: the store URI and the environment a process needs to reach it."""
+
+    uri: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    """A fresh bucket on moto's S3 server (127.0.0.1, a free port, stopped after the module), with fake
+    credentials and the endpoint as a deployment would set them in the environment: ``S3(uri, env)``."""
+    pytest.importorskip("moto")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one line per S3 request in a failure's report
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        env = {"AWS_ACCESS_KEY_ID": "AKIAPIPELINETEST0000",
+               "AWS_SECRET_ACCESS_KEY": "pipeline-test-secret-never-logged",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint,
+               "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+        bucket = f"lsaq-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x",
+                     aws_secret_access_key="x").create_bucket(Bucket=bucket)
+        yield S3(uri=f"s3://{bucket}/team", env=env)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_env(moto_s3):
+    """``moto_s3`` with its environment set in this process (AWS_PROFILE and friends removed) for the module;
+    yields the store URI."""
+    mp = pytest.MonkeyPatch()
+    try:
+        for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+            mp.delenv(var, raising=False)
+        for var, value in moto_s3.env.items():
+            mp.setenv(var, value)
+        yield moto_s3.uri
+    finally:
+        mp.undo()
 
 
 def plan_with_precisions(info, precisions, group_size=None):

@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import os
 import threading
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -28,33 +29,11 @@ FAST = dict(samples=4, seq_len=64, fidelity_windows=1)  # a small importance run
 
 
 @pytest.fixture(scope="module")
-def s3_store(tmp_path_factory):
-    """``s3://<fresh bucket>/team`` on moto's server (127.0.0.1, stopped after the module), with fake credentials
-    and the endpoint in the environment, as a deployment would set them."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    mp = pytest.MonkeyPatch()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
-            mp.delenv(var, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", "AKIAPIPELINETEST0000")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "pipeline-test-secret-never-logged")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-        mp.setenv("AWS_CONFIG_FILE", os.devnull)
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+def s3_store(s3_env):
+    """One team's bucket on moto, reached through the environment (see conftest)."""
+    with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        bucket = f"lsaq-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-        yield f"s3://{bucket}/team"
-    finally:
-        mp.undo()
-        server.stop()
+        yield s3_env
 
 
 @contextlib.contextmanager
@@ -76,9 +55,16 @@ def run(model: Path, store: str, work: Path, **params):
     from flows.build import build
 
     state = build(model=str(model), store=store, work=str(work), **{**FAST, **params}, return_state=True)
+    # The server records task states from events, asynchronously: wait until it has every run's final state
+    # (a read straight after the flow returned has seen a Cached task still 'Running').
+    deadline = time.monotonic() + 60
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     states: dict[str, Counter] = {}
     for r in runs:
         states.setdefault(r.name.split()[0], Counter())[r.state.name] += 1

@@ -7,7 +7,7 @@ import pytest
 from lsaq.models.revision import ModelUnreachableError, current_revision
 from lsaq.store.keys import model_slug, revision_slug
 from lsaq.store.stage import open_store
-from tasks.watch import WatchTarget, check_model, read_watch_config
+from tasks.watch import WatchTarget, check_model, devices_in, read_watch_config
 from tests.test_store_select import put_build
 
 
@@ -67,3 +67,11 @@ def test_only_devices_without_a_build_of_the_current_revision_are_stale(local_mo
 def test_an_unreachable_model_is_reported_not_raised(tmp_path):
     check = check_model.fn(WatchTarget(str(tmp_path / "gone"), ("rtx3060",)), str(tmp_path / "store"))
     assert check.stale == () and "does not exist" in check.error
+
+
+def test_a_build_run_in_flight_counts_only_for_its_own_model_and_devices():
+    run = {"model": "/m.gguf", "device": "rpi-3b", "devices": ["a", "b"]}
+    assert devices_in(run, "/m.gguf") == ("rpi-3b", "a", "b")
+    assert devices_in({"model": "/m.gguf", "devices": None, "device": None}, "/m.gguf") == ()
+    assert devices_in({"model": "/other.gguf", "device": "rpi-3b"}, "/m.gguf") == ()
+    assert devices_in({"device": "rpi-3b"}, None) == ("rpi-3b",)  # the default model
