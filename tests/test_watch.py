@@ -75,3 +75,12 @@ def test_a_build_run_in_flight_counts_only_for_its_own_model_and_devices():
     assert devices_in({"model": "/m.gguf", "devices": None, "device": None}, "/m.gguf") == ()
     assert devices_in({"model": "/other.gguf", "device": "rpi-3b"}, "/m.gguf") == ()
     assert devices_in({"device": "rpi-3b"}, None) == ("rpi-3b",)  # the default model
+
+
+def test_the_example_watch_config_names_catalog_devices():
+    from pathlib import Path
+
+    from lsaq.planning.devices import list_devices
+
+    (target,) = read_watch_config(Path(__file__).resolve().parents[1] / "infra" / "watch.yaml")
+    assert target.model is None and set(target.devices) <= {d.name for d in list_devices()}

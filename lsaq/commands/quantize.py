@@ -12,6 +12,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--plan", required=True, help="plan JSON from `lsaq plan`")
     q.add_argument("--model", default=None, help="model to quantize (default: the one the plan was made for)")
     q.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
+    q.add_argument("--quantizer", default="rtn",
+                   help="rtn: round to nearest (default); gptq: error feedback on calibration activations (same "
+                        "bytes, closer to the float model; needs --calibration)")
+    q.add_argument("--calibration", default=None, metavar="DIR",
+                   help="--quantizer gptq: a calibration directory from `lsaq calibrate` for this model")
     q.set_defaults(func=run_quantize)
 
     g = sub.add_parser("generate", help="greedy generation from an artifact on lsaq's packed runtime")
@@ -31,9 +36,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     plan = Plan.load(args.plan)
     with tqdm(total=plan.shape.num_layers, desc="quantizing", unit="layer", file=sys.stderr) as bar:
-        art = quantize(plan, args.out, model=args.model, progress=lambda i: bar.update(1))
+        art = quantize(plan, args.out, model=args.model, quantizer=args.quantizer, calibration=args.calibration,
+                       progress=lambda i: bar.update(1))
     policy = plan.options.policy
-    print(f"wrote {art.path} ({plan.mix}; embedding {policy.embed.value}, head {policy.head_precision.value}; "
+    print(f"wrote {art.path} ({plan.mix}, {art.quantizer}; embedding {policy.embed.value}, "
+          f"head {policy.head_precision.value}; "
           f"{art.dtype}; {art.file_bytes / 2**20:.1f} MiB on disk) in {time.perf_counter() - start:.1f}s")
     print(f"loads in: {', '.join(art.runtimes)}")
     return 0

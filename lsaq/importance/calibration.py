@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from lsaq.models.identity import ModelRef
+    from lsaq.models.identity import ModelInfo, ModelRef
     from lsaq.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -443,3 +443,14 @@ def calibration_model(path: str | Path) -> "ModelRef":
 
     obj = read_record(Path(path) / RECORD_FILE, SCHEMA, VERSION)
     return decode_record(obj, lambda o: ModelRef.from_json(o["model"]), str(path), "calibration record")
+
+
+def load_calibration_for(path: str | Path, info: "ModelInfo") -> CalibrationSet:
+    """The calibration set in directory ``path``, after checking it was drawn for the model ``info`` describes
+    (``ValueError`` otherwise: its token ids would mean nothing to this model's tokenizer)."""
+    made_for = calibration_model(path)
+    if made_for.content_hash != info.content_hash:
+        raise ValueError(f"calibration set {path} was drawn for model {made_for.name!r} "
+                         f"({str(made_for.content_hash)[:12]}), not for {info.id!r} "
+                         f"({info.content_hash[:12]}); its token ids mean nothing to this tokenizer")
+    return load_calibration_dir(path)

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from lsaq.importance.calibration import calibration_model, load_calibration, load_calibration_dir
+from lsaq.importance.calibration import load_calibration, load_calibration_for
 from lsaq.importance.record import LayerImportance
 from lsaq.importance.scoring import score_importance
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
@@ -57,12 +57,7 @@ def score(
         raise ValueError(f"give a calibration directory ({calibration}) or a calibration source ({source}), not both")
     loaded = load_model(model, revision=revision, trust_remote_code=trust_remote_code)
     if calibration is not None:
-        made_for = calibration_model(calibration)
-        if made_for.content_hash != loaded.info.content_hash:
-            raise ValueError(f"calibration set {calibration} was drawn for model {made_for.name!r} "
-                             f"({str(made_for.content_hash)[:12]}), not for {loaded.info.id!r} "
-                             f"({loaded.info.content_hash[:12]}); its token ids mean nothing to this tokenizer")
-        calib = load_calibration_dir(calibration)
+        calib = load_calibration_for(calibration, loaded.info)
     else:
         calib = load_calibration(loaded.tokenizer, source, samples=samples, seq_len=seq_len, seed=seed, model=loaded)
     record = score_importance(loaded.model, loaded.info, calib, method, k, batch_size=batch_size, progress=progress)

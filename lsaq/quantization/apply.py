@@ -24,9 +24,11 @@ from lsaq.models.parts import DecoderParts, decoder_parts
 from lsaq.planning.memory import WeightPolicy, head_tensor
 from lsaq.planning.planner import Plan
 from lsaq.precision import Precision
+from lsaq.quantization.gptq import gptq_quantize
 from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.quantization.qembedding import QuantizedEmbedding
 from lsaq.quantization.qlinear import Int4Linear, Int8Linear
+from lsaq.quantization.sequential import LayerFeed, Quantizer
 
 QUANTIZED_MODULES = (Int8Linear, Int4Linear, QuantizedEmbedding)
 
@@ -105,8 +107,16 @@ def quantize_model(
     plan: Plan,
     *,
     progress: Callable[[int], None] | None = None,
+    quantizer: Quantizer | str = Quantizer.RTN,
+    calibration: torch.Tensor | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place following ``plan`` and return it.
+
+    ``quantizer``: ``rtn`` rounds each weight to nearest; ``gptq`` chooses the codes with GPTQ's error feedback on
+    the activations of the calibration token ids ``calibration [N, L]``, streamed layer by layer
+    (:mod:`lsaq.quantization.sequential`), columns in activation order (on the default model, all-INT4: KL to the
+    float model 0.72x RTN's with it, 0.77x without; tests/test_gptq_model.py). Both give the same tensors, shapes
+    and bytes.
 
     INT8/INT4 layers get packed modules (:mod:`lsaq.quantization.qlinear`); the embedding and LM head are
     quantized when the plan's policy says so (:func:`quantize_embeddings`); FP16 layers and everything else
@@ -116,20 +126,29 @@ def quantize_model(
     """
     parts = decoder_parts(model)
     check_plan(plan, info, parts)
+    quantizer = Quantizer.parse(quantizer)
+    if (quantizer is Quantizer.GPTQ) != (calibration is not None):
+        raise ValueError(f"the {quantizer.value} quantizer takes "
+                         f"{'calibration token ids' if quantizer is Quantizer.GPTQ else 'no calibration'}")
     dtype = storage_dtype(info.dtype)
     group = plan.options.policy.group_size
+    names = [lin.name for lin in plan.shape.layer_linears]
+    feed = LayerFeed.capture(model, parts, calibration) if calibration is not None else None
     with torch.inference_mode():
         for i, (layer, precision) in enumerate(zip(parts.layers, plan.precisions)):
-            for lin in plan.shape.layer_linears:
-                float_linear = layer.get_submodule(lin.name)
-                if precision is Precision.FP16:
-                    float_linear.to(dtype)
-                    continue
-                qw = QuantizedWeight.quantize(float_linear.weight, precision, group if precision is Precision.INT4
-                                              else None, dtype)
+            quantized = precision is not Precision.FP16
+            hessians = feed.hessians(layer, names) if feed is not None and quantized else {}
+            for name in names if quantized else ():  # FP16 linears are cast with the layer's other parameters
+                float_linear = layer.get_submodule(name)
+                g = group if precision is Precision.INT4 else None
+                w = float_linear.weight
+                qw = (gptq_quantize(w, hessians[name], precision, g, dtype, act_order=True) if hessians
+                      else QuantizedWeight.quantize(w, precision, g, dtype))
                 bias = float_linear.bias.detach().to(dtype) if float_linear.bias is not None else None
-                _set_submodule(layer, lin.name, quantized_linear(qw, bias))
-                del float_linear  # the float weight goes with the last reference
+                _set_submodule(layer, name, quantized_linear(qw, bias))
+                del float_linear, w  # the float weight goes with the last reference
+            if feed is not None and i + 1 < len(parts.layers):  # the next layer's inputs, through it quantized
+                feed.advance(layer)
             for p in layer.parameters():  # norms (and FP16 linears) of the layer
                 p.data = p.data.to(dtype)
             if progress is not None:

@@ -23,7 +23,7 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -51,7 +51,11 @@ from lsaq.quantization.record import (
     WEIGHTS,
     Artifact,
 )
+from lsaq.quantization.sequential import Quantizer
 from lsaq.records import atomic_dir, atomic_write_json, file_sha256, read_record
+
+if TYPE_CHECKING:
+    from lsaq.importance.calibration import CalibrationSet
 
 __all__ = ["MANIFEST", "PLAN", "WEIGHTS", "REQUIRED", "ArtifactError", "quantization_config", "runtimes_for_plan",
            "write_artifact", "verify_artifact", "load_quantized", "resident_bytes"]
@@ -126,16 +130,22 @@ def runtimes_for_plan(plan: Plan) -> tuple[str, ...]:
 
 
 def write_artifact(
-    loaded: LoadedModel, plan: Plan, out_dir: str | Path, *, progress: Callable[[int], None] | None = None
+    loaded: LoadedModel, plan: Plan, out_dir: str | Path, *, progress: Callable[[int], None] | None = None,
+    quantizer: Quantizer | str = Quantizer.RTN, calibration: CalibrationSet | None = None,
 ) -> Path:
     """Quantize ``loaded`` (in place) following ``plan`` and write the artifact directory atomically.
+
+    ``quantizer``/``calibration``: how codes are chosen (:func:`lsaq.quantization.apply.quantize_model`); the
+    manifest records both.
 
     Every tensor's bytes must equal the plan's byte model (:func:`lsaq.planning.memory.weight_tensor_bytes`):
     a difference is a bug and nothing is written.
     """
     dtype = storage_dtype(loaded.info.dtype)
     dtype_name = str(dtype).removeprefix("torch.")
-    model = quantize_model(loaded.model, loaded.info, plan, progress=progress)
+    quantizer = Quantizer.parse(quantizer)
+    model = quantize_model(loaded.model, loaded.info, plan, progress=progress, quantizer=quantizer,
+                           calibration=calibration.tokens if calibration is not None else None)
     tensors = artifact_state_dict(model, dtype)
     predicted = weight_tensor_bytes(plan.shape, plan.precisions, plan.options.policy)
     stored = {name: t.numel() * t.element_size() for name, t in tensors.items()}
@@ -160,7 +170,8 @@ def write_artifact(
             path=Path(out_dir), plan_id=plan.id, model=ModelRef.from_info(loaded.info), dtype=dtype_name,
             files={f: ((tmp / f).stat().st_size, file_sha256(tmp / f)) for f in files},
             tensor_bytes=sum(stored.values()), predicted_tensor_bytes=sum(predicted.values()),
-            runtimes=runtimes_for_plan(plan), lsaq_version=__version__,
+            runtimes=runtimes_for_plan(plan), lsaq_version=__version__, quantizer=quantizer.value,
+            calibration=calibration.hash if calibration is not None else None,
         )
         atomic_write_json(tmp / MANIFEST, record.manifest_json())
     return Path(out_dir)

@@ -5,7 +5,9 @@ manifest ``lsaq_artifact.json`` (schema ``lsaq.quantization.artifact``) is this 
 directory can be moved or copied and still describe itself.
 
 Version 2 added ``dtype`` (the 16-bit float the artifact stores) and ``runtimes``, and records the model as a
-:class:`~lsaq.models.identity.ModelRef`; version 1 manifests (always float16) still load.
+:class:`~lsaq.models.identity.ModelRef`; version 1 manifests (always float16) still load. Version 3 added
+``quantizer`` (how the codes were chosen: ``rtn`` or ``gptq``) and ``calibration`` (the hash of GPTQ's calibration
+tokens); older manifests are ``rtn``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ MANIFEST = "lsaq_artifact.json"
 PLAN = "lsaq_plan.json"
 WEIGHTS = "model.safetensors"
 REQUIRED = ("config.json", WEIGHTS, PLAN, MANIFEST)
-SCHEMA, VERSION = "lsaq.quantization.artifact", 2
+SCHEMA, VERSION = "lsaq.quantization.artifact", 3
 # Runtimes that load an artifact: lsaq's own (lsaq.quantization.artifact.load_quantized) always; stock
 # transformers + compressed-tensors unless it holds a tensor form they cannot load (see runtimes_for_plan).
 LSAQ_RUNTIME, STOCK_RUNTIME = "lsaq", "transformers"
@@ -42,6 +44,8 @@ class Artifact:
     predicted_tensor_bytes: int  # what the plan's byte model predicted (equal, or the artifact is not written)
     runtimes: tuple[str, ...] = (LSAQ_RUNTIME, STOCK_RUNTIME)
     lsaq_version: str = __version__
+    quantizer: str = "rtn"  # how the integer codes were chosen (lsaq.quantization.sequential.Quantizer)
+    calibration: str | None = None  # hash of the calibration tokens a calibrated quantizer used
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -68,6 +72,8 @@ class Artifact:
             "files": {name: {"bytes": n, "sha256": h} for name, (n, h) in sorted(self.files.items())},
             "tensor_bytes": self.tensor_bytes,
             "predicted_tensor_bytes": self.predicted_tensor_bytes,
+            "quantizer": self.quantizer,
+            "calibration": self.calibration,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -89,6 +95,8 @@ class Artifact:
             predicted_tensor_bytes=obj["predicted_tensor_bytes"],
             runtimes=tuple(obj.get("runtimes", (LSAQ_RUNTIME,))),
             lsaq_version=obj.get("lsaq_version", "?"),
+            quantizer=obj.get("quantizer", "rtn"),
+            calibration=obj.get("calibration"),
         )
 
     @classmethod

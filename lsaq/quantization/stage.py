@@ -13,13 +13,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from lsaq.importance.calibration import load_calibration_for
 from lsaq.models.identity import ModelRef
 from lsaq.models.loading import load_model
 from lsaq.planning.planner import Plan
 from lsaq.quantization.artifact import write_artifact
 from lsaq.quantization.record import Artifact
+from lsaq.quantization.sequential import Quantizer
 
-__all__ = ["Artifact", "quantize", "plan_model_source"]
+__all__ = ["Artifact", "Quantizer", "quantize", "plan_model_source"]
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +45,31 @@ def quantize(
     out: str | Path,
     *,
     model: str | None = None,
+    quantizer: Quantizer | str = Quantizer.RTN,
+    calibration: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Artifact:
     """Quantize a model following ``plan`` (a :class:`Plan` or its JSON file) into the artifact directory ``out``.
 
     The model is ``model`` when given (a local directory, ``.gguf`` or hub id), else the one the plan was made for
     (:func:`plan_model_source`); a plan made for other weights is refused (content hash, shapes). ``out`` is
-    replaced atomically: an interrupted or refused run leaves no partial directory. ``progress`` is called with the
-    index of each decoder layer once it is quantized.
+    replaced atomically: an interrupted or refused run leaves no partial directory. ``quantizer``: ``rtn``
+    (round-to-nearest) or ``gptq`` (error feedback on the activations of ``calibration``, a calibration directory
+    drawn for this model by :func:`lsaq.calibrate`; same files and bytes). ``progress`` is called with the index of
+    each decoder layer once it is quantized.
     """
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    quantizer = Quantizer.parse(quantizer)
+    if (quantizer is Quantizer.GPTQ) != (calibration is not None):
+        raise ValueError(f"quantizer {quantizer.value!r} " + ("needs a calibration directory (calibration=...)"
+                         if quantizer is Quantizer.GPTQ else f"takes no calibration (got {calibration})"))
     source = model if model is not None else plan_model_source(plan.model)
     start = time.perf_counter()
     loaded = load_model(source)
-    path = write_artifact(loaded, plan, out, progress=progress)
+    calib = load_calibration_for(calibration, loaded.info) if calibration is not None else None
+    path = write_artifact(loaded, plan, out, progress=progress, quantizer=quantizer, calibration=calib)
     artifact = Artifact.load(path)
-    log.info("quantized %s into %s (%s; %d tensor bytes, %s) in %.1fs", loaded.info.id, path,
-             plan.mix, artifact.tensor_bytes, artifact.dtype,
+    log.info("quantized %s into %s (%s, %s; %d tensor bytes, %s) in %.1fs", loaded.info.id, path,
+             plan.mix, quantizer.value, artifact.tensor_bytes, artifact.dtype,
              time.perf_counter() - start)
     return artifact
