@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_importance.py
 	$(PY) benchmarks/bench_runtime.py
+	$(PY) benchmarks/bench_additivity.py
 
 # Offline checks of infra/ (hadolint, compose spec, work-pool templates rendered by Prefect's workers).
 infra-check:

@@ -26,6 +26,7 @@ _EXPORTS = {
     # stage functions
     "calibrate": "lsaq.importance.calibration",
     "score": "lsaq.importance.stage",
+    "measure": "lsaq.importance.stage",
     "resolve_device": "lsaq.planning.stage",
     "plan": "lsaq.planning.stage",
     "quantize": "lsaq.quantization.stage",
@@ -37,6 +38,7 @@ _EXPORTS = {
     # records and options that cross stage boundaries
     "CalibrationInfo": "lsaq.importance.calibration",
     "LayerImportance": "lsaq.importance.scoring",
+    "LayerLoss": "lsaq.importance.cost",
     "Method": "lsaq.methods",
     "ImportanceRef": "lsaq.methods",
     "ModelInfo": "lsaq.models.identity",

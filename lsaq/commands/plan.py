@@ -23,7 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-file", default=None, help="YAML/JSON file with extra device profiles")
     p.add_argument("--context", type=int, default=4096, help="context length the KV cache must hold (default 4096)")
     p.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
-    p.add_argument("--strategy", default="lsaq", help="lsaq (default), optimal, or a uniform baseline fp16/int8/int4")
+    p.add_argument("--strategy", default="lsaq",
+                   help="lsaq (default), optimal, measured (needs --loss), or a uniform baseline fp16/int8/int4")
+    p.add_argument("--loss", default=None, metavar="JSON",
+                   help="a layer-loss record from `lsaq measure`: --strategy measured minimises its summed loss")
     p.add_argument("--allowed", default="fp16,int8,int4", help="precisions a layer may get (default fp16,int8,int4)")
     p.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: per-channel scales)")
     p.add_argument("--embed-precision", default="fp16", help="token embedding: fp16 (default), int8, int4; on a tied model, quantizing either side unties them "
@@ -85,7 +88,7 @@ def run_plan(args: argparse.Namespace) -> int:
     options = build_options(args)  # bad option values fail before any file is read
     device = DeviceRequest(name=args.device, budget=args.budget, device_file=args.device_file,
                            wait_seconds=args.wait_for_memory)
-    inputs = {"importance": args.importance, "config": args.config, "options": options}
+    inputs = {"importance": args.importance, "config": args.config, "options": options, "loss": args.loss}
     result = None
     if args.compare:  # every strategy; the chosen one's plan is reused, so inputs and device are read once
         comparison = compare_strategies(device, **inputs)
@@ -136,7 +139,8 @@ def format_plan(plan) -> str:
         f"layers: fp16 {c['fp16']}, int8 {c['int8']}, int4 {c['int4']}; avg bits/weight {bits['quantizable_linears']:.3f} "
         f"(decoder linears), {bits['all_weights']:.3f} (all weights)",
         f"objective {plan.objective:.4f} of {sum(plan.importance):.4f} ({plan.solver.method})"
-        + (f", LP bound {plan.solver.upper_bound:.4f}" if plan.solver.upper_bound is not None else ""),
+        + (f", LP bound {plan.solver.upper_bound:.4f}" if plan.solver.upper_bound is not None else "")
+        + (f"; predicted loss {plan.predicted_loss:.4g} nats (measured, summed)" if plan.loss is not None else ""),
     ]
     return "\n".join(lines)
 

@@ -8,14 +8,10 @@ import sys
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("score", help="rank decoder layers by importance (LSAQ jaccard, LWQ cosine or measured sensitivity)")
+def model_and_calibration_args(p: argparse.ArgumentParser) -> None:
+    """The options `lsaq score` and `lsaq measure` share: the model, its calibration set, batching, --out."""
     p.add_argument("--model", default=None, help="local HF directory, .gguf file or hub id (default: SmolLM2-135M)")
     p.add_argument("--revision", default=None, help="hub revision (hub ids only)")
-    p.add_argument("--method", default=DEFAULT_METHOD.value,
-                   help=f"jaccard (LSAQ), cosine (LWQ) or sensitivity (KL with one layer INT4; ~L/2x slower); "
-                        f"default {DEFAULT_METHOD.value}, the study's winner")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help=f"top-k token set size for jaccard (default {DEFAULT_K})")
     p.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--calib", default=None,
@@ -27,7 +23,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--out", required=True, help="output JSON path")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="rank decoder layers by importance (LSAQ jaccard, LWQ cosine or measured sensitivity)")
+    model_and_calibration_args(p)
+    p.add_argument("--method", default=DEFAULT_METHOD.value,
+                   help=f"jaccard (LSAQ), cosine (LWQ) or sensitivity (KL with one layer INT4; ~L/2x slower); "
+                        f"default {DEFAULT_METHOD.value}, the study's winner")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help=f"top-k token set size for jaccard (default {DEFAULT_K})")
     p.set_defaults(func=run)
+
+    m = sub.add_parser("measure", help="measure each layer's loss (KL to the float model) at every precision, once "
+                                       "for every device's plan (lsaq plan --loss ... --strategy measured)")
+    model_and_calibration_args(m)
+    m.add_argument("--probes", default="int8,int4",
+                   help="comma-separated: int8, int4 (per-channel), int4-g<group size> (default int8,int4)")
+    m.set_defaults(func=run_measure)
 
     c = sub.add_parser("calibrate", help="draw a calibration set (token windows) for a model into a directory")
     c.add_argument("--model", default=None, help="local HF directory, .gguf file or hub id (default: SmolLM2-135M)")
@@ -73,6 +85,20 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     print(format_ranking(rec))
     print(f"wrote {args.out} ({rec.num_layers} layers, {rec.wall_time_s:.1f}s scoring)")
+    return 0
+
+
+def run_measure(args: argparse.Namespace) -> int:
+    from lsaq.importance.stage import measure
+
+    rec = measure(args.model, args.out, probes=[p for p in args.probes.split(",") if p], source=args.calib,
+                  calibration=args.calib_dir, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                  batch_size=args.batch_size, revision=args.revision, trust_remote_code=args.trust_remote_code)
+    print("layer  " + "  ".join(f"{p:>10}" for p in rec.probes))
+    for i, row in enumerate(rec.loss):
+        print(f"{i:5d}  " + "  ".join(f"{v:10.3e}" for v in row))
+    print(f"wrote {args.out} ({rec.num_layers} layers x {len(rec.probes)} probes in {rec.seconds:.1f}s = "
+          f"{rec.cost_ratio:.1f} forward passes)")
     return 0
 
 

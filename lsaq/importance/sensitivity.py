@@ -15,7 +15,8 @@ embeddings, masks), so it works for any family :func:`lsaq.models.loading.decode
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +66,39 @@ def _kl_per_sample(parts: DecoderParts, ref: torch.Tensor, h: torch.Tensor, chun
     return kl.view(b, t).mean(-1)
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One way of quantizing a layer for measurement: INT8, INT4 per-channel (``group_size`` None) or INT4 in
+    groups of ``group_size`` input columns."""
+
+    precision: Precision
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", Precision.parse(self.precision))
+        if self.precision is Precision.FP16:
+            raise ValueError("sensitivity needs a quantized probe precision (fp16 is the reference); valid: int8, int4")
+        if self.group_size is not None and self.precision is not Precision.INT4:
+            raise ValueError(f"group_size applies to int4 only, got {self.precision.value} with {self.group_size}")
+
+    @property
+    def label(self) -> str:
+        """``int8``, ``int4`` or ``int4-g<size>``."""
+        return self.precision.value + (f"-g{self.group_size}" if self.group_size else "")
+
+    @classmethod
+    def parse(cls, label: "str | Probe") -> "Probe":
+        """The probe of a :attr:`label`; ``ValueError`` naming the bad label and the valid forms."""
+        if isinstance(label, Probe):
+            return label
+        text = str(label).lower()
+        precision, _, group = text.partition("-g")
+        try:
+            return cls(Precision.parse(precision), int(group) if group else None)
+        except ValueError as e:
+            raise ValueError(f"unknown probe {label!r} ({e}); valid: int8, int4, int4-g<group size>") from None
+
+
 def sensitivity_samples(
     model: nn.Module,
     calib: CalibrationSet,
@@ -76,13 +110,28 @@ def sensitivity_samples(
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Per-sample, per-layer sensitivity ``[N, num_layers]`` (float64, nats), see the module docstring."""
-    precision = Precision.parse(precision)
-    if precision is Precision.FP16:
-        raise ValueError("sensitivity needs a quantized probe precision; valid: int8, int4")
+    probe = Probe(Precision.parse(precision), group_size)
+    return probe_samples(model, calib, [probe], batch_size=batch_size, chunk=chunk, progress=progress)[0]
+
+
+def probe_samples(
+    model: nn.Module,
+    calib: CalibrationSet,
+    probes: Sequence[Probe],
+    *,
+    batch_size: int = 4,
+    chunk: int = 1024,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Per-probe, per-sample, per-layer KL to the float model ``[P, N, num_layers]`` (float64, nats): for each
+    probe and layer, only that layer quantized that way. Every probe shares one float pass per batch (the reference
+    log-probabilities and every layer's recorded input)."""
+    if not probes:
+        raise ValueError("give at least one probe (int8, int4, int4-g<size>)")
     parts = decoder_parts(model)
     layers = list(parts.layers)
     n, n_layers = calib.samples, len(layers)
-    scores = np.zeros((n, n_layers), dtype=np.float64)
+    scores = np.zeros((len(probes), n, n_layers), dtype=np.float64)
     calls: list[tuple[tuple, dict] | None] = [None] * n_layers
     last: dict[str, torch.Tensor] = {}
 
@@ -106,9 +155,10 @@ def sensitivity_samples(
                 ref = torch.cat([_logprobs(parts, c) for c in last["h"].reshape(b * t, -1).split(chunk)]).view(b, t, -1)
                 recorded = list(calls)
                 for i in range(n_layers):
-                    with quantized_layer(layers[i], precision, group_size):
-                        h = _replay(layers, recorded, i)
-                    scores[s : s + b, i] = _kl_per_sample(parts, ref, h, chunk).numpy()
+                    for k, probe in enumerate(probes):
+                        with quantized_layer(layers[i], probe.precision, probe.group_size):
+                            h = _replay(layers, recorded, i)
+                        scores[k, s : s + b, i] = _kl_per_sample(parts, ref, h, chunk).numpy()
                 del ref
                 if progress is not None:
                     progress(b)

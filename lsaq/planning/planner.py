@@ -34,7 +34,17 @@ from lsaq.planning.memory import (
     memory_breakdown,
     workspace_bytes,
 )
-from lsaq.planning.solvers import SolverInfo, default_quality, lsaq_assign, objective, optimal_assign, precision_levels
+from lsaq.planning.solvers import (
+    LayerLosses,
+    SolverInfo,
+    default_quality,
+    lsaq_assign,
+    min_loss_assign,
+    objective,
+    optimal_assign,
+    precision_levels,
+    predicted_loss,
+)
 from lsaq.precision import Precision
 from lsaq.records import atomic_write_json, canonical_json, decode_record, read_record, sha256_hex
 from lsaq.units import format_bytes
@@ -47,6 +57,7 @@ OBJECTIVE = "sum_i importance_i * q(precision_i); q(fp16)=1, q(int8)=1-2^-4, q(i
 class Strategy(Choice):
     LSAQ = "lsaq"
     OPTIMAL = "optimal"
+    MEASURED = "measured"  # minimise the summed measured per-layer loss (lsaq.importance.cost), exactly
     FP16 = "fp16"
     INT8 = "int8"
     INT4 = "int4"
@@ -151,12 +162,20 @@ def check_importance(importance: Sequence[float], num_layers: int) -> None:
 
 
 def assign_precisions(
-    shape: ModelShape, importance: Sequence[float], usable: int, options: PlanOptions
+    shape: ModelShape, importance: Sequence[float], usable: int, options: PlanOptions,
+    loss: LayerLosses | None = None,
 ) -> tuple[list[Precision] | None, SolverInfo]:
-    """Run ``options.strategy`` for ``usable`` bytes; the assignment is ``None`` when nothing fits."""
+    """Run ``options.strategy`` for ``usable`` bytes; the assignment is ``None`` when nothing fits. The
+    ``measured`` strategy needs ``loss``: per layer, the measured loss of each precision."""
     check_importance(importance, shape.num_layers)
     b = budget_for(shape, options)
     costs, cap, s = [b.layer_costs] * shape.num_layers, b.capacity(usable), options.strategy
+    if s is Strategy.MEASURED:
+        if loss is None:
+            raise ValueError("strategy 'measured' needs a measured layer-loss table (lsaq measure; loss=...)")
+        if len(loss) != shape.num_layers:
+            raise ValueError(f"the layer-loss table has {len(loss)} layers but the model has {shape.num_layers}")
+        return min_loss_assign(loss, costs, cap, options.allowed)
     if s.uniform is not None:
         fits = shape.num_layers * b.layer_costs[s.uniform] <= cap
         return ([s.uniform] * shape.num_layers if fits else None), SolverInfo("uniform")
@@ -214,6 +233,8 @@ class Plan:
     precisions: tuple[Precision, ...]
     solver: SolverInfo = field(default_factory=lambda: SolverInfo("rule"))
     lsaq_version: str = __version__
+    loss: tuple[Mapping[Precision, float], ...] | None = None  # measured per-layer loss (strategy 'measured')
+    loss_id: str | None = None  # the layer-loss record it came from
 
     @property
     def breakdown(self) -> MemoryBreakdown:
@@ -239,6 +260,11 @@ class Plan:
         return float(objective(self.importance, self.precisions, self.options.quality))
 
     @property
+    def predicted_loss(self) -> float | None:
+        """The summed measured loss of the chosen precisions (plans made from a layer-loss table)."""
+        return None if self.loss is None else predicted_loss(self.loss, self.precisions)
+
+    @property
     def counts(self) -> dict[str, int]:
         return {p.value: sum(1 for x in self.precisions if x is p) for p in Precision}
 
@@ -251,7 +277,8 @@ class Plan:
     def id(self) -> str:
         """Content hash of what the plan decides and from what (not the lsaq version)."""
         j = self.to_json(with_id=False)
-        return sha256_hex(canonical_json({k: j[k] for k in ("model", "importance", "device", "options", "shape", "precisions")}))
+        keys = ("model", "importance", "device", "options", "shape", "precisions") + (("loss",) if "loss" in j else ())
+        return sha256_hex(canonical_json({k: j[k] for k in keys}))
 
     def to_json(self, with_id: bool = True) -> dict[str, Any]:
         bd, total_w = self.breakdown, sum(self.importance)
@@ -278,6 +305,9 @@ class Plan:
             "objective": {"definition": OBJECTIVE, "value": self.objective, "max": total_w,
                           "normalized": self.objective / total_w if total_w else 1.0, "solver": self.solver.to_json()},
         }
+        if self.loss is not None:  # only plans from a layer-loss table: other plans keep their shape and id
+            obj["loss"] = {"id": self.loss_id, "predicted": self.predicted_loss,
+                           "values": [{p.value: float(v) for p, v in row.items()} for row in self.loss]}
         if with_id:
             obj = {"schema": SCHEMA, "version": VERSION, "id": self.id, **obj}
         return obj
@@ -294,8 +324,12 @@ class Plan:
             options=PlanOptions.from_json(obj["options"]),
             shape=ModelShape.from_json(obj["shape"]),
             precisions=tuple(Precision.parse(p) for p in obj["precisions"]),
-            solver=SolverInfo(s["method"], s.get("frontier", 0), s.get("upper_bound"), list(s.get("notes", []))),
+            solver=SolverInfo(s["method"], s.get("frontier", 0), s.get("upper_bound"), list(s.get("notes", [])),
+                              s.get("lower_bound")),
             lsaq_version=obj.get("lsaq_version", "?"),
+            loss=None if "loss" not in obj else tuple(
+                {Precision.parse(k): float(v) for k, v in row.items()} for row in obj["loss"]["values"]),
+            loss_id=obj["loss"]["id"] if "loss" in obj else None,
         )
         if len(plan.precisions) != plan.shape.num_layers:
             raise ValueError(f"{len(plan.precisions)} precisions for {plan.shape.num_layers} layers")
@@ -319,15 +353,20 @@ def make_plan(
     *,
     model: ModelRef | None = None,
     importance_ref: ImportanceRef | None = None,
+    loss: LayerLosses | None = None,
+    loss_id: str | None = None,
 ) -> Plan:
-    """Plan ``shape`` for ``device``; :class:`InfeasiblePlanError` (a ``ValueError``) when nothing fits."""
+    """Plan ``shape`` for ``device``; :class:`InfeasiblePlanError` (a ``ValueError``) when nothing fits.
+
+    ``loss`` (per layer ``{precision: measured loss}``, :meth:`lsaq.importance.cost.LayerLoss.table`) is what the
+    ``measured`` strategy minimises; the plan records it and the predicted total."""
     options = options or PlanOptions()
     if model is None:
         model = ModelRef(id=None, model_type=shape.model_type, num_layers=shape.num_layers)
     elif (model.model_type, model.num_layers) != (shape.model_type, shape.num_layers):
         raise ValueError(f"model {model.name!r} is a {model.num_layers}-layer {model.model_type}, but the shapes to plan "
                          f"are a {shape.num_layers}-layer {shape.model_type}")
-    assign, info = assign_precisions(shape, importance, device.usable, options)
+    assign, info = assign_precisions(shape, importance, device.usable, options, loss)
     if assign is None:
         raise infeasible_error(shape, options, device, model.name)
     return Plan(
@@ -339,4 +378,6 @@ def make_plan(
         shape=shape,
         precisions=tuple(assign),
         solver=info,
+        loss=None if loss is None else tuple({Precision.parse(p): float(v) for p, v in row.items()} for row in loss),
+        loss_id=loss_id,
     )

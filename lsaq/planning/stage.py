@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from lsaq.importance.cost import LayerLoss
 from lsaq.importance.record import LayerImportance
 from lsaq.methods import UNIFORM_IMPORTANCE, ImportanceRef
 from lsaq.models.configs import load_config
@@ -154,6 +155,29 @@ def plan_inputs(importance: LayerImportance | str | Path | Sequence[float] | Non
     return PlanInputs(shape, imp, model)
 
 
+def read_loss(loss: LayerLoss | str | Path | None) -> LayerLoss | None:
+    """A layer-loss record given as an object or a file (from :func:`lsaq.measure`)."""
+    return LayerLoss.load(loss) if isinstance(loss, (str, Path)) else loss
+
+
+def loss_plan_inputs(importance: LayerImportance | str | Path | Sequence[float] | None, config: str | None,
+                     record: LayerLoss | None) -> PlanInputs:
+    """:func:`plan_inputs`, or with only a layer-loss record: its model, and its INT4 loss per layer as the
+    importance (the measured sensitivity). ``ValueError`` when the record was measured on another model."""
+    if record is None or importance is not None or config is not None:
+        inputs = plan_inputs(importance, config)
+    else:
+        values = tuple(row[record.probes.index("int4")] if "int4" in record.probes else max(row)
+                       for row in record.loss)
+        ref = ImportanceRef(id=record.id, method="measured-loss")
+        inputs = PlanInputs(model_shape(record.model.config), Importance(values, ref, record.model),
+                            ModelRef.from_info(record.model))
+    if record is not None and inputs.model.content_hash not in (None, record.model.content_hash):
+        raise ValueError(f"the layer-loss record was measured on {record.model.id!r} "
+                         f"({record.model.content_hash[:12]}), not on the model being planned ({inputs.model.name!r})")
+    return inputs
+
+
 def _device_for(device: DeviceProfile | DeviceRequest | str, inputs: PlanInputs, options: PlanOptions) -> DeviceProfile:
     if isinstance(device, DeviceProfile):
         return device
@@ -172,18 +196,24 @@ def plan(
     config: str | None = None,
     options: PlanOptions | None = None,
     out: str | Path | None = None,
+    loss: LayerLoss | str | Path | None = None,
 ) -> Plan:
     """Plan a model for a device: per decoder layer FP16/INT8/INT4 so that it fits, important layers kept higher.
 
     ``importance``: an importance record (object or file from :func:`lsaq.score`), a list of numbers (or a JSON file
     of one), or None for uniform. ``config``: the model's config when the importance does not carry it (see
     :func:`plan_inputs`). Raises :class:`~lsaq.planning.planner.InfeasiblePlanError` (a ``ValueError`` saying what
-    would help) when nothing fits. ``out``: write the plan record there, atomically.
+    would help) when nothing fits. ``out``: write the plan record there, atomically. ``loss``: a measured
+    layer-loss record (object or file from :func:`lsaq.measure`) for the ``measured`` strategy, which minimises the
+    summed loss; without other importance, the plan's importance is each layer's measured INT4 loss.
     """
     options = options or PlanOptions()
-    inputs = plan_inputs(importance, config)
+    record = read_loss(loss)
+    inputs = loss_plan_inputs(importance, config, record)
+    table = record.table(options.policy.group_size) if record is not None else None
     result = make_plan(inputs.shape, inputs.importance.values, _device_for(device, inputs, options), options,
-                       model=inputs.model, importance_ref=inputs.importance.ref)
+                       model=inputs.model, importance_ref=inputs.importance.ref, loss=table,
+                       loss_id=record.id if record is not None else None)
     if out is not None:
         result.save(out)
     return result
@@ -216,18 +246,25 @@ def compare_strategies(
     importance: LayerImportance | str | Path | Sequence[float] | None = None,
     config: str | None = None,
     options: PlanOptions | None = None,
+    loss: LayerLoss | str | Path | None = None,
 ) -> Comparison:
-    """Every strategy (lsaq, optimal, the uniform baselines) on the same inputs, fitting or not."""
+    """Every strategy (lsaq, optimal, the uniform baselines; ``measured`` given ``loss``) on the same inputs,
+    fitting or not."""
     options = options or PlanOptions()
-    inputs = plan_inputs(importance, config)
+    record = read_loss(loss)
+    inputs = loss_plan_inputs(importance, config, record)
+    table = record.table(options.policy.group_size) if record is not None else None
     profile = _device_for(device, inputs, options)
     rows = []
     for s in Strategy:
+        if s is Strategy.MEASURED and record is None:
+            continue
         opts = PlanOptions(options.context, options.batch, s, options.allowed, options.policy, options.kv_bytes,
                            options.quality)
         try:
             p = make_plan(inputs.shape, inputs.importance.values, profile, opts, model=inputs.model,
-                          importance_ref=inputs.importance.ref)
+                          importance_ref=inputs.importance.ref, loss=table if s is Strategy.MEASURED else None,
+                          loss_id=record.id if record is not None and s is Strategy.MEASURED else None)
             rows.append(StrategyRow(s, p, p.breakdown.required, p.headroom))
         except ValueError:
             levels: list[Precision] = [s.uniform] if s.uniform else list(options.allowed)
