@@ -28,7 +28,7 @@ from lsaq.planning.stage import DeviceRequest
 from lsaq.store.stage import default_store_uri
 from tasks.dispatch import dispatch_device
 from tasks.records import DeviceOutcome, RunSummary
-from tasks.stages import bind, request_label
+from tasks.stages import MEASURED_LOSS, bind, request_label
 from tasks.summary import BuildFailed, outcome, summarize
 
 
@@ -76,16 +76,19 @@ def build(
 ) -> RunSummary:
     """Build ``model`` (default: the embedded one) for every device (``device``, ``devices``, ``budget``).
 
-    ``context``/``strategy``: plan options; ``method``/``k``/``samples``/``seq_len``/``calib``/``seed``: the
-    importance run; ``ppl``/``eval_tasks``/``eval_limit``/``fidelity_windows``: what each build's evaluation
-    measures besides fidelity to the float model. ``store``: where results go (default ``$LSAQ_STORE`` or the
-    local store); ``work``: this machine's scratch directory (default ``<lsaq cache>/work``). ``dispatch``: a
-    deployment of this flow to run each device's build as its own flow run (see the module docstring).
+    ``context``/``strategy``: plan options (``strategy="measured"`` measures every layer's loss at each precision
+    instead of ranking with ``method``, and minimises the summed loss per device); ``method``/``k``/``samples``/
+    ``seq_len``/``calib``/``seed``: the importance run; ``ppl``/``eval_tasks``/``eval_limit``/
+    ``fidelity_windows``: what each build's evaluation measures besides fidelity to the float model. ``store``:
+    where results go (default ``$LSAQ_STORE`` or the local store); ``work``: this machine's scratch directory
+    (default ``<lsaq cache>/work``). ``dispatch``: a deployment of this flow to run each device's build as its own
+    flow run (see the module docstring).
     """
     # Every option is checked before anything runs: a bad value fails the flow with the stage's own message.
     requests = device_requests(device, devices, budget, device_file)
     options = PlanOptions(context=context, strategy=Strategy.parse(strategy))
-    method = Method.parse(method).value
+    # strategy 'measured' plans from each layer's measured loss per precision (lsaq.measure), not from a ranking
+    method = MEASURED_LOSS if options.strategy is Strategy.MEASURED else Method.parse(method).value
     evaluation = EvalOptions(ppl=ppl, tasks=eval_tasks, limit=eval_limit, fidelity_windows=fidelity_windows)
     store = store or default_store_uri()
     work = work or str(cache_dir() / "work")

@@ -15,6 +15,7 @@ Only store I/O is retried.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import threading
@@ -30,13 +31,15 @@ from prefect.runtime import task_run
 import lsaq
 from lsaq.eval.stage import EvalOptions
 from lsaq.importance.calibration import load_calibration_dir
+from lsaq.importance.cost import LayerLoss
 from lsaq.importance.record import LayerImportance
 from lsaq.models.families import model_shape
 from lsaq.models.identity import ModelRef
 from lsaq.models.loading import locate_model
 from lsaq.planning.devices import LOCAL
-from lsaq.planning.planner import PlanOptions
+from lsaq.planning.planner import PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest
+from lsaq.precision import Precision
 from lsaq.quantization.artifact import verify_artifact
 from lsaq.quantization.record import Artifact
 from lsaq.store.keys import calibration_prefix, device_slug, importance_prefix, model_slug, plan_key, revision_slug
@@ -57,6 +60,8 @@ from tasks.storage import IO_RETRIES, IO_RETRY_DELAY_S, backend, cache_policy, i
 
 CALIB_FILES = ("calibration.json", "tokens.safetensors")  # the record last: lsaq.importance.calibration's names
 IMPORTANCE_FILE = "importance.json"
+LOSS_FILE = "loss.json"
+MEASURED_LOSS = "measured-loss"  # the score task's "method" for strategy 'measured': lsaq.measure's layer loss
 MODEL_SLOTS = threading.BoundedSemaphore(max(1, int(os.environ.get("LSAQ_MODEL_SLOTS", "1"))))
 MODEL_CONCURRENCY_ENV = "LSAQ_MODEL_CONCURRENCY"  # a Prefect global concurrency limit shared across processes
 
@@ -131,8 +136,11 @@ def resolve_device(model: ModelKey, request: DeviceRequest, options: PlanOptions
     ``ValueError`` for an unknown device, :class:`~lsaq.planning.planner.InfeasiblePlanError` when even the
     smallest plan does not fit."""
     profile = lsaq.resolve_device(request)
-    # Feasibility depends on sizes alone: plan with uniform importance (InfeasiblePlanError says what would help).
-    lsaq.plan(profile, importance=[1.0] * model.num_layers, config=model.config_dir, options=options)
+    # Feasibility depends on sizes alone: plan with uniform importance (InfeasiblePlanError says what would help);
+    # the measured strategy fits exactly when the rule does (both search the same allowed precisions).
+    sizes_only = dataclasses.replace(options, strategy=Strategy.LSAQ) if options.strategy is Strategy.MEASURED \
+        else options
+    lsaq.plan(profile, importance=[1.0] * model.num_layers, config=model.config_dir, options=sizes_only)
     return DeviceTarget(request=request_label(request), slug=device_slug(profile), profile=profile.to_json(),
                         key=_device_key(model, request, options) or "")
 
@@ -167,38 +175,50 @@ def calibrate(model: ModelKey, source: str | None, samples: int, seq_len: int, s
 
 
 def _importance_key(model: ModelKey, calibration: CalibrationResult, method: str, k: int, **_: Any) -> str:
+    if method == MEASURED_LOSS:
+        return keys.importance_key(model, calibration, method=MEASURED_LOSS, k=0)
     return keys.importance_key(model, calibration, method=lsaq.Method.parse(method).value, k=k)
+
+
+def record_file(method: str) -> str:
+    """The file an importance run keeps in the store: the layer-loss record for ``measured-loss``."""
+    return LOSS_FILE if method == MEASURED_LOSS else IMPORTANCE_FILE
 
 
 @task(name="score", task_run_name="score {model.slug} ({method})", cache_policy=cache_policy(_importance_key),
       **COMMON)
 def score(model: ModelKey, calibration: CalibrationResult, method: str, k: int, batch_size: int, store: str,
           work: str) -> ImportanceResult:
-    """Score every decoder layer (:func:`lsaq.score`) on the stored calibration set unless the store has the
-    record; keep it in the store."""
+    """Score every decoder layer (:func:`lsaq.score`; for ``measured-loss`` the per-precision layer loss of
+    :func:`lsaq.measure`) on the stored calibration set unless the store has the record; keep it in the store."""
     key = _importance_key(model, calibration, method, k)
     prefix = importance_prefix(model.slug, model.revision_slug, key)
     local = scratch(work, model, "importance", key)
-    computed = not has_files(backend(store), prefix, record=IMPORTANCE_FILE)
+    name = record_file(method)
+    computed = not has_files(backend(store), prefix, record=name)
     if computed:
         calib_dir = scratch(work, model, "calibration", calibration.key)
         if not (calib_dir / CALIB_FILES[0]).is_file():
             fetch_files(backend(store), calibration.prefix, CALIB_FILES, calib_dir)
         with model_slot():
-            lsaq.score(model.spec, local / IMPORTANCE_FILE, method=method, k=k, calibration=calib_dir,
-                       batch_size=batch_size, revision=model.revision)
-        put_files(backend(store), prefix, {IMPORTANCE_FILE: local / IMPORTANCE_FILE}, record=IMPORTANCE_FILE)
-    record = load_importance(store, prefix, local)
-    return ImportanceResult(key=key, uri=backend(store).key_uri(f"{prefix}/{IMPORTANCE_FILE}"), prefix=prefix,
-                            record_id=record.id, method=str(record.method), k=record.k,
-                            importance=tuple(record.importance), seconds=record.wall_time_s, computed=computed)
-
-
-def load_importance(store: str, prefix: str, local: Path) -> LayerImportance:
-    """The importance record under ``prefix``, from this machine's copy or fetched from the store."""
-    if not (local / IMPORTANCE_FILE).is_file():
-        fetch_files(backend(store), prefix, (IMPORTANCE_FILE,), local)
-    return LayerImportance.load(local / IMPORTANCE_FILE)
+            if method == MEASURED_LOSS:
+                lsaq.measure(model.spec, local / name, calibration=calib_dir, batch_size=batch_size,
+                             revision=model.revision)
+            else:
+                lsaq.score(model.spec, local / name, method=method, k=k, calibration=calib_dir,
+                           batch_size=batch_size, revision=model.revision)
+        put_files(backend(store), prefix, {name: local / name}, record=name)
+    if not (local / name).is_file():
+        fetch_files(backend(store), prefix, (name,), local)
+    if method == MEASURED_LOSS:
+        loss = LayerLoss.load(local / name)
+        values, record_id, seconds, k_ = tuple(r[Precision.INT4] for r in loss.table()), loss.id, loss.seconds, None
+    else:
+        imp = LayerImportance.load(local / name)
+        values, record_id, seconds, k_ = tuple(imp.importance), imp.id, imp.wall_time_s, imp.k
+    return ImportanceResult(key=key, uri=backend(store).key_uri(f"{prefix}/{name}"), prefix=prefix,
+                            record_id=record_id, method=method, k=k_, importance=values, seconds=seconds,
+                            computed=computed)
 
 
 # ------------------------------------------------------------------------------------------ per device
@@ -215,8 +235,13 @@ def plan(model: ModelKey, importance: ImportanceResult, device: DeviceTarget, op
     """Decide per-layer precisions for one device (:func:`lsaq.plan`, no weights); keep the plan in the store and
     show it as a table."""
     local = scratch(work, model, "importance", importance.key)
-    load_importance(store, importance.prefix, local)
-    result = lsaq.plan(device.device, importance=local / IMPORTANCE_FILE, options=options)
+    name = record_file(importance.method)
+    if not (local / name).is_file():
+        fetch_files(backend(store), importance.prefix, (name,), local)
+    if importance.method == MEASURED_LOSS:  # the layer-loss table is what the plan minimises
+        result = lsaq.plan(device.device, loss=local / name, options=options)
+    else:
+        result = lsaq.plan(device.device, importance=local / name, options=options)
     path = scratch(work, model, "plans", f"{result.id}.json")
     result.save(path)
     key = plan_key(model.slug, model.revision_slug, result.id)

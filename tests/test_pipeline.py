@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import os
 import threading
 import time
@@ -162,14 +163,15 @@ def test_an_infeasible_device_fails_alone(machine1, s3_store, shared_gguf, tmp_p
     assert not any(m.device_slug.startswith("budget") for m in list_builds(open_store(s3_store)))
 
 
-def test_two_concurrent_builds_compute_the_importance_once(s3_store, shared_gguf, tmp_path):
-    """Two flows on one host, on a fresh store prefix, need the same importance at the same time: one computes it,
-    the other waits on the lock and finds it cached."""
+def test_two_concurrent_measured_builds_measure_the_layer_loss_once(s3_store, shared_gguf, tmp_path):
+    """Two flows on one host, on a fresh store prefix, with strategy 'measured', need the same layer-loss record at
+    the same time: one measures it, the other waits on the lock and finds it cached; both plans minimise it."""
     store = s3_store + f"/concurrent-{uuid.uuid4().hex[:6]}"
     results = {}
     with machine(tmp_path / "prefect"):
         def go(device):
-            results[device] = run(shared_gguf, store, tmp_path / "work", devices=[device], fidelity_windows=1)
+            results[device] = run(shared_gguf, store, tmp_path / "work", devices=[device], fidelity_windows=1,
+                                  strategy="measured")
 
         # each thread runs in a copy of this context: the harness's settings (its server) are context variables
         threads = [threading.Thread(target=contextvars.copy_context().run, args=(go, d)) for d in DEVICES]
@@ -180,4 +182,8 @@ def test_two_concurrent_builds_compute_the_importance_once(s3_store, shared_gguf
     assert all(state.is_completed() for state, _ in results.values()), results
     scored = Counter(name for _, states in results.values() for name in states["score"].elements())
     assert scored == Counter({"Completed": 1, "Cached": 1}), scored
-    assert sum("/importance/" in k for k in open_store(store).list("")) == 1
+    keys = open_store(store).list("")
+    assert [k.rsplit("/", 1)[1] for k in keys if "/importance/" in k] == ["loss.json"]
+    plans = [json.loads(open_store(store).get_bytes(k)) for k in keys if "/plans/" in k]
+    assert len(plans) == 2 and all(p["options"]["strategy"] == "measured" and p["loss"]["predicted"] > 0
+                                   for p in plans)
