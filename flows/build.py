@@ -25,6 +25,7 @@ from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
 from lsaq.paths import cache_dir
 from lsaq.planning.planner import InfeasiblePlanError, PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest
+from lsaq.quantization.sequential import Quantizer
 from lsaq.store.stage import default_store_uri
 from tasks.dispatch import dispatch_device
 from tasks.records import DeviceOutcome, RunSummary
@@ -73,6 +74,7 @@ def build(
     store: str | None = None,
     work: str | None = None,
     dispatch: str | None = None,
+    quantizer: str = Quantizer.RTN.value,
 ) -> RunSummary:
     """Build ``model`` (default: the embedded one) for every device (``device``, ``devices``, ``budget``).
 
@@ -82,13 +84,15 @@ def build(
     ``fidelity_windows``: what each build's evaluation measures besides fidelity to the float model. ``store``:
     where results go (default ``$LSAQ_STORE`` or the local store); ``work``: this machine's scratch directory
     (default ``<lsaq cache>/work``). ``dispatch``: a deployment of this flow to run each device's build as its own
-    flow run (see the module docstring).
+    flow run (see the module docstring). ``quantizer``: ``rtn`` (round to nearest) or ``gptq`` (error feedback on
+    the calibration set's activations; same bytes).
     """
     # Every option is checked before anything runs: a bad value fails the flow with the stage's own message.
     requests = device_requests(device, devices, budget, device_file)
     options = PlanOptions(context=context, strategy=Strategy.parse(strategy))
     # strategy 'measured' plans from each layer's measured loss per precision (lsaq.measure), not from a ranking
     method = MEASURED_LOSS if options.strategy is Strategy.MEASURED else Method.parse(method).value
+    quantizer = Quantizer.parse(quantizer).value
     evaluation = EvalOptions(ppl=ppl, tasks=eval_tasks, limit=eval_limit, fidelity_windows=fidelity_windows)
     store = store or default_store_uri()
     work = work or str(cache_dir() / "work")
@@ -120,7 +124,7 @@ def build(
         shared = dict(model=model, device_file=device_file, context=context, strategy=strategy, method=method, k=k,
                       samples=samples, seq_len=seq_len, calib=calib, seed=seed, batch_size=batch_size, ppl=ppl,
                       eval_tasks=eval_tasks, eval_limit=eval_limit, fidelity_windows=fidelity_windows,
-                      revision=ident.revision or revision, store=store)
+                      revision=ident.revision or revision, store=store, quantizer=quantizer)
         runs = {r: dispatch_device.submit(dispatch, request_label(r), {**shared, **one_device(r)}) for r in targets}
         wait(list(runs.values()))
         for request, future in runs.items():
@@ -134,7 +138,8 @@ def build(
     chains: list[tuple[PrefectFuture, ...]] = []
     for target in targets.values():
         plan = t.plan.submit(ident, importance, target, options, store, work)
-        artifact = t.quantize.submit(ident, plan, store, work)
+        artifact = t.quantize.submit(ident, plan, store, work, quantizer,
+                                     calibration if quantizer != Quantizer.RTN.value else None)
         report = t.evaluate.submit(ident, plan, artifact, evaluation, store, work)
         chains.append((plan, artifact, report, t.publish.submit(ident, plan, artifact, report, store, work)))
     wait([f for chain in chains for f in chain])

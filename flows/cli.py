@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", help="an explicit memory budget, e.g. 300MiB")
     p.add_argument("--device-file", help="a YAML file of extra device profiles")
     p.add_argument("--context", type=int, default=4096, help="context length every plan reserves (default 4096)")
-    p.add_argument("--strategy", default="lsaq")
+    p.add_argument("--strategy", default="lsaq", help="lsaq (default), optimal, measured, or fp16/int8/int4")
+    p.add_argument("--quantizer", default="rtn", help="rtn (default) or gptq (same bytes, calibrated codes)")
     p.add_argument("--method", default="cosine", help="importance method: cosine, jaccard or sensitivity")
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--samples", type=int, default=32)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = build(model=args.model, devices=args.devices, budget=args.budget, device_file=args.device_file,
                         context=args.context, strategy=args.strategy, method=args.method, k=args.k,
                         samples=args.samples, seq_len=args.seq_len, calib=args.calib, ppl=args.ppl,
-                        fidelity_windows=args.fidelity_windows, store=store, work=work)
+                        fidelity_windows=args.fidelity_windows, store=store, work=work, quantizer=args.quantizer)
     except BuildFailed as e:
         print(format_table(e.summary))
         print(f"lsaq-build: {e}", file=sys.stderr)

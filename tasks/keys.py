@@ -7,7 +7,8 @@ key means the same on every machine and across lsaq releases that do not change 
 * importance: the model + the calibration set's token hash + method + k + ``CODE``
 * device: the request + the device catalog it resolves in + the model's config + plan options
 * plan: the importance key + the resolved device profile + the plan options
-* quantize: the plan id (a hash of the whole plan) + the model + quantization options + ``CODE``
+* quantize: the plan id (a hash of the whole plan) + the model + ``CODE`` (+ the quantizer and its calibration
+  set's hash, for GPTQ)
 * evaluate: the quantize key + the evaluation options
 * publish: the evaluate key + the store
 
@@ -75,8 +76,11 @@ def plan_key(importance: ImportanceResult, device: DeviceTarget, options: PlanOp
     return content_key("plan", importance=importance.key, device=device.profile, options=options.to_json())
 
 
-def quantize_key(model: ModelKey, plan_id: str) -> str:
-    return content_key("quantize", plan=plan_id, content=model.content_hash, code=CODE)
+def quantize_key(model: ModelKey, plan_id: str, quantizer: str = "rtn", calibration: str | None = None) -> str:
+    """Round-to-nearest's key names the plan and weights; a calibrated quantizer's adds itself and the calibration
+    tokens' hash (round-to-nearest keys stay what they were)."""
+    extra = {} if quantizer == "rtn" else {"quantizer": quantizer, "calibration": calibration}
+    return content_key("quantize", plan=plan_id, content=model.content_hash, code=CODE, **extra)
 
 
 def evaluate_key(artifact: ArtifactResult, options: EvalOptions) -> str:

@@ -260,23 +260,31 @@ def plan(model: ModelKey, importance: ImportanceResult, device: DeviceTarget, op
                       required_bytes=result.breakdown.required, usable_bytes=device.device.usable)
 
 
-def _quantize_key(model: ModelKey, plan: PlanResult, **_: Any) -> str:
-    return keys.quantize_key(model, plan.plan_id)
+def _quantize_key(model: ModelKey, plan: PlanResult, quantizer: str = "rtn",
+                  calibration: CalibrationResult | None = None, **_: Any) -> str:
+    return keys.quantize_key(model, plan.plan_id, quantizer, calibration.hash if calibration is not None else None)
 
 
 @task(name="quantize", task_run_name="quantize {model.slug} for {plan.device}",
       cache_policy=cache_policy(_quantize_key), **COMMON)
-def quantize(model: ModelKey, plan: PlanResult, store: str, work: str) -> ArtifactResult:
-    """Quantize the model following the stored plan (:func:`lsaq.quantize`) into this machine's work directory."""
-    key = _quantize_key(model, plan)
-    artifact = make_artifact(model, plan, key, store, work)
-    return ArtifactResult(key=key, path=str(artifact.path), plan_id=plan.plan_id, device=plan.device,
-                          tensor_bytes=artifact.tensor_bytes, file_bytes=artifact.file_bytes,
-                          files=dict(artifact.files))
+def quantize(model: ModelKey, plan: PlanResult, store: str, work: str, quantizer: str = "rtn",
+             calibration: CalibrationResult | None = None) -> ArtifactResult:
+    """Quantize the model following the stored plan (:func:`lsaq.quantize`) into this machine's work directory;
+    ``quantizer="gptq"`` uses the stored ``calibration`` set's activations."""
+    key = _quantize_key(model, plan, quantizer, calibration)
+    result = ArtifactResult(key=key, path="", plan_id=plan.plan_id, device=plan.device, tensor_bytes=0,
+                            file_bytes=0, quantizer=quantizer,
+                            calibration_key=calibration.key if calibration is not None else None,
+                            calibration_prefix=calibration.prefix if calibration is not None else None)
+    artifact = make_artifact(model, plan, result, store, work)
+    return dataclasses.replace(result, path=str(artifact.path), tensor_bytes=artifact.tensor_bytes,
+                               file_bytes=artifact.file_bytes, files=dict(artifact.files))
 
 
-def make_artifact(model: ModelKey, plan: PlanResult, key: str, store: str, work: str) -> Artifact:
-    """The artifact of ``plan`` in ``<work>/.../artifacts/<key>``: this machine's verified copy, else quantized."""
+def make_artifact(model: ModelKey, plan: PlanResult, spec: ArtifactResult, store: str, work: str) -> Artifact:
+    """The artifact ``spec`` names (its key, quantizer and calibration) of ``plan`` in
+    ``<work>/.../artifacts/<key>``: this machine's verified copy, else quantized."""
+    key = spec.key
     out = scratch(work, model, "artifacts", key)
     try:
         verify_artifact(out)
@@ -287,17 +295,23 @@ def make_artifact(model: ModelKey, plan: PlanResult, key: str, store: str, work:
     if not plan_file.is_file():
         plan_file.parent.mkdir(parents=True, exist_ok=True)
         plan_file.write_bytes(backend(store).get_bytes(plan.store_key))
+    calib_dir = None
+    if spec.calibration_key is not None:  # gptq: the calibration tokens, from the store when not here
+        calib_dir = scratch(work, model, "calibration", spec.calibration_key)
+        if not (calib_dir / CALIB_FILES[0]).is_file():
+            fetch_files(backend(store), spec.calibration_prefix, CALIB_FILES, calib_dir)
     with model_slot():
-        return lsaq.quantize(plan_file, out, model=model.spec)
+        return lsaq.quantize(plan_file, out, model=model.spec, quantizer=spec.quantizer, calibration=calib_dir)
 
 
 def ensure_artifact(model: ModelKey, artifact: ArtifactResult, store: str, work: str, plan: PlanResult) -> Path:
     """This machine's copy of ``artifact`` (re-made from its stored plan when another machine made it); it must
     hold the very files the record lists."""
-    made = make_artifact(model, plan, artifact.key, store, work)
+    made = make_artifact(model, plan, artifact, store, work)
     if dict(made.files) != {k: tuple(v) for k, v in artifact.files.items()}:
         raise RuntimeError(f"re-quantizing plan {plan.plan_id[:12]} here gave other files than the cached artifact "
-                           "(another lsaq or torch version?); rerun the flow with refresh_cache to rebuild")
+                           "(another lsaq or torch version; for gptq also another BLAS thread count); rerun the flow "
+                           "with refresh_cache to rebuild")
     return made.path
 
 

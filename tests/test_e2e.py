@@ -240,7 +240,9 @@ def test_a_team_builds_serves_watches_and_downloads_through_prefect_and_s3(share
             step("local selection")
             # 4. The watch: nothing changed, nothing starts; the model changes, one rebuild starts (once, however
             #    often the watch runs meanwhile) and publishes the new revision.
-            watch = ["--param", 'build_parameters={"samples": 4, "seq_len": 64, "fidelity_windows": 1}']
+            # the rebuild also quantizes with GPTQ on the stored calibration set
+            watch = ["--param", 'build_parameters={"samples": 4, "seq_len": 64, "fidelity_windows": 1, '
+                                '"quantizer": "gptq"}']
             before = len(api.runs_of("lsaq/build"))
             deployment_run("lsaq-watch/scheduled", *watch)
             assert len(api.runs_of("lsaq/build")) == before
@@ -258,6 +260,9 @@ def test_a_team_builds_serves_watches_and_downloads_through_prefect_and_s3(share
             assert api.wait_final(triggered[0]["id"], timeout=300)["state"]["type"] == "COMPLETED"
             rebuilt = [m for m in list_builds(store) if m.revision != first.revision]
             assert [m.device_slug for m in rebuilt] == ["rpi-zero-2w"]
+            made = json.loads(store.get_bytes(f"{rebuilt[0].prefix}/lsaq_artifact.json"))
+            assert made["quantizer"] == "gptq" and made["calibration"]
+            assert rebuilt[0].weights_bytes == first.weights_bytes  # same plan shape, same bytes
             step("rebuilt")
             before = len(api.runs_of("lsaq/build"))
             deployment_run("lsaq-watch/scheduled", *watch)  # built now: nothing to do

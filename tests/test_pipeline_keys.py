@@ -64,6 +64,10 @@ def test_plan_quantize_evaluate_publish_keys_chain():
     assert plan != keys.plan_key(IMP, dataclasses.replace(DEVICE, profile={"name": "x", "memory_bytes": 1}),
                                  PlanOptions())
     assert keys.quantize_key(MODEL, "a" * 64) != keys.quantize_key(MODEL, "b" * 64)
+    rtn = keys.quantize_key(MODEL, "a" * 64)
+    assert rtn == keys.quantize_key(MODEL, "a" * 64, "rtn", None)  # round-to-nearest keys did not change
+    gptq = {keys.quantize_key(MODEL, "a" * 64, "gptq", h) for h in ("1" * 64, "2" * 64)}
+    assert len(gptq) == 2 and rtn not in gptq  # a calibrated artifact follows its calibration set
     ev = keys.evaluate_key(ART, EvalOptions())
     assert ev != keys.evaluate_key(ART, EvalOptions(fidelity_windows=2))
     assert ev != keys.evaluate_key(dataclasses.replace(ART, key="quantize-2"), EvalOptions())
