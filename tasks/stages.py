@@ -39,7 +39,6 @@ from lsaq.models.loading import locate_model
 from lsaq.planning.devices import LOCAL
 from lsaq.planning.planner import PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest
-from lsaq.precision import Precision
 from lsaq.quantization.artifact import verify_artifact
 from lsaq.quantization.record import Artifact
 from lsaq.store.keys import calibration_prefix, device_slug, importance_prefix, model_slug, plan_key, revision_slug
@@ -82,6 +81,14 @@ def model_slot() -> Iterator[None]:
 def scratch(work: str, model: ModelKey, *parts: str) -> Path:
     """``<work>/<model>/<revision>/<parts...>``: this machine's copy of a stage's files."""
     return Path(work).expanduser().joinpath(model.slug, model.revision_slug, *parts)
+
+
+def local_copy(store: str, prefix: str, names: tuple[str, ...], local: Path) -> Path:
+    """``local``, holding the files ``names`` of ``prefix`` in the store: fetched unless this machine has the first
+    (the record, written last) already."""
+    if not (local / names[0]).is_file():
+        fetch_files(backend(store), prefix, names, local)
+    return local
 
 
 def artifact_key(text: str) -> str:
@@ -166,8 +173,8 @@ def calibrate(model: ModelKey, source: str | None, samples: int, seq_len: int, s
             lsaq.calibrate(model.spec, local, source=source, samples=samples, seq_len=seq_len, seed=seed,
                            revision=model.revision)
         put_files(backend(store), prefix, {n: local / n for n in CALIB_FILES}, record=CALIB_FILES[0])
-    elif not (local / CALIB_FILES[0]).is_file():
-        fetch_files(backend(store), prefix, CALIB_FILES, local)
+    else:
+        local_copy(store, prefix, CALIB_FILES, local)
     info = load_calibration_dir(local).info()  # checks the tokens against their hash
     return CalibrationResult(key=key, uri=backend(store).key_uri(prefix), prefix=prefix, hash=info.hash,
                              source=info.source, kind=info.kind, samples=info.samples, seq_len=info.seq_len,
@@ -197,9 +204,8 @@ def score(model: ModelKey, calibration: CalibrationResult, method: str, k: int, 
     name = record_file(method)
     computed = not has_files(backend(store), prefix, record=name)
     if computed:
-        calib_dir = scratch(work, model, "calibration", calibration.key)
-        if not (calib_dir / CALIB_FILES[0]).is_file():
-            fetch_files(backend(store), calibration.prefix, CALIB_FILES, calib_dir)
+        calib_dir = local_copy(store, calibration.prefix, CALIB_FILES,
+                               scratch(work, model, "calibration", calibration.key))
         with model_slot():
             if method == MEASURED_LOSS:
                 lsaq.measure(model.spec, local / name, calibration=calib_dir, batch_size=batch_size,
@@ -208,11 +214,10 @@ def score(model: ModelKey, calibration: CalibrationResult, method: str, k: int, 
                 lsaq.score(model.spec, local / name, method=method, k=k, calibration=calib_dir,
                            batch_size=batch_size, revision=model.revision)
         put_files(backend(store), prefix, {name: local / name}, record=name)
-    if not (local / name).is_file():
-        fetch_files(backend(store), prefix, (name,), local)
+    local_copy(store, prefix, (name,), local)
     if method == MEASURED_LOSS:
         loss = LayerLoss.load(local / name)
-        values, record_id, seconds, k_ = tuple(r[Precision.INT4] for r in loss.table()), loss.id, loss.seconds, None
+        values, record_id, seconds, k_ = loss.sensitivity, loss.id, loss.seconds, None
     else:
         imp = LayerImportance.load(local / name)
         values, record_id, seconds, k_ = tuple(imp.importance), imp.id, imp.wall_time_s, imp.k
@@ -234,10 +239,8 @@ def plan(model: ModelKey, importance: ImportanceResult, device: DeviceTarget, op
          work: str) -> PlanResult:
     """Decide per-layer precisions for one device (:func:`lsaq.plan`, no weights); keep the plan in the store and
     show it as a table."""
-    local = scratch(work, model, "importance", importance.key)
     name = record_file(importance.method)
-    if not (local / name).is_file():
-        fetch_files(backend(store), importance.prefix, (name,), local)
+    local = local_copy(store, importance.prefix, (name,), scratch(work, model, "importance", importance.key))
     if importance.method == MEASURED_LOSS:  # the layer-loss table is what the plan minimises
         result = lsaq.plan(device.device, loss=local / name, options=options)
     else:
@@ -297,9 +300,8 @@ def make_artifact(model: ModelKey, plan: PlanResult, spec: ArtifactResult, store
         plan_file.write_bytes(backend(store).get_bytes(plan.store_key))
     calib_dir = None
     if spec.calibration_key is not None:  # gptq: the calibration tokens, from the store when not here
-        calib_dir = scratch(work, model, "calibration", spec.calibration_key)
-        if not (calib_dir / CALIB_FILES[0]).is_file():
-            fetch_files(backend(store), spec.calibration_prefix, CALIB_FILES, calib_dir)
+        calib_dir = local_copy(store, spec.calibration_prefix, CALIB_FILES,
+                               scratch(work, model, "calibration", spec.calibration_key))
     with model_slot():
         return lsaq.quantize(plan_file, out, model=model.spec, quantizer=spec.quantizer, calibration=calib_dir)
 

@@ -61,6 +61,15 @@ class LayerLoss:
         """The measurement's time in float forward passes over the same tokens."""
         return self.seconds / self.forward_seconds if self.forward_seconds > 0 else float("nan")
 
+    @property
+    def sensitivity(self) -> tuple[float, ...]:
+        """Per layer, the loss of its coarsest probe (per-channel ``int4`` when measured, else the largest): the
+        importance a plan made from this record shows and ranks by."""
+        if "int4" in self.probes:
+            k = self.probes.index("int4")
+            return tuple(row[k] for row in self.loss)
+        return tuple(max(row) for row in self.loss)
+
     def table(self, group_size: int | None = None) -> list[dict[Precision, float]]:
         """Per layer ``{precision: loss}`` for the planner: FP16 costs 0 (the reference); INT4 is the per-channel
         probe, or the ``int4-g<group_size>`` one when ``group_size`` is given. ``ValueError`` when the record lacks

@@ -167,10 +167,8 @@ def loss_plan_inputs(importance: LayerImportance | str | Path | Sequence[float] 
     if record is None or importance is not None or config is not None:
         inputs = plan_inputs(importance, config)
     else:
-        values = tuple(row[record.probes.index("int4")] if "int4" in record.probes else max(row)
-                       for row in record.loss)
         ref = ImportanceRef(id=record.id, method="measured-loss")
-        inputs = PlanInputs(model_shape(record.model.config), Importance(values, ref, record.model),
+        inputs = PlanInputs(model_shape(record.model.config), Importance(record.sensitivity, ref, record.model),
                             ModelRef.from_info(record.model))
     if record is not None and inputs.model.content_hash not in (None, record.model.content_hash):
         raise ValueError(f"the layer-loss record was measured on {record.model.id!r} "

@@ -28,7 +28,7 @@ from lsaq.quantization.gptq import gptq_quantize
 from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.quantization.qembedding import QuantizedEmbedding
 from lsaq.quantization.qlinear import Int4Linear, Int8Linear
-from lsaq.quantization.sequential import LayerFeed, Quantizer
+from lsaq.quantization.sequential import LayerFeed, Quantizer, check_quantizer
 
 QUANTIZED_MODULES = (Int8Linear, Int4Linear, QuantizedEmbedding)
 
@@ -126,10 +126,7 @@ def quantize_model(
     """
     parts = decoder_parts(model)
     check_plan(plan, info, parts)
-    quantizer = Quantizer.parse(quantizer)
-    if (quantizer is Quantizer.GPTQ) != (calibration is not None):
-        raise ValueError(f"the {quantizer.value} quantizer takes "
-                         f"{'calibration token ids' if quantizer is Quantizer.GPTQ else 'no calibration'}")
+    check_quantizer(quantizer, calibration, what="calibration token ids")
     dtype = storage_dtype(info.dtype)
     group = plan.options.policy.group_size
     names = [lin.name for lin in plan.shape.layer_linears]

@@ -15,6 +15,7 @@ All linears of a layer are measured from the same inputs (no "true sequential" r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,18 @@ class Quantizer(Choice):
     @classmethod
     def noun(cls) -> tuple[str, str]:
         return "quantizer", "quantizers"
+
+
+def check_quantizer(quantizer: "Quantizer | str", calibration: Any, what: str = "a calibration directory") -> Quantizer:
+    """The parsed quantizer, after checking it comes with calibration data (``gptq``: ``what``) or without
+    (``rtn``); ``ValueError`` naming the quantizer otherwise."""
+    quantizer = Quantizer.parse(quantizer)
+    if quantizer is Quantizer.GPTQ and calibration is None:
+        raise ValueError(f"quantizer {quantizer.value!r} needs {what} (calibration=...)")
+    if quantizer is Quantizer.RTN and calibration is not None:
+        given = calibration if isinstance(calibration, (str, Path)) else type(calibration).__name__
+        raise ValueError(f"quantizer {quantizer.value!r} takes no calibration (got {given})")
+    return quantizer
 
 
 class _Captured(Exception):

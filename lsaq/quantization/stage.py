@@ -19,7 +19,7 @@ from lsaq.models.loading import load_model
 from lsaq.planning.planner import Plan
 from lsaq.quantization.artifact import write_artifact
 from lsaq.quantization.record import Artifact
-from lsaq.quantization.sequential import Quantizer
+from lsaq.quantization.sequential import Quantizer, check_quantizer
 
 __all__ = ["Artifact", "Quantizer", "quantize", "plan_model_source"]
 
@@ -59,10 +59,7 @@ def quantize(
     each decoder layer once it is quantized.
     """
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    quantizer = Quantizer.parse(quantizer)
-    if (quantizer is Quantizer.GPTQ) != (calibration is not None):
-        raise ValueError(f"quantizer {quantizer.value!r} " + ("needs a calibration directory (calibration=...)"
-                         if quantizer is Quantizer.GPTQ else f"takes no calibration (got {calibration})"))
+    quantizer = check_quantizer(quantizer, calibration)  # before the model loads
     source = model if model is not None else plan_model_source(plan.model)
     start = time.perf_counter()
     loaded = load_model(source)
