@@ -80,7 +80,8 @@ def main() -> None:
     results = []
     for label, devices in runs:
         start = time.perf_counter()
-        state = build(model=model, devices=devices, store=store, work=scratch, return_state=True)
+        state = build(model=model, devices=devices, store=store, work=scratch, strategy="lsaq", quantizer="rtn",
+                      return_state=True)  # make run's demo settings
         seconds = time.perf_counter() - start
         if not state.is_completed():
             raise SystemExit(f"{label}: the flow ended {state.name}: {state.message}")

@@ -1,24 +1,31 @@
-"""The LSAQ vs LWQ study: which layer ranking gives the best quantized model at the same memory?
+"""The quality-per-byte study: which ranking, strategy and quantizer give the best model at the same memory?
 
     .venv/bin/python benchmarks/study_methods.py --out out/study [--model PATH] [--bits 4.5,5.5,6.5,7.5]
 
-For a model (default: the embedded SmolLM2-135M) it scores layer importance with ``jaccard`` (LSAQ, k=10),
-``cosine`` (LWQ) and ``sensitivity`` (measured: KL divergence with only that layer INT4), plus 3 random rankings;
-sweeps k for ``jaccard``; then for every budget in average bits per decoder-linear weight builds a plan from each
-ranking (the LSAQ demotion rule, and the exact knapsack for the two main methods) and the best uniform precision
-that fits, quantizes, and measures WikiText-2 test perplexity (and task accuracy with ``--tasks``). It reports
-each method's Spearman correlation with the measured sensitivity and writes ``study.json``, ``study.md`` and the
-plots ``ppl_vs_bits.png`` and ``importance.png`` into ``--out``.
+For a model (default: the embedded SmolLM2-135M), on WikiText-2 *validation* calibration text:
 
-Quantized weights are the exact dequantized codes of :class:`lsaq.quantization.primitives.QuantizedWeight` swapped into one float32
-copy of the model (every distinct plan evaluated once), i.e. the product lsaq's packed modules compute on their
-dequantize path; one plan is re-checked through the real packed runtime (``lsaq.quantization.apply.quantize_model``).
-Importance records are cached in ``--out/importance/`` and reused when their settings match.
+* rankings: ``jaccard`` (LSAQ, k=1), ``cosine`` (LWQ) and ``sensitivity`` (KL with one layer INT4, the int4
+  column of the round-to-nearest layer-loss record), each planned with the LSAQ demotion rule; one random ranking;
+* ``measured``: the layer-loss record (:func:`lsaq.importance.cost.measure_layer_loss`) of the quantizer the build
+  uses, planned by the exact min-loss knapsack (strategy ``measured``); ``measured-auto`` also weighs INT4
+  per-channel against INT4 in groups of 64 (``group_size="auto"``);
+* ``uniform``: the best single precision that fits;
+
+each quantized with round-to-nearest and with GPTQ, at every budget (average bits per decoder-linear weight). Every
+cell is WikiText-2 *test* perplexity; at ``--task-bits`` also zero-shot accuracy. ``--check-bits``: the measured
+GPTQ plan (measured-auto) is also built as a real artifact (sequential GPTQ, :func:`lsaq.quantization.artifact.write_artifact`),
+loaded on the packed runtime at fp32 and evaluated: the shipped numbers.
+
+Evaluation swaps dequantized codes into one float32 model: round-to-nearest's are exact; GPTQ's come from the float
+model's activations (:func:`lsaq.quantization.sequential.float_input_gptq`), an approximation of the sequential
+quantizer the artifacts use, which the ``--check-bits`` rows measure. Everything expensive is cached in ``--out``
+(records, ``evals.jsonl``), so an interrupted run resumes. Writes ``study.json``, ``study.md`` and plots.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -32,7 +39,8 @@ import torch
 from lsaq import __version__
 from lsaq.eval.harness import evaluate_tasks
 from lsaq.eval.perplexity import default_ppl_source, read_eval_text, tokenize_eval_windows, window_nll
-from lsaq.importance.calibration import load_calibration
+from lsaq.importance.calibration import CalibrationSet, load_calibration
+from lsaq.importance.cost import LayerLoss, measure_layer_loss
 from lsaq.importance.record import LayerImportance
 from lsaq.importance.scoring import score_importance
 from lsaq.importance.similarity import spearman
@@ -44,54 +52,71 @@ from lsaq.models.parts import decoder_parts
 from lsaq.models.shapes import ModelShape
 from lsaq.planning.devices import DeviceProfile, MemoryKind
 from lsaq.planning.memory import layer_linear_bytes
-from lsaq.planning.planner import Plan, PlanOptions, budget_for, make_plan
+from lsaq.planning.planner import Plan, PlanOptions, Strategy, budget_for, make_plan
+from lsaq.planning.stage import plan as plan_record
 from lsaq.precision import Precision
 from lsaq.quantization.artifact import load_quantized, write_artifact
 from lsaq.quantization.primitives import QuantizedWeight
+from lsaq.quantization.sequential import float_input_gptq
 from lsaq.records import atomic_write_bytes, atomic_write_json
 
-SCHEMA, VERSION = "lsaq.study", 1
-MAIN = ("jaccard", "cosine", "sensitivity")
+SCHEMA, VERSION = "lsaq.study", 2
+QUANTIZERS = ("rtn", "gptq")
+RANKINGS = ("jaccard", "cosine", "sensitivity", "random")
+GROUP = 64  # INT4 group size of the grouped probe (lsaq.planning.memory.fitting_group_size of the default model)
+PROBES = ("int8", "int4", f"int4-g{GROUP}")
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------------------- importance
+# ------------------------------------------------------------------------------------------------ scores
 
 
-def importance(loaded: LoadedModel, out: Path, method: str, k: int | None, samples: int, seq_len: int,
-               source: str | None) -> LayerImportance:
-    """Score, or reuse ``out/importance/<name>.json`` when it was scored with the same settings."""
-    name = f"{method}-k{k}-{samples}x{seq_len}" if method == "jaccard" else f"{method}-{samples}x{seq_len}"
-    path = out / "importance" / f"{name}.json"
+def ranking(loaded: LoadedModel, out: Path, method: str, calib: CalibrationSet) -> LayerImportance:
+    """Score with ``method`` (k=DEFAULT_K for jaccard), or reuse ``out/importance/<method>.json``."""
+    path = out / "importance" / f"{method}.json"
     if path.is_file():
         rec = LayerImportance.load(path)
-        cal = rec.calibration
-        if (rec.model.content_hash, rec.method, rec.k, cal["samples"], cal["seq_len"], cal["seed"]) == (
-            loaded.info.content_hash, method, k if method == "jaccard" else None, samples, seq_len, 0
-        ):
-            log(f"importance {name}: reusing {path}")
+        if rec.model.content_hash == loaded.info.content_hash and rec.calibration.hash == calib.info().hash:
+            log(f"{method}: reusing {path}")
             return rec
-    calib = load_calibration(loaded.tokenizer, source, samples=samples, seq_len=seq_len, seed=0)
-    log(f"importance {name}: scoring")
-    rec = score_importance(loaded.model, loaded.info, calib, method, k if k is not None else DEFAULT_K)
+    log(f"{method}: scoring on {calib.samples} x {calib.seq_len} tokens")
+    rec = score_importance(loaded.model, loaded.info, calib, method, DEFAULT_K)
     rec.save(path)
-    log(f"importance {name}: {rec.wall_time_s:.0f}s, ranking {rec.ranking[:8]}...")
+    log(f"{method}: {rec.wall_time_s:.0f}s")
     return rec
 
 
-# ------------------------------------------------------------------------------------------------ plans
+def layer_loss(loaded: LoadedModel, out: Path, quantizer: str, calib: CalibrationSet) -> LayerLoss:
+    """The layer-loss record of ``quantizer``, or reuse ``out/loss-<quantizer>.json``."""
+    path = out / f"loss-{quantizer}.json"
+    if path.is_file():
+        rec = LayerLoss.load(path)
+        if rec.model.content_hash == loaded.info.content_hash and rec.calibration.hash == calib.info().hash:
+            log(f"layer loss {quantizer}: reusing {path}")
+            return rec
+    log(f"layer loss {quantizer}: measuring on {calib.samples} x {calib.seq_len} tokens")
+    rec = measure_layer_loss(loaded.model, loaded.info, calib, PROBES, quantizer=quantizer)
+    rec.save(path)
+    log(f"layer loss {quantizer}: {rec.seconds:.0f}s = {rec.cost_ratio:.1f} forward passes")
+    return rec
 
 
-def budget_plan(shape: ModelShape, model: ModelRef, scores: Sequence[float], bits: float, strategy: str,
-                ref: ImportanceRef) -> Plan:
-    """A plan whose decoder linears get at most ``bits`` per weight on average (a pseudo-device of that size)."""
+# ------------------------------------------------------------------------------------------------- plans
+
+
+def budget_plan(shape: ModelShape, model: ModelRef, bits: float, strategy: str, scores: Sequence[float],
+                ref: ImportanceRef | None = None, loss: LayerLoss | None = None, group_size: str | None = None) -> Plan:
+    """A plan whose decoder linears get at most ``bits`` per weight on average (a pseudo-device of that size);
+    with ``loss``, :func:`lsaq.planning.stage.plan` of the record (``group_size="auto"``: INT4 format weighed)."""
     options = PlanOptions(context=2048, strategy=strategy)
     capacity = math.floor(bits * shape.num_layers * shape.linear_params_per_layer / 8)
     device = DeviceProfile(name=f"study-{bits}bits", memory=budget_for(shape, options).fixed + capacity,
                            kind=MemoryKind.SYSTEM, reserve=0, notes="study budget", origin="--budget")
+    if loss is not None:
+        return plan_record(device, loss=loss, options=options, group_size=group_size)
     return make_plan(shape, scores, device, options, model=model, importance_ref=ref)
 
 
@@ -108,43 +133,97 @@ def best_uniform(shape: ModelShape, bits: float) -> Precision:
 
 
 class WeightBank:
-    """Every decoder linear's weight at each precision (fp16 round trip, INT8, INT4 codes dequantized)."""
+    """Every decoder linear's weight per quantizer and format, dequantized: ``bank[quantizer, layer, name, p, g]``
+    (``g``: INT4 group size or None)."""
 
-    def __init__(self, loaded: LoadedModel, shape: ModelShape):
-        self.layers = decoder_parts(loaded.model).layers
-        self.names = [lin.name for lin in shape.layer_linears]
-        self.bank: dict[tuple[int, str, Precision | None], torch.Tensor] = {}
+    def __init__(self, loaded: LoadedModel, calib: CalibrationSet):
+        parts = decoder_parts(loaded.model)
+        self.layers = list(parts.layers)
+        self.names = [n for n, m in self.layers[0].named_modules() if isinstance(m, torch.nn.Linear)]
+        self.bank: dict[tuple[str, int, str, Precision | None, int | None], torch.Tensor] = {}
+        specs = [(Precision.INT8, None), (Precision.INT4, None), (Precision.INT4, GROUP)]
+        self.seconds: dict[str, float] = {}
+        start = time.perf_counter()
         with torch.inference_mode():
             for i, layer in enumerate(self.layers):
                 for name in self.names:
                     w = layer.get_submodule(name).weight.data  # [out, in] float32
-                    self.bank[i, name, None] = w  # the original, restored by apply(None)
-                    self.bank[i, name, Precision.FP16] = w.half().float()
-                    for p in (Precision.INT8, Precision.INT4):
-                        self.bank[i, name, p] = QuantizedWeight.quantize(w, p).dequantize(torch.float32)
+                    self.bank["float", i, name, None, None] = w
+                    half = w.half().float()
+                    for q in QUANTIZERS:
+                        self.bank[q, i, name, Precision.FP16, None] = half
+                    for p, g in specs:
+                        self.bank["rtn", i, name, p, g] = QuantizedWeight.quantize(w, p, g).dequantize(torch.float32)
+        self.seconds["rtn"] = time.perf_counter() - start
+        start = time.perf_counter()
+        gptq = float_input_gptq(loaded.model, parts, calib.tokens, specs)
+        for i, per_spec in enumerate(gptq):
+            for (p, g), weights in per_spec.items():
+                for name, qw in weights.items():
+                    self.bank["gptq", i, name, p, g] = qw.dequantize(torch.float32)
+        self.seconds["gptq"] = time.perf_counter() - start
+        log(f"weight bank: rtn {self.seconds['rtn']:.1f}s, gptq (float inputs) {self.seconds['gptq']:.1f}s")
 
-    def apply(self, precisions: Sequence[Precision] | None) -> None:
-        """Swap in the weights of ``precisions`` (one per layer); ``None`` restores the original floats."""
-        for i, p in enumerate(precisions or [None] * len(self.layers)):
+    def apply(self, quantizer: str, precisions: Sequence[Precision] | None, group: int | None = None) -> None:
+        """Swap in ``quantizer``'s weights at ``precisions`` (one per layer, INT4 in groups of ``group`` or
+        per-channel); ``None`` restores the floats."""
+        for i, layer in enumerate(self.layers):
             for name in self.names:
-                self.layers[i].get_submodule(name).weight.data = self.bank[i, name, p]
+                if precisions is None:
+                    key = ("float", i, name, None, None)
+                else:
+                    key = (quantizer, i, name, precisions[i], group if precisions[i] is Precision.INT4 else None)
+                layer.get_submodule(name).weight.data = self.bank[key]
 
 
 def ppl_of(model: torch.nn.Module, windows: torch.Tensor, batch: int = 2) -> float:
     """exp(mean NLL) over ``windows`` ``[W, L]``, the protocol of :func:`lsaq.eval.perplexity.perplexity`."""
-    total = sum(float(window_nll(model, windows[i : i + batch]).sum()) for i in range(0, windows.shape[0], batch))
+    with torch.inference_mode():
+        total = sum(float(window_nll(model, windows[i:i + batch]).sum()) for i in range(0, windows.shape[0], batch))
     nll = total / (windows.shape[0] * (windows.shape[1] - 1))
     return math.exp(nll) if nll < 709 else math.inf
 
 
 def task_metrics(model: torch.nn.Module, tokenizer: Any, tasks: list[str], limit: int) -> dict[str, float]:
     res = evaluate_tasks(model, tokenizer, tasks, limit=limit)
-    out = {}
-    for name, r in res.items():
-        for m in ("acc", "acc_norm"):
-            if m in r.metrics:
-                out[f"{name}/{m}"] = r.metrics[m]
-    return out
+    return {f"{name}/{m}": r.metrics[m] for name, r in res.items() for m in ("acc", "acc_norm") if m in r.metrics}
+
+
+def code(precisions: Sequence[Precision], group: int | None = None) -> str:
+    """One letter per layer: F (fp16), 8, 4 (per-channel) or g (INT4 in groups of ``group``)."""
+    return "".join("F" if p is Precision.FP16 else "8" if p is Precision.INT8 else "g" if group else "4"
+                   for p in precisions)
+
+
+class Evaluations:
+    """Perplexity (and task accuracy) per (quantizer, assignment), each measured once; cached in ``evals.jsonl``."""
+
+    def __init__(self, path: Path, loaded: LoadedModel, bank: WeightBank, windows: torch.Tensor,
+                 tasks: list[str], limit: int):
+        self.path, self.loaded, self.bank, self.windows, self.tasks, self.limit = path, loaded, bank, windows, tasks, limit
+        self.done: dict[tuple[str, str], dict[str, Any]] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                self.done[row["quantizer"], row["code"]] = row
+
+    def __call__(self, quantizer: str, precisions: Sequence[Precision], with_tasks: bool = False,
+                 group: int | None = None) -> dict[str, Any]:
+        key = (quantizer, code(precisions, group))
+        row = self.done.get(key)
+        if row is not None and (not with_tasks or not self.tasks or row.get("tasks")):
+            return row
+        self.bank.apply(quantizer, precisions, group)
+        start = time.perf_counter()
+        row = {"quantizer": quantizer, "code": key[1], "ppl": ppl_of(self.loaded.model, self.windows),
+               "ppl_seconds": time.perf_counter() - start}
+        if with_tasks and self.tasks:
+            row["tasks"] = task_metrics(self.loaded.model, self.loaded.tokenizer, self.tasks, self.limit)
+        self.done[key] = row
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"{quantizer} {key[1]}: ppl {row['ppl']:.3f}" + (f" tasks {row['tasks']}" if "tasks" in row else ""))
+        return row
 
 
 def main() -> None:
@@ -152,135 +231,124 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M)")
     ap.add_argument("--out", default="out/study")
     ap.add_argument("--bits", default="4.5,5.5,6.5,7.5", help="budgets, average bits per decoder-linear weight")
-    ap.add_argument("--samples", type=int, default=32, help="calibration sequences for jaccard/cosine")
+    ap.add_argument("--extra-bits", default="6.0", help="budgets evaluated for the measured strategy only")
+    ap.add_argument("--samples", type=int, default=32, help="calibration sequences: cosine and GPTQ")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--slow-samples", type=int, default=8, help="calibration sequences: jaccard and layer loss")
     ap.add_argument("--calib", default=None, help="calibration source (default WikiText-2 valid)")
-    ap.add_argument("--sensitivity-samples", type=int, default=8)
-    ap.add_argument("--ks", default="1,5,10,20,50", help="k sweep for jaccard")
-    ap.add_argument("--k-samples", type=int, default=8, help="calibration sequences per k of the sweep")
-    ap.add_argument("--random-seeds", type=int, default=3)
-    ap.add_argument("--ppl-source", default=None, help="default: WikiText-2 raw test (shared/data), else the hub")
+    ap.add_argument("--ppl-source", default=None, help="default: WikiText-2 raw test (shared/data)")
     ap.add_argument("--ppl-seq-len", type=int, default=2048)
-    ap.add_argument("--ppl-windows", type=int, default=8)
-    ap.add_argument("--tasks", default="", help="comma-separated zero-shot tasks (e.g. piqa,arc_easy)")
+    ap.add_argument("--ppl-windows", type=int, default=16)
+    ap.add_argument("--tasks", default="piqa,arc_easy", help="comma-separated zero-shot tasks")
     ap.add_argument("--limit", type=int, default=200, help="examples per task")
     ap.add_argument("--task-bits", default="5.5", help="budgets at which tasks are evaluated")
+    ap.add_argument("--check-bits", default="5.5,6.0", help="budgets whose measured-auto GPTQ plan is built for real")
+    ap.add_argument("--methods", default="jaccard,cosine,sensitivity,random,measured-auto,uniform",
+                    help="rows: the rankings, measured (per-channel INT4), measured-auto (INT4 format weighed), uniform")
     ap.add_argument("--render", action="store_true", help="only re-render study.md and the plots from study.json")
     args = ap.parse_args()
     out = Path(args.out)
     if args.render:
         render(out)
         return
-    bits_list = [float(b) for b in args.bits.split(",")]
-    task_bits = {float(b) for b in args.task_bits.split(",") if b}
+    out.mkdir(parents=True, exist_ok=True)
+    floats = lambda text: [float(b) for b in text.split(",") if b]  # noqa: E731
+    bits_list, extra, task_bits, check_bits = (floats(a) for a in (args.bits, args.extra_bits, args.task_bits,
+                                                                     args.check_bits))
     tasks = [t for t in args.tasks.split(",") if t]
     start = time.perf_counter()
+    torch.manual_seed(0)
 
     loaded = load_model(args.model)
     shape = model_shape(loaded.info.config)
     model_id = ModelRef.from_info(loaded.info)
+    calib = load_calibration(loaded.tokenizer, args.calib, samples=args.samples, seq_len=args.seq_len, seed=0)
+    slow = load_calibration(loaded.tokenizer, args.calib, samples=args.slow_samples, seq_len=args.seq_len, seed=0)
 
-    # 1. Rankings.
-    recs = {
-        "jaccard": importance(loaded, out, "jaccard", 10, args.samples, args.seq_len, args.calib),
-        "cosine": importance(loaded, out, "cosine", None, args.samples, args.seq_len, args.calib),
-        "sensitivity": importance(loaded, out, "sensitivity", None, args.sensitivity_samples, args.seq_len, args.calib),
-    }
-    ks = [int(k) for k in args.ks.split(",") if k]
-    for k in ks:
-        recs[f"jaccard-k{k}"] = importance(loaded, out, "jaccard", k, args.k_samples, args.seq_len, args.calib)
+    # 1. Scores: two proxies, the layer-loss record of each quantizer (its int4 column is `sensitivity`).
+    recs = {"jaccard": ranking(loaded, out, "jaccard", slow), "cosine": ranking(loaded, out, "cosine", calib)}
+    losses = {q: layer_loss(loaded, out, q, slow) for q in QUANTIZERS}
     scores: dict[str, tuple[float, ...]] = {name: r.importance for name, r in recs.items()}
-    for s in range(args.random_seeds):
-        scores[f"random-{s}"] = tuple(float(x) for x in np.random.default_rng(s).permutation(shape.num_layers))
-    truth = scores["sensitivity"]
-    agreement = {name: spearman(v, truth) for name, v in scores.items() if name != "sensitivity"}
+    scores["sensitivity"] = losses["rtn"].sensitivity
+    scores["random"] = tuple(float(x) for x in np.random.default_rng(0).permutation(shape.num_layers))
+    agreement = {name: spearman(scores[name], scores["sensitivity"]) for name in ("jaccard", "cosine", "random")}
+    agreement["gptq int4 loss"] = spearman(losses["gptq"].sensitivity, scores["sensitivity"])
     for name, rho in agreement.items():
         log(f"spearman({name}, sensitivity) = {rho:+.3f}")
 
-    # 2. Plans: each ranking with the LSAQ rule; the main methods also with the exact knapsack; best uniform.
+    # 2. Plans.
+    methods_all = [m for m in args.methods.split(",") if m]
     rows: list[dict[str, Any]] = []
-    for bits in bits_list:
-        for name, vals in scores.items():
-            strategies = ("lsaq", "optimal") if name in MAIN else ("lsaq",)
-            for strategy in strategies:
-                ref = ImportanceRef(recs[name].id if name in recs else "random", name)
-                plan = budget_plan(shape, model_id, vals, bits, strategy, ref)
-                rows.append({"budget_bits": bits, "method": name, "strategy": strategy, "plan": plan})
-        u = best_uniform(shape, bits)
-        base = budget_plan(shape, model_id, scores["jaccard"], bits, "lsaq", {"id": "none", "method": None, "k": None})
-        rows.append({"budget_bits": bits, "method": f"uniform-{u.value}", "strategy": u.value,
-                     "plan": make_plan(shape, [1.0] * shape.num_layers, base.device,
-                                       PlanOptions(context=2048, strategy=u.value), model=model_id)})
+    for bits in sorted(set(bits_list) | set(extra)):
+        for q in QUANTIZERS:
+            methods = [m for m in methods_all if bits in bits_list or m.startswith("measured")]
+            for name in methods:
+                if name.startswith("measured"):
+                    plan = budget_plan(shape, model_id, bits, Strategy.MEASURED.value, (), loss=losses[q],
+                                       group_size="auto" if name == "measured-auto" else None)
+                elif name == "uniform":
+                    u = best_uniform(shape, bits)
+                    plan = budget_plan(shape, model_id, bits, u.value, [1.0] * shape.num_layers)
+                else:
+                    plan = budget_plan(shape, model_id, bits, Strategy.LSAQ.value, scores[name],
+                                       ImportanceRef("study", name))
+                rows.append({"budget_bits": bits, "quantizer": q, "method": name, "plan": plan})
 
-    # 3. Evaluate every distinct assignment once.
+    # 3. Evaluate every distinct (quantizer, assignment) once.
     text, _ = read_eval_text(args.ppl_source or default_ppl_source())
     windows = tokenize_eval_windows(loaded.tokenizer, text, args.ppl_seq_len)[0][: args.ppl_windows]
-    log(f"perplexity on {windows.shape[0]} windows x {windows.shape[1]} tokens")
-    bank = WeightBank(loaded, shape)
-    results: dict[tuple[Precision, ...], dict[str, Any]] = {}
-
-    def evaluate(precisions: tuple[Precision, ...], with_tasks: bool) -> dict[str, Any]:
-        r = results.setdefault(precisions, {})
-        if "ppl" not in r or (with_tasks and tasks and "tasks" not in r):
-            bank.apply(precisions)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                r.setdefault("ppl", ppl_of(loaded.model, windows))
-            if with_tasks and tasks and "tasks" not in r:
-                r["tasks"] = task_metrics(loaded.model, loaded.tokenizer, tasks, args.limit)
-            log(f"evaluated {''.join(p.value[-1] if p is not Precision.FP16 else 'F' for p in precisions)}: "
-                f"ppl {r['ppl']:.3f} ({time.perf_counter() - t0:.0f}s)")
-        return r
-
-    float_ref = evaluate((Precision.FP16,) * shape.num_layers, True)
-    for p in (Precision.INT8, Precision.INT4):
-        evaluate((p,) * shape.num_layers, bool(task_bits))
+    log(f"perplexity on {windows.shape[0]} windows x {windows.shape[1]} tokens; {len(rows)} cells")
+    bank = WeightBank(loaded, calib)
+    evaluate = Evaluations(out / "evals.jsonl", loaded, bank, windows, tasks, args.limit)
+    refs = {"float": evaluate("rtn", (Precision.FP16,) * shape.num_layers, True)}
+    for q in QUANTIZERS:
+        for p, g in ((Precision.INT8, None), (Precision.INT4, None), (Precision.INT4, GROUP)):
+            label = f"all-{p.value}" + (f"-g{g}" if g else "") + f" {q}"
+            refs[label] = evaluate(q, (p,) * shape.num_layers, p is Precision.INT4 and g is None, g)
     for row in rows:
-        r = evaluate(row["plan"].precisions, row["budget_bits"] in task_bits and not row["method"].startswith("jaccard-k"))
+        r = evaluate(row["quantizer"], row["plan"].precisions, row["budget_bits"] in task_bits,
+                     row["plan"].options.policy.group_size)
         row.update(ppl=r["ppl"], tasks=r.get("tasks"))
 
-    # 4. A real artifact of one mixed plan, loaded on lsaq's packed runtime at fp32, gives the same perplexity.
-    check = next(r for r in rows if r["method"] == "jaccard" and r["budget_bits"] == bits_list[len(bits_list) // 2])
-    bank.apply(None)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        write_artifact(load_model(args.model), check["plan"], Path(tmp) / "artifact")
-        packed = load_quantized(Path(tmp) / "artifact", dtype=torch.float32).model
-        with torch.inference_mode():
-            packed_ppl = ppl_of(packed, windows)
-        del packed
-    log(f"packed runtime check: {packed_ppl:.4f} vs swapped weights {check['ppl']:.4f}")
+    # 4. The shipped path: real artifacts of the measured GPTQ plans (sequential GPTQ), packed runtime at fp32.
+    bank.apply("rtn", None)
+    checks = []
+    for row in rows:
+        if row["method"] == "measured-auto" and row["quantizer"] == "gptq" and row["budget_bits"] in check_bits:
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory(dir=out) as tmp:
+                write_artifact(load_model(args.model), row["plan"], Path(tmp) / "artifact", quantizer="gptq",
+                               calibration=calib)
+                seconds = time.perf_counter() - t0
+                packed = load_quantized(Path(tmp) / "artifact", dtype=torch.float32).model
+                ppl = ppl_of(packed, windows)
+                del packed
+            checks.append({"budget_bits": row["budget_bits"], "plan_id": row["plan"].id, "artifact_ppl": ppl,
+                           "swapped_ppl": row["ppl"], "quantize_seconds": seconds})
+            log(f"artifact {row['budget_bits']} bits: ppl {ppl:.3f} (swapped {row['ppl']:.3f}), quantized in "
+                f"{seconds:.0f}s")
 
-    write_outputs(out, args, loaded, rows, results, float_ref, recs, scores, agreement, tasks,
-                  {"plan_id": check["plan"].id, "packed_ppl": packed_ppl, "swapped_ppl": check["ppl"]},
-                  time.perf_counter() - start)
-
-
-def write_outputs(out: Path, args: argparse.Namespace, loaded: LoadedModel, rows: list[dict[str, Any]],
-                  results: dict, float_ref: dict, recs: dict, scores: dict, agreement: dict, tasks: list[str],
-                  runtime_check: dict, seconds: float) -> None:
-    int8 = results[(Precision.INT8,) * loaded.info.num_layers]
-    int4 = results[(Precision.INT4,) * loaded.info.num_layers]
-    table = [{
-        "budget_bits": r["budget_bits"], "method": r["method"], "strategy": r["strategy"],
-        "avg_bits": r["plan"].avg_bits["quantizable_linears"], "counts": r["plan"].counts,
-        "precisions": [p.value for p in r["plan"].precisions], "ppl": r["ppl"], "tasks": r["tasks"],
-    } for r in rows]
     record = {
         "schema": SCHEMA, "version": VERSION, "lsaq_version": __version__,
         "model": {k: v for k, v in loaded.info.to_json().items() if k != "config"},
-        "settings": vars(args),
-        "float": float_ref, "all_int8": int8, "all_int4": int4,
-        "importance": {name: {"id": r.id, "method": r.method, "k": r.k, "calibration": r.calibration,
-                              "values": list(r.importance), "ranking": r.ranking, "seconds": r.wall_time_s}
-                       for name, r in recs.items()},
-        "random": {name: list(v) for name, v in scores.items() if name.startswith("random")},
+        "settings": vars(args), "refs": refs,
+        "scores": {name: list(v) for name, v in scores.items()},
+        "seconds": {"jaccard": recs["jaccard"].wall_time_s, "cosine": recs["cosine"].wall_time_s,
+                    **{f"loss {q}": losses[q].seconds for q in QUANTIZERS},
+                    "forward (same tokens as loss)": losses["rtn"].forward_seconds,
+                    **{f"quantize {q} (bank)": s for q, s in bank.seconds.items()}},
+        "cost_ratio": {f"loss {q}": losses[q].cost_ratio for q in QUANTIZERS},
         "spearman_vs_sensitivity": agreement,
-        "rows": table,
-        "runtime_check": runtime_check,
-        "seconds": seconds,
+        "rows": [{"budget_bits": r["budget_bits"], "quantizer": r["quantizer"], "method": r["method"],
+                  "avg_bits": r["plan"].avg_bits["quantizable_linears"], "counts": r["plan"].counts,
+                  "predicted_loss": r["plan"].predicted_loss, "group_size": r["plan"].options.policy.group_size,
+                  "code": code(r["plan"].precisions, r["plan"].options.policy.group_size),
+                  "ppl": r["ppl"], "tasks": r["tasks"]} for r in rows],
+        "artifact_checks": checks,
+        "total_seconds": time.perf_counter() - start,
     }
     atomic_write_json(out / "study.json", record)
-    log(f"wrote {out}/study.json ({seconds / 60:.1f} min)")
+    log(f"wrote {out}/study.json ({record['total_seconds'] / 60:.1f} min)")
     render(out)
 
 
@@ -290,54 +358,62 @@ def render(out: Path) -> None:
     from lsaq.records import read_record
 
     record = read_record(out / "study.json", SCHEMA, VERSION)
-    table, name = record["rows"], record["model"]["id"]
     atomic_write_bytes(out / "study.md", render_markdown(record).encode())
-    main_rows = [{"method": "uniform" if t["method"].startswith("uniform") else t["method"],
-                  "avg_bits": t["avg_bits"], "ppl": t["ppl"]}
-                 for t in table if t["strategy"] != "optimal" and not t["method"].startswith("jaccard-k")]
-    plot_ppl_vs_bits(main_rows, out / "ppl_vs_bits.png", baseline_ppl=record["float"]["ppl"],
-                     title=f"{name}: WikiText-2 perplexity vs average bits (LSAQ demotion rule)")
-    plot_importance({m: record["importance"][m]["values"] for m in MAIN}, out / "importance.png",
+    name = record["model"]["id"]
+    for q in QUANTIZERS:
+        rows = [{"method": r["method"], "avg_bits": r["avg_bits"], "ppl": r["ppl"]}
+                for r in record["rows"] if r["quantizer"] == q]
+        plot_ppl_vs_bits(rows, out / f"ppl_vs_bits_{q}.png", baseline_ppl=record["refs"]["float"]["ppl"],
+                         title=f"{name}, {q}: WikiText-2 perplexity vs average bits")
+    plot_importance({m: record["scores"][m] for m in ("jaccard", "cosine", "sensitivity")}, out / "importance.png",
                     title=f"{name}: layer importance")
     print(render_markdown(record))
 
 
 def render_markdown(record: dict[str, Any]) -> str:
-    """The study's tables: perplexity per budget x method, tasks where measured, Spearman vs sensitivity."""
-    rows = record["rows"]
+    """The study's tables: perplexity per budget x method x quantizer, tasks, artifacts, costs, agreement."""
+    rows, s, refs = record["rows"], record["settings"], record["refs"]
     budgets = sorted({r["budget_bits"] for r in rows})
-    s = record["settings"]
     lines = [
-        f"Perplexity: WikiText-2 test, {s['ppl_windows']} windows x {s['ppl_seq_len']} tokens. "
-        f"Float: {record['float']['ppl']:.3f}; all-INT8: {record['all_int8']['ppl']:.3f}; "
-        f"all-INT4 (per-channel): {record['all_int4']['ppl']:.3f}.",
+        f"WikiText-2 test perplexity, {s['ppl_windows']} windows x {s['ppl_seq_len']} tokens (lower is better); "
+        f"float {refs['float']['ppl']:.3f}; all-INT8 {refs['all-int8 rtn']['ppl']:.3f} (rtn) / "
+        f"{refs['all-int8 gptq']['ppl']:.3f} (gptq); all-INT4 {refs['all-int4 rtn']['ppl']:.3f} (rtn) / "
+        f"{refs['all-int4 gptq']['ppl']:.3f} (gptq); all-INT4 in groups of {GROUP} "
+        f"{refs[f'all-int4-g{GROUP} rtn']['ppl']:.3f} (rtn) / {refs[f'all-int4-g{GROUP} gptq']['ppl']:.3f} (gptq). "
+        "Cells: perplexity (plan's average bits); `measured-auto` also weighs INT4 per-channel vs grouped.",
         "",
-        "| method | strategy | " + " | ".join(f"{b} bits" for b in budgets) + " |",
+        "| quantizer | method | " + " | ".join(f"{b} bits" for b in budgets) + " |",
         "|---|---|" + "---|" * len(budgets),
     ]
-    def key(r: dict[str, Any]) -> tuple[str, str]:
-        return ("uniform", "best that fits") if r["method"].startswith("uniform") else (r["method"], r["strategy"])
-
-    for k in dict.fromkeys(key(r) for r in rows):
-        cells = []
-        for b in budgets:
-            hit = [r for r in rows if r["budget_bits"] == b and key(r) == k]
-            cells.append(f"{hit[0]['ppl']:.2f} ({hit[0]['avg_bits']:.2f}b)" if hit else "-")
-        lines.append(f"| {k[0]} | {k[1]} | " + " | ".join(cells) + " |")
-    lines += ["", "Spearman correlation of each ranking with the measured sensitivity:", "",
-              "| ranking | spearman |", "|---|---|"]
-    lines += [f"| {k} | {v:+.3f} |" for k, v in record["spearman_vs_sensitivity"].items()]
+    for q in QUANTIZERS:
+        for m in dict.fromkeys(r["method"] for r in rows):
+            cells = []
+            for b in budgets:
+                hit = [r for r in rows if (r["budget_bits"], r["quantizer"], r["method"]) == (b, q, m)]
+                best = min((r["ppl"] for r in rows if r["budget_bits"] == b), default=None)
+                cell = f"{hit[0]['ppl']:.2f} ({hit[0]['avg_bits']:.2f}b)" if hit else "-"
+                cells.append(f"**{cell}**" if hit and hit[0]["ppl"] == best else cell)
+            lines.append(f"| {q} | {m} | " + " | ".join(cells) + " |")
     with_tasks = [r for r in rows if r["tasks"]]
     if with_tasks:
-        metrics = list(record["float"].get("tasks", {}))
-        lines += ["", "Zero-shot accuracy (first " + str(s["limit"]) + " examples of each task):", "",
-                  "| budget | method | strategy | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
-        for label in ("float", "all_int8", "all_int4"):
-            if record[label].get("tasks"):
-                lines.append(f"| - | {label} | - | " + " | ".join(f"{record[label]['tasks'][m]:.3f}" for m in metrics) + " |")
+        metrics = list(refs["float"].get("tasks") or {})
+        lines += ["", f"Zero-shot accuracy (first {s['limit']} examples per task):", "",
+                  "| budget | quantizer | method | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+        for label in ("float", "all-int4 rtn", "all-int4 gptq"):
+            if refs[label].get("tasks"):
+                lines.append(f"| - | - | {label} | " + " | ".join(f"{refs[label]['tasks'][m]:.3f}" for m in metrics) + " |")
         for r in with_tasks:
-            lines.append(f"| {r['budget_bits']} | {r['method']} | {r['strategy']} | "
+            lines.append(f"| {r['budget_bits']} | {r['quantizer']} | {r['method']} | "
                          + " | ".join(f"{r['tasks'][m]:.3f}" for m in metrics) + " |")
+    if record["artifact_checks"]:
+        lines += ["", "Real artifacts (sequential GPTQ, packed runtime at fp32) of the measured-auto GPTQ plans:", "",
+                  "| budget | artifact ppl | swapped-weights ppl | quantize s |", "|---|---|---|---|"]
+        lines += [f"| {c['budget_bits']} | {c['artifact_ppl']:.3f} | {c['swapped_ppl']:.3f} | "
+                  f"{c['quantize_seconds']:.0f} |" for c in record["artifact_checks"]]
+    lines += ["", "Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())
+              + "; layer loss in forward passes: " + ", ".join(f"{k} {v:.1f}" for k, v in record["cost_ratio"].items()),
+              "", "Spearman with the measured sensitivity: "
+              + ", ".join(f"{k} {v:+.3f}" for k, v in record["spearman_vs_sensitivity"].items())]
     return "\n".join(lines) + "\n"
 
 

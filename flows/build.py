@@ -23,14 +23,23 @@ from prefect.futures import PrefectFuture, wait
 from lsaq.eval.stage import EvalOptions
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
 from lsaq.paths import cache_dir
+from lsaq.planning.memory import AUTO_GROUP, WeightPolicy
 from lsaq.planning.planner import InfeasiblePlanError, PlanOptions, Strategy
-from lsaq.planning.stage import DeviceRequest
+from lsaq.planning.stage import DeviceRequest, check_group_request
 from lsaq.quantization.sequential import Quantizer
 from lsaq.store.stage import default_store_uri
 from tasks.dispatch import dispatch_device
 from tasks.records import DeviceOutcome, RunSummary
 from tasks.stages import MEASURED_LOSS, bind, request_label
 from tasks.summary import BuildFailed, outcome, summarize
+
+# The production defaults, set by the quality-per-byte study (README): measure each layer's loss with GPTQ's codes,
+# plan the least summed loss that fits, INT4 per-channel or in groups by measured loss. `make run` passes the
+# cheaper demo settings (strategy lsaq with the cosine ranking, round to nearest) to stay within minutes on a CPU.
+DEFAULT_STRATEGY = Strategy.MEASURED.value
+DEFAULT_QUANTIZER = Quantizer.GPTQ.value
+DEFAULT_GROUP_SIZE = AUTO_GROUP
+DEFAULT_MEASURE_SAMPLES = 8
 
 
 def device_requests(device: str | None, devices: list[str] | None, budget: str | None,
@@ -58,7 +67,7 @@ def build(
     budget: str | None = None,
     device_file: str | None = None,
     context: int = 4096,
-    strategy: str = Strategy.LSAQ.value,
+    strategy: str = DEFAULT_STRATEGY,
     method: str = DEFAULT_METHOD.value,
     k: int = DEFAULT_K,
     samples: int = 32,
@@ -74,7 +83,9 @@ def build(
     store: str | None = None,
     work: str | None = None,
     dispatch: str | None = None,
-    quantizer: str = Quantizer.RTN.value,
+    quantizer: str = DEFAULT_QUANTIZER,
+    group_size: int | str | None = DEFAULT_GROUP_SIZE,
+    measure_samples: int = DEFAULT_MEASURE_SAMPLES,
 ) -> RunSummary:
     """Build ``model`` (default: the embedded one) for every device (``device``, ``devices``, ``budget``).
 
@@ -85,13 +96,23 @@ def build(
     where results go (default ``$LSAQ_STORE`` or the local store); ``work``: this machine's scratch directory
     (default ``<lsaq cache>/work``). ``dispatch``: a deployment of this flow to run each device's build as its own
     flow run (see the module docstring). ``quantizer``: ``rtn`` (round to nearest) or ``gptq`` (error feedback on
-    the calibration set's activations; same bytes).
+    the calibration set's activations; same bytes). ``group_size``: INT4 in groups of that size (it must divide
+    every input width), or ``"auto"`` with strategy ``measured``: each device's plan weighs per-channel against the
+    largest group size that divides every width, by measured loss and bytes. ``measure_samples``: strategy
+    ``measured`` measures the layer loss on this many calibration sequences (their own calibration set when fewer
+    than ``samples``): it costs about 85-95 forward passes over them (README, study).
     """
     # Every option is checked before anything runs: a bad value fails the flow with the stage's own message.
     requests = device_requests(device, devices, budget, device_file)
     options = PlanOptions(context=context, strategy=Strategy.parse(strategy))
+    group_size = check_group_request(group_size, options.strategy)
+    if isinstance(measure_samples, bool) or not isinstance(measure_samples, int) or measure_samples < 1:
+        raise ValueError(f"measure_samples must be a positive integer, got {measure_samples!r}")
+    if isinstance(group_size, int):
+        options = options.with_policy(WeightPolicy(group_size=group_size))
     # strategy 'measured' plans from each layer's measured loss per precision (lsaq.measure), not from a ranking
-    method = MEASURED_LOSS if options.strategy is Strategy.MEASURED else Method.parse(method).value
+    ranking = Method.parse(method).value  # checked whatever the strategy: a bad value is a mistake either way
+    method = MEASURED_LOSS if options.strategy is Strategy.MEASURED else ranking
     quantizer = Quantizer.parse(quantizer).value
     evaluation = EvalOptions(ppl=ppl, tasks=eval_tasks, limit=eval_limit, fidelity_windows=fidelity_windows)
     store = store or default_store_uri()
@@ -116,15 +137,19 @@ def build(
         raise BuildFailed(summarize(ident, None, store, list(outcomes.values())))
 
     calibration = t.calibrate(ident, calib, samples, seq_len, seed, store, work)
-    importance = t.score(ident, calibration, method, k, batch_size, store, work)
+    scored_on = calibration  # the measured layer loss costs ~90 forward passes: on a smaller set of its own
+    if method == MEASURED_LOSS and measure_samples < samples:
+        scored_on = t.calibrate(ident, calib, measure_samples, seq_len, seed, store, work)
+    importance = t.score(ident, scored_on, method, k, batch_size, store, work, quantizer, group_size)
 
     if dispatch:
         # Every option a child needs, as this run got it (but `work`: a child's scratch is its own machine's), a hub
         # model pinned to the commit this run resolved.
-        shared = dict(model=model, device_file=device_file, context=context, strategy=strategy, method=method, k=k,
+        shared = dict(model=model, device_file=device_file, context=context, strategy=strategy, method=ranking, k=k,
                       samples=samples, seq_len=seq_len, calib=calib, seed=seed, batch_size=batch_size, ppl=ppl,
                       eval_tasks=eval_tasks, eval_limit=eval_limit, fidelity_windows=fidelity_windows,
-                      revision=ident.revision or revision, store=store, quantizer=quantizer)
+                      revision=ident.revision or revision, store=store, quantizer=quantizer, group_size=group_size,
+                      measure_samples=measure_samples)
         runs = {r: dispatch_device.submit(dispatch, request_label(r), {**shared, **one_device(r)}) for r in targets}
         wait(list(runs.values()))
         for request, future in runs.items():
@@ -137,7 +162,7 @@ def build(
     # In process; after a dispatch every task here is Cached from the store (the children computed them).
     chains: list[tuple[PrefectFuture, ...]] = []
     for target in targets.values():
-        plan = t.plan.submit(ident, importance, target, options, store, work)
+        plan = t.plan.submit(ident, importance, target, options, store, work, group_size)
         artifact = t.quantize.submit(ident, plan, store, work, quantizer,
                                      calibration if quantizer != Quantizer.RTN.value else None)
         report = t.evaluate.submit(ident, plan, artifact, evaluation, store, work)

@@ -19,7 +19,13 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lsaq")
 # migrations took 15-25 s on 2 busy cores here, past Prefect's 20 s default, and the run failed before starting.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from flows.build import build  # noqa: E402
+from flows.build import (  # noqa: E402
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_MEASURE_SAMPLES,
+    DEFAULT_QUANTIZER,
+    DEFAULT_STRATEGY,
+    build,
+)
 from tasks.summary import BuildFailed, format_table  # noqa: E402
 
 
@@ -37,8 +43,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", help="an explicit memory budget, e.g. 300MiB")
     p.add_argument("--device-file", help="a YAML file of extra device profiles")
     p.add_argument("--context", type=int, default=4096, help="context length every plan reserves (default 4096)")
-    p.add_argument("--strategy", default="lsaq", help="lsaq (default), optimal, measured, or fp16/int8/int4")
-    p.add_argument("--quantizer", default="rtn", help="rtn (default) or gptq (same bytes, calibrated codes)")
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY,
+                   help=f"measured, lsaq, optimal, or fp16/int8/int4 (default {DEFAULT_STRATEGY})")
+    p.add_argument("--quantizer", default=DEFAULT_QUANTIZER,
+                   help=f"gptq or rtn (same bytes; default {DEFAULT_QUANTIZER})")
+    p.add_argument("--group-size", default=DEFAULT_GROUP_SIZE,
+                   help="INT4 group size, or 'auto' (the default): with --strategy measured, per device, per-channel "
+                        "or the largest size dividing every input width, whichever measures better; else per-channel")
+    p.add_argument("--measure-samples", type=int, default=DEFAULT_MEASURE_SAMPLES,
+                   help=f"calibration sequences --strategy measured measures the layer loss on "
+                        f"(default {DEFAULT_MEASURE_SAMPLES})")
     p.add_argument("--method", default="cosine", help="importance method: cosine, jaccard or sensitivity")
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--samples", type=int, default=32)
@@ -60,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = build(model=args.model, devices=args.devices, budget=args.budget, device_file=args.device_file,
                         context=args.context, strategy=args.strategy, method=args.method, k=args.k,
                         samples=args.samples, seq_len=args.seq_len, calib=args.calib, ppl=args.ppl,
-                        fidelity_windows=args.fidelity_windows, store=store, work=work, quantizer=args.quantizer)
+                        fidelity_windows=args.fidelity_windows, store=store, work=work, quantizer=args.quantizer,
+                        group_size=args.group_size, measure_samples=args.measure_samples)
     except BuildFailed as e:
         print(format_table(e.summary))
         print(f"lsaq-build: {e}", file=sys.stderr)

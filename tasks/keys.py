@@ -62,9 +62,13 @@ def calibration_key(model: ModelKey, *, source: str | None, samples: int, seq_le
                        samples=samples, seq_len=seq_len, seed=seed)
 
 
-def importance_key(model: ModelKey, calibration: CalibrationResult, *, method: str, k: int) -> str:
+def importance_key(model: ModelKey, calibration: CalibrationResult, *, method: str, k: int,
+                   quantizer: str = "rtn", group_size: int | str | None = None) -> str:
+    """A measured loss of a calibrated quantizer, or with grouped INT4 measured too, adds those; every other key is
+    as it was."""
+    extra = {k_: v for k_, v in (("quantizer", quantizer), ("group_size", group_size)) if v not in ("rtn", None)}
     return content_key("importance", content=model.content_hash, revision=model.revision,
-                       calibration=calibration.hash, method=method, k=k, code=CODE)
+                       calibration=calibration.hash, method=method, k=k, code=CODE, **extra)
 
 
 def device_key(model: ModelKey, request: str, device_file: str | None, options: PlanOptions) -> str:
@@ -72,8 +76,9 @@ def device_key(model: ModelKey, request: str, device_file: str | None, options: 
     return content_key("device", model=model.key, request=request, catalog=catalog, options=options.to_json())
 
 
-def plan_key(importance: ImportanceResult, device: DeviceTarget, options: PlanOptions) -> str:
-    return content_key("plan", importance=importance.key, device=device.profile, options=options.to_json())
+def plan_key(importance: ImportanceResult, device: DeviceTarget, options: PlanOptions, auto_group: bool = False) -> str:
+    extra = {"group_size": "auto"} if auto_group else {}  # the INT4 format chosen by measured loss
+    return content_key("plan", importance=importance.key, device=device.profile, options=options.to_json(), **extra)
 
 
 def quantize_key(model: ModelKey, plan_id: str, quantizer: str = "rtn", calibration: str | None = None) -> str:

@@ -37,11 +37,22 @@ from lsaq.models.families import model_shape
 from lsaq.models.identity import ModelRef
 from lsaq.models.loading import locate_model
 from lsaq.planning.devices import LOCAL
+from lsaq.planning.memory import AUTO_GROUP, parse_group_size
 from lsaq.planning.planner import PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest
 from lsaq.quantization.artifact import verify_artifact
+from lsaq.quantization.record import MANIFEST as ARTIFACT_MANIFEST
 from lsaq.quantization.record import Artifact
-from lsaq.store.keys import calibration_prefix, device_slug, importance_prefix, model_slug, plan_key, revision_slug
+from lsaq.quantization.sequential import Quantizer
+from lsaq.store.keys import (
+    artifact_prefix,
+    calibration_prefix,
+    device_slug,
+    importance_prefix,
+    model_slug,
+    plan_key,
+    revision_slug,
+)
 from lsaq.store.objects import fetch_files, has_files, put_files
 from lsaq.store.stage import publish as publish_build
 from tasks import keys
@@ -181,9 +192,12 @@ def calibrate(model: ModelKey, source: str | None, samples: int, seq_len: int, s
                              computed=computed)
 
 
-def _importance_key(model: ModelKey, calibration: CalibrationResult, method: str, k: int, **_: Any) -> str:
-    if method == MEASURED_LOSS:
-        return keys.importance_key(model, calibration, method=MEASURED_LOSS, k=0)
+def _importance_key(model: ModelKey, calibration: CalibrationResult, method: str, k: int, quantizer: str = "rtn",
+                    group_size: int | str | None = None, **_: Any) -> str:
+    if method == MEASURED_LOSS:  # measured with the build's quantizer's codes and INT4 formats (rtn keys as before)
+        return keys.importance_key(model, calibration, method=MEASURED_LOSS, k=0,
+                                   quantizer=Quantizer.parse(quantizer).value,
+                                   group_size=parse_group_size(group_size))
     return keys.importance_key(model, calibration, method=lsaq.Method.parse(method).value, k=k)
 
 
@@ -195,10 +209,11 @@ def record_file(method: str) -> str:
 @task(name="score", task_run_name="score {model.slug} ({method})", cache_policy=cache_policy(_importance_key),
       **COMMON)
 def score(model: ModelKey, calibration: CalibrationResult, method: str, k: int, batch_size: int, store: str,
-          work: str) -> ImportanceResult:
+          work: str, quantizer: str = "rtn", group_size: int | str | None = None) -> ImportanceResult:
     """Score every decoder layer (:func:`lsaq.score`; for ``measured-loss`` the per-precision layer loss of
-    :func:`lsaq.measure`) on the stored calibration set unless the store has the record; keep it in the store."""
-    key = _importance_key(model, calibration, method, k)
+    :func:`lsaq.measure`, with ``quantizer``'s codes, and INT4 in groups of ``group_size`` too when given) on the
+    stored calibration set unless the store has the record; keep it in the store."""
+    key = _importance_key(model, calibration, method, k, quantizer, group_size)
     prefix = importance_prefix(model.slug, model.revision_slug, key)
     local = scratch(work, model, "importance", key)
     name = record_file(method)
@@ -209,7 +224,7 @@ def score(model: ModelKey, calibration: CalibrationResult, method: str, k: int, 
         with model_slot():
             if method == MEASURED_LOSS:
                 lsaq.measure(model.spec, local / name, calibration=calib_dir, batch_size=batch_size,
-                             revision=model.revision)
+                             revision=model.revision, quantizer=quantizer, group_size=group_size)
             else:
                 lsaq.score(model.spec, local / name, method=method, k=k, calibration=calib_dir,
                            batch_size=batch_size, revision=model.revision)
@@ -229,20 +244,22 @@ def score(model: ModelKey, calibration: CalibrationResult, method: str, k: int, 
 # ------------------------------------------------------------------------------------------ per device
 
 
-def _plan_key(importance: ImportanceResult, device: DeviceTarget, options: PlanOptions, **_: Any) -> str:
-    return keys.plan_key(importance, device, options)
+def _plan_key(importance: ImportanceResult, device: DeviceTarget, options: PlanOptions,
+              group_size: int | str | None = None, **_: Any) -> str:
+    return keys.plan_key(importance, device, options, parse_group_size(group_size) == AUTO_GROUP)
 
 
 @task(name="plan", task_run_name="plan {model.slug} for {device.slug}", cache_policy=cache_policy(_plan_key),
       **COMMON)
 def plan(model: ModelKey, importance: ImportanceResult, device: DeviceTarget, options: PlanOptions, store: str,
-         work: str) -> PlanResult:
+         work: str, group_size: int | str | None = None) -> PlanResult:
     """Decide per-layer precisions for one device (:func:`lsaq.plan`, no weights); keep the plan in the store and
-    show it as a table."""
+    show it as a table. ``group_size="auto"``: the measured plan weighs INT4 per-channel against grouped."""
     name = record_file(importance.method)
     local = local_copy(store, importance.prefix, (name,), scratch(work, model, "importance", importance.key))
     if importance.method == MEASURED_LOSS:  # the layer-loss table is what the plan minimises
-        result = lsaq.plan(device.device, loss=local / name, options=options)
+        result = lsaq.plan(device.device, loss=local / name, options=options,
+                           group_size=AUTO_GROUP if parse_group_size(group_size) == AUTO_GROUP else None)
     else:
         result = lsaq.plan(device.device, importance=local / name, options=options)
     path = scratch(work, model, "plans", f"{result.id}.json")
@@ -253,12 +270,13 @@ def plan(model: ModelKey, importance: ImportanceResult, device: DeviceTarget, op
         key=artifact_key(f"{model.slug}-{device.slug}-plan"),
         table=[{"layer": i, "importance": round(v, 6), "precision": p.value}
                for i, (v, p) in enumerate(zip(result.importance, result.precisions))],
-        description=f"{model.id} on {device.device.describe()}: {result.mix}; avg "
-                    f"{result.avg_bits['quantizable_linears']:.2f} bits/weight; needs {result.breakdown.required:,} of "
-                    f"{device.device.usable:,} usable bytes",
+        description=f"{model.id} on {device.device.describe()}: {result.mix}"
+                    + (f" (INT4 in groups of {group})" if (group := result.options.policy.group_size) else "")
+                    + f"; avg {result.avg_bits['quantizable_linears']:.2f} bits/weight; needs "
+                      f"{result.breakdown.required:,} of {device.device.usable:,} usable bytes",
     )
-    return PlanResult(key=_plan_key(importance, device, options), uri=backend(store).key_uri(key), store_key=key,
-                      plan_id=result.id, device=device.slug, counts=result.counts,
+    return PlanResult(key=_plan_key(importance, device, options, group_size), uri=backend(store).key_uri(key),
+                      store_key=key, plan_id=result.id, device=device.slug, counts=result.counts,
                       avg_bits=dict(result.avg_bits), weights_bytes=result.breakdown.weights,
                       required_bytes=result.breakdown.required, usable_bytes=device.device.usable)
 
@@ -280,20 +298,29 @@ def quantize(model: ModelKey, plan: PlanResult, store: str, work: str, quantizer
                             calibration_key=calibration.key if calibration is not None else None,
                             calibration_prefix=calibration.prefix if calibration is not None else None)
     artifact = make_artifact(model, plan, result, store, work)
+    if quantizer != Quantizer.RTN.value:  # other machines fetch these files rather than re-make them
+        names = [ARTIFACT_MANIFEST, *sorted(artifact.files)]
+        put_files(backend(store), artifact_prefix(model.slug, model.revision_slug, key),
+                  {n: artifact.path / n for n in names}, record=ARTIFACT_MANIFEST)
     return dataclasses.replace(result, path=str(artifact.path), tensor_bytes=artifact.tensor_bytes,
                                file_bytes=artifact.file_bytes, files=dict(artifact.files))
 
 
 def make_artifact(model: ModelKey, plan: PlanResult, spec: ArtifactResult, store: str, work: str) -> Artifact:
     """The artifact ``spec`` names (its key, quantizer and calibration) of ``plan`` in
-    ``<work>/.../artifacts/<key>``: this machine's verified copy, else quantized."""
+    ``<work>/.../artifacts/<key>``: this machine's verified copy, else the store's copy of a calibrated quantizer's
+    artifact, else quantized."""
     key = spec.key
     out = scratch(work, model, "artifacts", key)
+    prefix = artifact_prefix(model.slug, model.revision_slug, key)
+    if spec.quantizer != Quantizer.RTN.value and spec.files and not (out / ARTIFACT_MANIFEST).is_file() \
+            and has_files(backend(store), prefix, record=ARTIFACT_MANIFEST):
+        local_copy(store, prefix, (ARTIFACT_MANIFEST, *sorted(spec.files)), out)
     try:
         verify_artifact(out)
         return Artifact.load(out)
     except ValueError:
-        pass  # absent or incomplete here (made on another machine, or cleaned): quantization is deterministic
+        pass  # absent or incomplete here (made on another machine, or cleaned): round to nearest is deterministic
     plan_file = scratch(work, model, "plans", f"{plan.plan_id}.json")
     if not plan_file.is_file():
         plan_file.parent.mkdir(parents=True, exist_ok=True)
@@ -312,8 +339,7 @@ def ensure_artifact(model: ModelKey, artifact: ArtifactResult, store: str, work:
     made = make_artifact(model, plan, artifact, store, work)
     if dict(made.files) != {k: tuple(v) for k, v in artifact.files.items()}:
         raise RuntimeError(f"re-quantizing plan {plan.plan_id[:12]} here gave other files than the cached artifact "
-                           "(another lsaq or torch version; for gptq also another BLAS thread count); rerun the flow "
-                           "with refresh_cache to rebuild")
+                           "(another lsaq or torch version); rerun the flow with refresh_cache to rebuild")
     return made.path
 
 

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.model
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SMALL = ["--param", "samples=4", "--param", "seq_len=64", "--param", "fidelity_windows=1"]  # semantics, not quality
+SMALL = ["--param", "samples=4", "--param", "seq_len=64", "--param", "fidelity_windows=1",  # semantics, not quality
+         "--param", "strategy=lsaq", "--param", "quantizer=rtn"]
 STAGES = {"identify", "resolve", "calibrate", "score", "plan", "quantize", "evaluate", "publish"}  # task run names
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -242,7 +243,7 @@ def test_a_team_builds_serves_watches_and_downloads_through_prefect_and_s3(share
             #    often the watch runs meanwhile) and publishes the new revision.
             # the rebuild also quantizes with GPTQ on the stored calibration set
             watch = ["--param", 'build_parameters={"samples": 4, "seq_len": 64, "fidelity_windows": 1, '
-                                '"quantizer": "gptq"}']
+                                '"strategy": "lsaq", "quantizer": "gptq"}']
             before = len(api.runs_of("lsaq/build"))
             deployment_run("lsaq-watch/scheduled", *watch)
             assert len(api.runs_of("lsaq/build")) == before

@@ -129,3 +129,39 @@ def test_cli_quantizes_with_gptq(tiny, tmp_path, capsys):
     assert main(["quantize", "--plan", str(tmp_path / "plan.json"), "--model", str(model), "--out",
                  str(tmp_path / "art"), "--quantizer", "gptq", "--calibration", str(calib)]) == 0
     assert ", gptq;" in capsys.readouterr().out and Artifact.load(tmp_path / "art").quantizer == "gptq"
+
+
+def test_a_gptq_artifact_is_kept_in_the_store_and_fetched_not_remade_elsewhere(tiny, tmp_path, monkeypatch):
+    """GPTQ's floating-point sums depend on the BLAS and its threads, so another machine could round a code the
+    other way: the quantize task keeps a calibrated artifact in the store, and a machine without it fetches those
+    very files (checked against the record) instead of quantizing again. Round to nearest is re-made."""
+    import lsaq
+    from lsaq.store.keys import plan_key
+    from lsaq.store.stage import open_store
+    from tasks import stages
+    from tasks.records import PlanResult
+
+    model_dir, _ = tiny
+    store = str(tmp_path / "store")
+    ident = stages.identify.fn(str(model_dir))
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    calib = stages.calibrate.fn(ident, str(text), 4, 16, 0, store, str(tmp_path / "work1"))
+    p = tiny_plan(load_model(model_dir).info, [Precision.INT4, Precision.INT8, Precision.INT4], WeightPolicy())
+    key = plan_key(ident.slug, ident.revision_slug, p.id)
+    open_store(store).put_bytes(key, json.dumps(p.to_json()).encode())
+    plan = PlanResult(key="plan-test", uri=key, store_key=key, plan_id=p.id, device="test", counts=p.counts,
+                      avg_bits=dict(p.avg_bits), weights_bytes=0, required_bytes=0, usable_bytes=0)
+    made = {q: stages.quantize.fn(ident, plan, store, str(tmp_path / "work1"), q, calib if q == "gptq" else None)
+            for q in ("rtn", "gptq")}
+    kept = [k for k in open_store(store).list("") if "/artifacts/" in k]
+    assert kept and all(made["gptq"].key in k for k in kept)  # only the calibrated artifact is kept
+    assert {k.rsplit("/", 1)[1] for k in kept} == {"lsaq_artifact.json", *made["gptq"].files}
+
+    remade = []
+    real_quantize = lsaq.quantize
+    monkeypatch.setattr(lsaq, "quantize", lambda *a, **kw: remade.append(kw["quantizer"]) or real_quantize(*a, **kw))
+    for q, artifact in made.items():  # machine 2: an empty scratch directory
+        path = stages.ensure_artifact(ident, artifact, store, str(tmp_path / "work2"), plan)
+        assert Artifact.load(path).files == artifact.files
+    assert remade == ["rtn"]

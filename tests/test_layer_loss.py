@@ -12,7 +12,7 @@ from test_importance import tiny_model
 
 from lsaq.importance.calibration import CalibrationSet
 from lsaq.importance.cost import LayerLoss, measure_layer_loss
-from lsaq.importance.sensitivity import Probe, sensitivity_samples
+from lsaq.importance.sensitivity import Probe, probe_samples, sensitivity_samples
 from lsaq.models.identity import ModelInfo
 from lsaq.precision import Precision
 
@@ -72,6 +72,65 @@ def test_probe_labels_parse_and_bad_ones_are_named():
     calib = CalibrationSet.from_tokens(torch.randint(3, 96, (1, 8)))
     with pytest.raises(ValueError, match="named twice"):
         measure_layer_loss(model, tiny_info(model), calib, ("int4", "INT4"))
+
+
+def test_gptq_probes_measure_gptq_codes_from_the_float_activations(measured, tmp_path):
+    """With ``quantizer="gptq"`` each probe swaps in the codes GPTQ chooses from the float model's activations
+    (brute force here: Hessians hooked on a plain float pass), and the record says so."""
+    from lsaq.quantization.gptq import HessianAccumulator, gptq_quantize
+
+    model, calib, rtn = measured
+    record = measure_layer_loss(model, tiny_info(model), calib, PROBES, quantizer="GPTQ", batch_size=3)
+    assert record.quantizer == "gptq" and record.id != rtn.id and record.loss != rtn.loss
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    acc = {n: HessianAccumulator(m.in_features) for n, m in linears.items()}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: acc[n].add(a[0])) for n, m in linears.items()]
+    with torch.inference_mode():
+        model(input_ids=calib.tokens, use_cache=False)
+    for h in hooks:
+        h.remove()
+    for k, label in enumerate(PROBES):
+        probe = Probe.parse(label)
+        bank = [{probe: {n.split(f"layers.{i}.")[1]: gptq_quantize(m.weight, acc[n].hessian(), probe.precision,
+                                                                   probe.group_size, act_order=True)
+                         for n, m in linears.items() if f"layers.{i}." in n}} for i in range(3)]
+        alone = probe_samples(model, calib, [probe], batch_size=3, bank=bank)[0]
+        np.testing.assert_allclose([row[k] for row in record.loss], alone.mean(0), rtol=1e-5, atol=1e-9)
+    record.save(tmp_path / "gptq.json")
+    assert LayerLoss.load(tmp_path / "gptq.json") == record
+    with pytest.raises(ValueError, match="unknown quantizer 'awq'"):
+        measure_layer_loss(model, tiny_info(model), calib, PROBES, quantizer="awq")
+
+
+def test_a_kl_stride_scores_every_nth_position_only(measured):
+    """``stride=s``: the KL of positions s-1, 2s-1, ... (brute force here: full forward passes with one layer
+    quantized); stride 1 is the full measurement, and the stride is part of the record."""
+    import torch.nn.functional as F
+
+    from lsaq.importance.sensitivity import probe_samples, quantized_layer
+    from lsaq.models.parts import decoder_parts
+
+    model, calib, full = measured
+    probe = Probe.parse("int4")
+    np.testing.assert_array_equal(probe_samples(model, calib, [probe], batch_size=3, stride=1)[0].mean(0),
+                                  [row[1] for row in full.loss])
+    stride = 5  # 12 tokens: positions 4 and 9
+    got = probe_samples(model, calib, [probe], batch_size=3, stride=stride)[0]  # [N, L]
+    with torch.inference_mode():
+        ref = F.log_softmax(model(input_ids=calib.tokens).logits[:, stride - 1::stride].double(), -1)
+        for i, layer in enumerate(decoder_parts(model).layers):
+            with quantized_layer(layer, probe.precision):
+                logits = model(input_ids=calib.tokens).logits.double()
+            kl = (ref.exp() * (ref - F.log_softmax(logits[:, stride - 1::stride], -1))).sum(-1)  # [N, 2]
+            # KLs of ~1e-5 from float32 logits: agree to float32 noise; other positions do not
+            np.testing.assert_allclose(got[:, i], kl.mean(-1).numpy(), rtol=0, atol=2e-7)
+            full_ref = F.log_softmax(model(input_ids=calib.tokens).logits.double(), -1)
+            every = (full_ref.exp() * (full_ref - F.log_softmax(logits, -1))).sum(-1)  # [N, 12]
+            assert np.abs(got[:, i] - every[:, ::stride].mean(-1).numpy()).max() > 1e-6
+    strided = measure_layer_loss(model, tiny_info(model), calib, PROBES, batch_size=3, stride=stride)
+    assert strided.stride == stride and strided.id != full.id and full.stride == 1
+    with pytest.raises(ValueError, match="stride must be a positive integer, got 0"):
+        probe_samples(model, calib, [probe], stride=0)
 
 
 def test_real_model_int8_costs_less_than_int4_in_every_layer(shared_model):

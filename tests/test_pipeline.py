@@ -26,7 +26,8 @@ pytest.importorskip("moto")
 pytestmark = pytest.mark.model
 
 DEVICES = ["beaglebone-black", "rpi-zero-2w"]  # SBC profiles whose plans differ (FP16/INT8 vs INT8/INT4)
-FAST = dict(samples=4, seq_len=64, fidelity_windows=1)  # a small importance run and evaluation: semantics, not quality
+# a small importance run and evaluation, ranked and rounded to nearest: semantics, not quality
+FAST = dict(samples=4, seq_len=64, fidelity_windows=1, strategy="lsaq", quantizer="rtn")
 
 
 @pytest.fixture(scope="module")
@@ -165,13 +166,15 @@ def test_an_infeasible_device_fails_alone(machine1, s3_store, shared_gguf, tmp_p
 
 def test_two_concurrent_measured_builds_measure_the_layer_loss_once(s3_store, shared_gguf, tmp_path):
     """Two flows on one host, on a fresh store prefix, with strategy 'measured', need the same layer-loss record at
-    the same time: one measures it, the other waits on the lock and finds it cached; both plans minimise it."""
+    the same time: one measures it, the other waits on the lock and finds it cached; both plans minimise it, each
+    weighing INT4 per-channel against groups of 64 (group_size 'auto': the record measures both). The record is
+    measured on a calibration set of its own (measure_samples < samples)."""
     store = s3_store + f"/concurrent-{uuid.uuid4().hex[:6]}"
     results = {}
     with machine(tmp_path / "prefect"):
         def go(device):
             results[device] = run(shared_gguf, store, tmp_path / "work", devices=[device], fidelity_windows=1,
-                                  strategy="measured")
+                                  strategy="measured", group_size="auto", measure_samples=2, quantizer="rtn")
 
         # each thread runs in a copy of this context: the harness's settings (its server) are context variables
         threads = [threading.Thread(target=contextvars.copy_context().run, args=(go, d)) for d in DEVICES]
@@ -183,7 +186,11 @@ def test_two_concurrent_measured_builds_measure_the_layer_loss_once(s3_store, sh
     scored = Counter(name for _, states in results.values() for name in states["score"].elements())
     assert scored == Counter({"Completed": 1, "Cached": 1}), scored
     keys = open_store(store).list("")
-    assert [k.rsplit("/", 1)[1] for k in keys if "/importance/" in k] == ["loss.json"]
+    calibrations = [json.loads(open_store(store).get_bytes(k)) for k in keys if k.endswith("/calibration.json")]
+    assert sorted(c["calibration"]["samples"] for c in calibrations) == [2, FAST["samples"]]
+    [loss] = [k for k in keys if "/importance/" in k]
+    assert loss.endswith("/loss.json") and json.loads(open_store(store).get_bytes(loss))["probes"] == [
+        "int8", "int4", "int4-g64"]
     plans = [json.loads(open_store(store).get_bytes(k)) for k in keys if "/plans/" in k]
     assert len(plans) == 2 and all(p["options"]["strategy"] == "measured" and p["loss"]["predicted"] > 0
-                                   for p in plans)
+                                   and p["options"]["group_size"] in (None, 64) for p in plans)

@@ -57,6 +57,19 @@ def test_the_importance_key_follows_weights_calibration_method_and_k():
                                     method="cosine", k=1)
 
 
+def test_a_measured_loss_key_names_a_calibrated_quantizer():
+    from tasks.stages import MEASURED_LOSS, _importance_key
+
+    rtn = _importance_key(MODEL, CALIB, MEASURED_LOSS, 1)
+    assert rtn == _importance_key(MODEL, CALIB, MEASURED_LOSS, 5, "RTN")  # k means nothing to a loss record
+    assert rtn == keys.importance_key(MODEL, CALIB, method=MEASURED_LOSS, k=0)  # the keys stores already hold
+    assert _importance_key(MODEL, CALIB, MEASURED_LOSS, 1, "gptq") not in (rtn, keys.importance_key(
+        MODEL, CALIB, method=MEASURED_LOSS, k=0, quantizer="rtn"))
+    assert _importance_key(MODEL, CALIB, "cosine", 1, "gptq") == keys.importance_key(MODEL, CALIB, method="cosine", k=1)
+    with pytest.raises(ValueError, match="unknown quantizer 'awq'"):
+        _importance_key(MODEL, CALIB, MEASURED_LOSS, 1, "awq")
+
+
 def test_plan_quantize_evaluate_publish_keys_chain():
     plan = keys.plan_key(IMP, DEVICE, PlanOptions())
     assert plan != keys.plan_key(IMP, DEVICE, PlanOptions(context=2048))

@@ -14,7 +14,7 @@ from lsaq.methods import ImportanceRef, ranking
 from lsaq.models.families import model_shape
 from lsaq.models.identity import ModelRef
 from lsaq.planning.devices import budget_profile
-from lsaq.planning.memory import WeightPolicy
+from lsaq.planning.memory import WeightPolicy, group_widths
 from lsaq.planning.planner import InfeasiblePlanError, Plan, PlanOptions, budget_for, make_plan
 from lsaq.planning.solvers import default_quality, lp_upper_bound, lsaq_assign, objective, optimal_assign
 from lsaq.planning.stage import resolve_device
@@ -168,7 +168,8 @@ def shapes(draw):
 @given(shapes(), st.data())
 def test_plans_fit_and_grow_with_budget(shape, data):
     imp = data.draw(st.lists(importance_st, min_size=shape.num_layers, max_size=shape.num_layers))
-    group = data.draw(st.sampled_from([None, 8, 32]))
+    # group sizes that divide every input width (the planner refuses ragged groups: test_int4_format)
+    group = data.draw(st.sampled_from([None] + [g for g in (8, 32) if all(w % g == 0 for w in group_widths(shape))]))
     context, batch = data.draw(st.integers(1, 64)), data.draw(st.integers(1, 3))
     opts = {s: PlanOptions(context=context, batch=batch, strategy=s, policy=WeightPolicy(group_size=group)) for s in ("lsaq", "optimal")}
     b = budget_for(shape, opts["lsaq"])

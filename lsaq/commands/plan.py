@@ -28,7 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", default=None, metavar="JSON",
                    help="a layer-loss record from `lsaq measure`: --strategy measured minimises its summed loss")
     p.add_argument("--allowed", default="fp16,int8,int4", help="precisions a layer may get (default fp16,int8,int4)")
-    p.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: per-channel scales)")
+    p.add_argument("--group-size", default=None,
+                   help="INT4 group size (default: per-channel scales), or 'auto' with --strategy measured: "
+                        "per-channel or the largest size dividing every input width, whichever the record predicts "
+                        "better")
     p.add_argument("--embed-precision", default="fp16", help="token embedding: fp16 (default), int8, int4; on a tied model, quantizing either side unties them "
                         "(both matrices stored)")
     p.add_argument("--head-precision", default=None, help="LM head: fp16, int8, int4 (default: as the embedding)")
@@ -74,31 +77,35 @@ def run_devices(args: argparse.Namespace) -> int:
 
 
 def build_options(args: argparse.Namespace):
-    from lsaq.planning.memory import WeightPolicy
+    from lsaq.planning.memory import AUTO_GROUP, WeightPolicy, parse_group_size
     from lsaq.planning.planner import PlanOptions
 
     allowed = tuple(s.strip() for s in args.allowed.split(",") if s.strip())
-    policy = WeightPolicy(group_size=args.group_size, embed=args.embed_precision, head=args.head_precision)
+    group = parse_group_size(args.group_size)
+    policy = WeightPolicy(group_size=None if group == AUTO_GROUP else group, embed=args.embed_precision,
+                          head=args.head_precision)
     return PlanOptions(context=args.context, batch=args.batch, strategy=args.strategy, allowed=allowed, policy=policy)
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from lsaq.planning.memory import AUTO_GROUP, parse_group_size
     from lsaq.planning.stage import DeviceRequest, compare_strategies, plan
 
     options = build_options(args)  # bad option values fail before any file is read
     device = DeviceRequest(name=args.device, budget=args.budget, device_file=args.device_file,
                            wait_seconds=args.wait_for_memory)
     inputs = {"importance": args.importance, "config": args.config, "options": options, "loss": args.loss}
+    auto = parse_group_size(args.group_size) == AUTO_GROUP
     result = None
     if args.compare:  # every strategy; the chosen one's plan is reused, so inputs and device are read once
         comparison = compare_strategies(device, **inputs)
         print(format_comparison(comparison))
         print()
-        result = next(r.plan for r in comparison.rows if r.strategy is options.strategy)
+        result = None if auto else next(r.plan for r in comparison.rows if r.strategy is options.strategy)
         if result is not None and args.out:
             result.save(args.out)
     if result is None:  # no comparison, or the chosen strategy does not fit: plan() says what would help
-        result = plan(device, **inputs, out=args.out)
+        result = plan(device, **inputs, out=args.out, group_size=AUTO_GROUP if auto else None)
     print(format_plan(result))
     if args.out:
         print(f"wrote {args.out} (plan {result.id[:12]})")

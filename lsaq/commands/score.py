@@ -39,6 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     model_and_calibration_args(m)
     m.add_argument("--probes", default="int8,int4",
                    help="comma-separated: int8, int4 (per-channel), int4-g<group size> (default int8,int4)")
+    m.add_argument("--quantizer", default="rtn",
+                   help="whose codes each probe measures: rtn, or gptq (on the calibration set's activations); "
+                        "measure with the quantizer the builds use (default rtn)")
+    m.add_argument("--group-size", default=None,
+                   help="also measure INT4 in groups of this size, or 'auto': the largest size dividing every input "
+                        "width (for lsaq plan --group-size auto)")
+    m.add_argument("--kl-stride", type=int, default=1,
+                   help="KL at every N-th position only: fewer LM-head projections (default 1: every position)")
     m.set_defaults(func=run_measure)
 
     c = sub.add_parser("calibrate", help="draw a calibration set (token windows) for a model into a directory")
@@ -91,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
 def run_measure(args: argparse.Namespace) -> int:
     from lsaq.importance.stage import measure
 
-    rec = measure(args.model, args.out, probes=[p for p in args.probes.split(",") if p], source=args.calib,
+    rec = measure(args.model, args.out, probes=[p for p in args.probes.split(",") if p], quantizer=args.quantizer,
+                  group_size=args.group_size, stride=args.kl_stride, source=args.calib,
                   calibration=args.calib_dir, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                   batch_size=args.batch_size, revision=args.revision, trust_remote_code=args.trust_remote_code)
     print("layer  " + "  ".join(f"{p:>10}" for p in rec.probes))

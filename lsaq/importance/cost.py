@@ -45,6 +45,8 @@ class LayerLoss:
     seconds: float = 0.0
     forward_seconds: float = 0.0
     lsaq_version: str = __version__
+    quantizer: str = "rtn"  # how each probe's codes were chosen: rtn, or gptq on the calibration set's activations
+    stride: int = 1  # KL taken at every stride-th position (lsaq.importance.sensitivity.probe_samples)
 
     @property
     def num_layers(self) -> int:
@@ -53,8 +55,10 @@ class LayerLoss:
     @property
     def id(self) -> str:
         """Content hash of what determines the values (model, calibration, probes, values; not timings)."""
+        extra = {k: v for k, v in (("quantizer", self.quantizer), ("stride", self.stride)) if v not in ("rtn", 1)}
         return sha256_hex(canonical_json({"model": self.model.content_hash, "calibration": self.calibration.hash,
-                                          "probes": list(self.probes), "loss": [list(r) for r in self.loss]}))
+                                          "probes": list(self.probes), "loss": [list(r) for r in self.loss],
+                                          **extra}))  # ids of records before those fields: unchanged
 
     @property
     def cost_ratio(self) -> float:
@@ -85,7 +89,8 @@ class LayerLoss:
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "version": VERSION, "id": self.id, "model": self.model.to_json(),
-                "calibration": self.calibration.to_json(), "probes": list(self.probes),
+                "calibration": self.calibration.to_json(), "quantizer": self.quantizer, "stride": self.stride,
+                "probes": list(self.probes),
                 "loss": [list(r) for r in self.loss], "std": [list(r) for r in self.std], "seconds": self.seconds,
                 "forward_seconds": self.forward_seconds, "lsaq_version": self.lsaq_version}
 
@@ -94,7 +99,8 @@ class LayerLoss:
         return cls(model=ModelInfo.from_json(obj["model"]), calibration=CalibrationInfo.from_json(obj["calibration"]),
                    probes=tuple(obj["probes"]), loss=tuple(tuple(float(v) for v in r) for r in obj["loss"]),
                    std=tuple(tuple(float(v) for v in r) for r in obj["std"]), seconds=float(obj["seconds"]),
-                   forward_seconds=float(obj["forward_seconds"]), lsaq_version=obj.get("lsaq_version", "?"))
+                   forward_seconds=float(obj["forward_seconds"]), lsaq_version=obj.get("lsaq_version", "?"),
+                   quantizer=obj.get("quantizer", "rtn"), stride=int(obj.get("stride", 1)))
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(Path(path), self.to_json())
@@ -111,16 +117,25 @@ def measure_layer_loss(
     calib: "CalibrationSet",
     probes: Sequence[str] = DEFAULT_PROBES,
     *,
+    quantizer: str = "rtn",
     batch_size: int = 4,
+    stride: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> LayerLoss:
     """Measure ``loss[layer][probe]`` of ``model`` on ``calib`` (see the module docstring); also times one float
-    forward pass over the same tokens for :attr:`LayerLoss.cost_ratio`."""
+    forward pass over the same tokens for :attr:`LayerLoss.cost_ratio`.
+
+    ``quantizer="gptq"``: each probe's codes are GPTQ's, from the Hessian of the float model's activations on the
+    same calibration tokens (:func:`lsaq.quantization.sequential.float_input_gptq`; its time is included).
+    ``stride``: KL at every ``stride``-th position only (fewer LM-head projections; see ``probe_samples``)."""
     import numpy as np
     import torch
 
     from lsaq.importance.sensitivity import Probe, probe_samples
+    from lsaq.models.parts import decoder_parts
+    from lsaq.quantization.sequential import Quantizer, float_input_gptq
 
+    quantizer = Quantizer.parse(quantizer).value
     parsed = [Probe.parse(p) for p in probes]
     labels = tuple(p.label for p in parsed)
     if len(set(labels)) != len(labels):
@@ -131,10 +146,16 @@ def measure_layer_loss(
             model(input_ids=calib.tokens[s:s + batch_size], use_cache=False)
     forward = time.perf_counter() - start
     start = time.perf_counter()
-    samples = probe_samples(model, calib, parsed, batch_size=batch_size, progress=progress)  # [P, N, L]
+    bank = None
+    if quantizer == Quantizer.GPTQ.value:
+        specs = float_input_gptq(model, decoder_parts(model), calib.tokens,
+                                 [(p.precision, p.group_size) for p in parsed])
+        bank = [{p: layer[p.precision, p.group_size] for p in parsed} for layer in specs]
+    samples = probe_samples(model, calib, parsed, batch_size=batch_size, progress=progress, bank=bank,
+                            stride=stride)  # [P, N, L]
     seconds = time.perf_counter() - start
     mean, std = samples.mean(axis=1).T, samples.std(axis=1).T  # [L, P]
     return LayerLoss(model=info, calibration=calib.info(), probes=labels,
                      loss=tuple(tuple(float(v) for v in row) for row in np.asarray(mean)),
                      std=tuple(tuple(float(v) for v in row) for row in np.asarray(std)),
-                     seconds=seconds, forward_seconds=forward)
+                     seconds=seconds, forward_seconds=forward, quantizer=quantizer, stride=stride)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,19 +31,22 @@ from lsaq.quantization.primitives import QuantizedWeight
 
 
 @contextmanager
-def quantized_layer(layer: nn.Module, precision: Precision, group_size: int | None = None) -> Iterator[None]:
+def quantized_layer(layer: nn.Module, precision: Precision, group_size: int | None = None,
+                    weights: Mapping[str, QuantizedWeight] | None = None) -> Iterator[None]:
     """Within the block, every ``nn.Linear`` of ``layer`` holds its ``precision`` round trip (codes -> weights).
 
-    The weights are the exact dequantized values of :meth:`QuantizedWeight.quantize`, i.e. what the packed
-    runtime multiplies by; the float weights are restored on exit.
+    The weights are the exact dequantized values of :meth:`QuantizedWeight.quantize` (or of ``weights[name]``,
+    codes chosen elsewhere, e.g. by GPTQ), i.e. what the packed runtime multiplies by; the float weights are
+    restored on exit.
     """
     saved: list[tuple[nn.Linear, torch.Tensor]] = []
     try:
-        for module in layer.modules():
+        for name, module in layer.named_modules():
             if isinstance(module, nn.Linear):
                 w = module.weight.data
                 saved.append((module, w))
-                module.weight.data = QuantizedWeight.quantize(w, precision, group_size).dequantize(w.dtype)
+                qw = weights[name] if weights is not None else QuantizedWeight.quantize(w, precision, group_size)
+                module.weight.data = qw.dequantize(w.dtype)
         yield
     finally:
         for module, w in saved:
@@ -122,10 +125,18 @@ def probe_samples(
     batch_size: int = 4,
     chunk: int = 1024,
     progress: Callable[[int], None] | None = None,
+    bank: Sequence[Mapping[Probe, Mapping[str, QuantizedWeight]]] | None = None,
+    stride: int = 1,
 ) -> np.ndarray:
     """Per-probe, per-sample, per-layer KL to the float model ``[P, N, num_layers]`` (float64, nats): for each
     probe and layer, only that layer quantized that way. Every probe shares one float pass per batch (the reference
-    log-probabilities and every layer's recorded input)."""
+    log-probabilities and every layer's recorded input). ``bank[layer][probe][linear name]``: codes chosen by
+    another quantizer (:func:`lsaq.quantization.sequential.float_input_gptq`); None rounds to nearest.
+    ``stride``: the KL is taken at every ``stride``-th position only (the last of each run of ``stride``), which
+    divides the LM-head projections (``[positions, vocab]`` per layer and probe) by ``stride``; every position still
+    flows through the replayed layers, so attention sees the whole context."""
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride!r}")
     if not probes:
         raise ValueError("give at least one probe (int8, int4, int4-g<size>)")
     parts = decoder_parts(model)
@@ -151,13 +162,15 @@ def probe_samples(
             for s in range(0, n, batch_size):
                 ids = calib.tokens[s : s + batch_size]  # [B, T]
                 parts.base(input_ids=ids, use_cache=False)
-                b, t = ids.shape
-                ref = torch.cat([_logprobs(parts, c) for c in last["h"].reshape(b * t, -1).split(chunk)]).view(b, t, -1)
+                kept = last["h"][:, stride - 1 :: stride]  # [B, T', H], T' = T // stride positions scored
+                b, t = kept.shape[:2]
+                ref = torch.cat([_logprobs(parts, c) for c in kept.reshape(b * t, -1).split(chunk)]).view(b, t, -1)
                 recorded = list(calls)
                 for i in range(n_layers):
                     for k, probe in enumerate(probes):
-                        with quantized_layer(layers[i], probe.precision, probe.group_size):
-                            h = _replay(layers, recorded, i)
+                        weights = bank[i][probe] if bank is not None else None
+                        with quantized_layer(layers[i], probe.precision, probe.group_size, weights):
+                            h = _replay(layers, recorded, i)[:, stride - 1 :: stride]
                         scores[k, s : s + b, i] = _kl_per_sample(parts, ref, h, chunk).numpy()
                 del ref
                 if progress is not None:

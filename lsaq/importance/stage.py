@@ -19,7 +19,11 @@ from lsaq.importance.record import LayerImportance
 from lsaq.importance.scoring import score_importance
 from lsaq.importance.sensitivity import Probe
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
+from lsaq.models.families import model_shape
 from lsaq.models.loading import load_model
+from lsaq.planning.memory import AUTO_GROUP, fitting_group_size, parse_group_size
+from lsaq.precision import Precision
+from lsaq.quantization.sequential import Quantizer
 
 if TYPE_CHECKING:
     from lsaq.importance.calibration import CalibrationSet
@@ -89,6 +93,9 @@ def measure(
     out: str | Path | None = None,
     *,
     probes: Sequence[str] = DEFAULT_PROBES,
+    quantizer: str = "rtn",
+    group_size: int | str | None = None,
+    stride: int = 1,
     calibration: str | Path | None = None,
     source: str | None = None,
     samples: int = 32,
@@ -101,13 +108,26 @@ def measure(
 ) -> LayerLoss:
     """Measure every decoder layer's loss at every probe precision (``int8``, ``int4``, ``int4-g<size>``): the
     mean KL from the float model with only that layer quantized (:mod:`lsaq.importance.cost`), once for every
-    device's plan (strategy ``measured``). Model, calibration and ``out`` as for :func:`score`."""
+    device's plan (strategy ``measured``). ``quantizer``: whose codes each probe measures (``rtn``, or ``gptq`` on
+    the calibration set's float activations): measure with the quantizer the builds will use. ``group_size``: also
+    measure INT4 in groups of that size, or for ``"auto"`` of the largest size that divides every input width
+    (:func:`~lsaq.planning.memory.fitting_group_size`), so plans can weigh the two INT4 formats. ``stride``: KL at
+    every ``stride``-th position only (cheaper LM-head work; the README's study shows what it changes). Model,
+    calibration and ``out`` as for :func:`score`."""
+    Quantizer.parse(quantizer)
+    group_size = parse_group_size(group_size)
     for probe in probes:
         Probe.parse(probe)  # bad probes fail before anything is loaded
-    _positive(samples=samples, seq_len=seq_len, batch_size=batch_size)
+    _positive(samples=samples, seq_len=seq_len, batch_size=batch_size, stride=stride)
     loaded, calib = _model_and_calibration(model, calibration, source, samples, seq_len, seed, revision,
                                            trust_remote_code)
-    record = measure_layer_loss(loaded.model, loaded.info, calib, probes, batch_size=batch_size, progress=progress)
+    if group_size == AUTO_GROUP:
+        group_size = fitting_group_size(model_shape(loaded.info.config))
+    grouped = Probe(Precision.INT4, group_size).label if group_size is not None else None
+    if grouped is not None and grouped not in {Probe.parse(p).label for p in probes}:
+        probes = (*probes, grouped)
+    record = measure_layer_loss(loaded.model, loaded.info, calib, probes, quantizer=quantizer, batch_size=batch_size,
+                                stride=stride, progress=progress)
     if out is not None:
         record.save(out)
     log.info("measured %d layers x %s of %s in %.1fs (%.1f forward passes)", record.num_layers,

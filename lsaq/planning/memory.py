@@ -50,6 +50,54 @@ def check_group_size(group_size: int | None) -> int | None:
     return group_size
 
 
+GROUP_SIZES = (128, 64, 32, 16)  # the INT4 group sizes :func:`fitting_group_size` considers, largest first
+
+
+def group_widths(shape: ModelShape) -> tuple[int, ...]:
+    """The input widths INT4 groups run along: every decoder linear's ``in_features`` and the hidden size (the
+    embedding and LM head, ``[vocab, hidden]``), sorted."""
+    return tuple(sorted({lin.in_features for lin in shape.layer_linears} | {shape.hidden_size}))
+
+
+def check_group_divides(shape: ModelShape, group_size: int | None) -> None:
+    """``ValueError`` when ``group_size`` leaves a ragged last group in some tensor: compressed-tensors refuses
+    ragged groups, so an artifact with them would load nowhere but lsaq. The message lists the sizes that fit."""
+    if group_size is None:
+        return
+    widths = group_widths(shape)
+    ragged = [w for w in widths if w % group_size]
+    if ragged:
+        fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+        raise ValueError(f"INT4 group size {group_size} does not divide the input width "
+                         f"{', '.join(map(str, ragged))} of this {shape.model_type} (widths {list(widths)}); "
+                         f"group sizes that fit: {', '.join(map(str, fits)) or 'none of ' + str(list(GROUP_SIZES))}, "
+                         f"or per-channel")
+
+
+def fitting_group_size(shape: ModelShape, largest: int = GROUP_SIZES[0]) -> int | None:
+    """The largest of :data:`GROUP_SIZES` (at most ``largest``) that divides every width of :func:`group_widths`,
+    or None when none does. E.g. 64 for SmolLM2-135M (widths 576 and 1536), 128 for Llama-2-7B."""
+    widths = group_widths(shape)
+    return next((g for g in GROUP_SIZES if g <= largest and all(w % g == 0 for w in widths)), None)
+
+
+AUTO_GROUP = "auto"  # group size: weigh INT4 per-channel against grouped by measured loss (lsaq.planning.stage)
+
+
+def parse_group_size(value: int | str | None) -> int | str | None:
+    """None (per-channel), a positive int (also as text) or ``"auto"``; ``ValueError`` naming the value otherwise."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return check_group_size(value)
+    text = str(value).strip().lower()
+    if text == AUTO_GROUP:
+        return AUTO_GROUP
+    try:
+        return check_group_size(int(text))
+    except ValueError:
+        raise ValueError(f"group size must be a positive integer, {AUTO_GROUP!r} or None (per-channel), "
+                         f"got {value!r}") from None
+
+
 def linear_tensor_bytes(
     out_features: int,
     in_features: int,

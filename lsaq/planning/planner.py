@@ -27,6 +27,7 @@ from lsaq.planning.memory import (
     MemoryBreakdown,
     WeightPolicy,
     average_bits,
+    check_group_divides,
     embedding_bytes,
     kv_cache_bytes,
     layer_linear_bytes,
@@ -366,6 +367,7 @@ def make_plan(
     elif (model.model_type, model.num_layers) != (shape.model_type, shape.num_layers):
         raise ValueError(f"model {model.name!r} is a {model.num_layers}-layer {model.model_type}, but the shapes to plan "
                          f"are a {shape.num_layers}-layer {shape.model_type}")
+    check_group_divides(shape, options.policy.group_size)
     assign, info = assign_precisions(shape, importance, device.usable, options, loss)
     if assign is None:
         raise infeasible_error(shape, options, device, model.name)

@@ -12,6 +12,7 @@ Two public functions, both free of weights and of torch:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -27,7 +28,8 @@ from lsaq.models.identity import ModelInfo, ModelRef
 from lsaq.models.shapes import ModelShape
 from lsaq.planning.detect import detect_local, wait_for_memory
 from lsaq.planning.devices import LOCAL, DeviceProfile, budget_profile, list_devices
-from lsaq.planning.planner import Plan, PlanOptions, Strategy, budget_for, make_plan
+from lsaq.planning.memory import AUTO_GROUP, fitting_group_size, parse_group_size
+from lsaq.planning.planner import InfeasiblePlanError, Plan, PlanOptions, Strategy, budget_for, make_plan
 from lsaq.precision import Precision
 from lsaq.records import canonical_json, sha256_hex
 
@@ -195,6 +197,7 @@ def plan(
     options: PlanOptions | None = None,
     out: str | Path | None = None,
     loss: LayerLoss | str | Path | None = None,
+    group_size: int | str | None = None,
 ) -> Plan:
     """Plan a model for a device: per decoder layer FP16/INT8/INT4 so that it fits, important layers kept higher.
 
@@ -204,17 +207,65 @@ def plan(
     would help) when nothing fits. ``out``: write the plan record there, atomically. ``loss``: a measured
     layer-loss record (object or file from :func:`lsaq.measure`) for the ``measured`` strategy, which minimises the
     summed loss; without other importance, the plan's importance is each layer's measured INT4 loss.
+
+    ``group_size="auto"`` (strategy ``measured``; per-channel for the others): INT4 is per-channel or in groups of
+    :func:`~lsaq.planning.memory.fitting_group_size` (the largest size that divides every input width), whichever
+    plan has the lower predicted loss under the budget (ties: fewer weight bytes); the record must hold that
+    probe (``lsaq measure --probes int8,int4,int4-g64``). An int sets the group size (as ``options.policy``).
     """
     options = options or PlanOptions()
     record = read_loss(loss)
     inputs = loss_plan_inputs(importance, config, record)
-    table = record.table(options.policy.group_size) if record is not None else None
-    result = make_plan(inputs.shape, inputs.importance.values, _device_for(device, inputs, options), options,
-                       model=inputs.model, importance_ref=inputs.importance.ref, loss=table,
-                       loss_id=record.id if record is not None else None)
+    candidates = int4_formats(inputs.shape, options, group_size, record)
+    profile = _device_for(device, inputs, candidates[0])
+    plans, errors = [], []
+    for opts in candidates:
+        table = record.table(opts.policy.group_size) if record is not None else None
+        try:
+            plans.append(make_plan(inputs.shape, inputs.importance.values, profile, opts, model=inputs.model,
+                                   importance_ref=inputs.importance.ref, loss=table,
+                                   loss_id=record.id if record is not None else None))
+        except InfeasiblePlanError as e:
+            errors.append(e)
+    if not plans:
+        raise errors[0]
+    result = min(plans, key=lambda p: (p.predicted_loss or 0.0, p.breakdown.weights))
+    if len(candidates) > 1:
+        log.info("INT4 %s: predicted loss %s", "per-channel" if result.options.policy.group_size is None else
+                 f"in groups of {result.options.policy.group_size}",
+                 ", ".join(f"{p.options.policy.group_size or 'per-channel'} {p.predicted_loss:.4g}" for p in plans))
     if out is not None:
         result.save(out)
     return result
+
+
+def check_group_request(group_size: int | str | None, strategy: Strategy | str) -> int | str | None:
+    """The parsed group size (:func:`~lsaq.planning.memory.parse_group_size`). ``"auto"`` weighs the INT4 formats
+    by measured loss, so it stays ``"auto"`` for strategy ``measured`` only; with any other strategy, which has
+    nothing to weigh them by, it is None (per-channel, the format the rankings were studied with)."""
+    group_size = parse_group_size(group_size)
+    if group_size == AUTO_GROUP and Strategy.parse(strategy) is not Strategy.MEASURED:
+        return None
+    return group_size
+
+
+def int4_formats(shape: ModelShape, options: PlanOptions, group_size: int | str | None,
+                 record: LayerLoss | None) -> list[PlanOptions]:
+    """The plan options to try: ``options`` with ``group_size`` (:func:`parse_group_size`) applied; for
+    ``"auto"`` with strategy ``measured``, per-channel and the fitting group size (:func:`check_group_request`).
+    ``ValueError`` for ``auto`` without a layer-loss record, or with a group size already in ``options``."""
+    group_size = check_group_request(group_size, options.strategy)
+    if group_size is None:
+        return [options]
+    if group_size != AUTO_GROUP:
+        return [options.with_policy(dataclasses.replace(options.policy, group_size=group_size))]
+    if record is None:
+        raise ValueError("group size 'auto' weighs INT4 formats by measured loss: it needs a layer-loss record")
+    if options.policy.group_size is not None:
+        raise ValueError(f"group size 'auto' and the policy's group size {options.policy.group_size} both given")
+    fitting = fitting_group_size(shape)
+    sizes = [None] if fitting is None else [None, fitting]
+    return [options.with_policy(dataclasses.replace(options.policy, group_size=g)) for g in sizes]
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from lsaq.choices import Choice
 from lsaq.models.parts import DecoderParts
-from lsaq.quantization.gptq import HessianAccumulator
+from lsaq.precision import Precision
+from lsaq.quantization.gptq import HessianAccumulator, gptq_quantize
+from lsaq.quantization.primitives import QuantizedWeight
 
 CALIBRATION_BATCH = 8  # sequences per recorded call
 
@@ -116,3 +118,39 @@ class LayerFeed:
                 self.calls[b] = ((hidden, *args[1:]), kwargs)
             else:
                 self.calls[b] = (args, {**kwargs, "hidden_states": hidden})
+
+
+Spec = tuple[Precision, "int | None"]  # (precision, INT4 group size or None)
+
+
+def float_input_gptq(
+    model: nn.Module,
+    parts: DecoderParts,
+    tokens: torch.Tensor,
+    specs: Sequence[Spec],
+    *,
+    act_order: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[Spec, dict[str, QuantizedWeight]]]:
+    """Per decoder layer, every ``nn.Linear`` GPTQ-quantized at every ``(precision, group_size)`` of ``specs``, with
+    the Hessian of the *float* model's activations on ``tokens [N, L]``: ``bank[layer][spec][linear name]``.
+
+    That is the quantized layer a one-layer measurement needs (only that layer quantized, so its inputs are float;
+    :func:`lsaq.importance.cost.measure_layer_loss`). A whole model quantized for real streams quantized inputs
+    instead (:func:`lsaq.quantization.apply.quantize_model`). Memory: the feed, one layer's Hessians, and the packed
+    bank (INT8 + INT4 codes: 3/4 of the model's fp16 bytes).
+    """
+    feed = LayerFeed.capture(model, parts, tokens)
+    bank: list[dict[Spec, dict[str, QuantizedWeight]]] = []
+    with torch.inference_mode():
+        for i, layer in enumerate(parts.layers):
+            names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+            hessians = feed.hessians(layer, names)
+            bank.append({spec: {n: gptq_quantize(layer.get_submodule(n).weight, hessians[n], spec[0], spec[1],
+                                                 act_order=act_order) for n in names} for spec in specs})
+            del hessians
+            if i + 1 < len(parts.layers):
+                feed.advance(layer)  # the float layer: the next layer's float inputs
+            if progress is not None:
+                progress(i)
+    return bank

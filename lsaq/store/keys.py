@@ -35,7 +35,7 @@ MAX_SEGMENT_BYTES = 255  # the usual file-name limit of local file systems
 MAX_SLUG = 96
 REVISION_HASH_DIGITS = 16
 
-BUILDS, PLANS, IMPORTANCE, CALIBRATION = "builds", "plans", "importance", "calibration"
+BUILDS, PLANS, IMPORTANCE, CALIBRATION, ARTIFACTS = "builds", "plans", "importance", "calibration", "artifacts"
 CACHE = "_cache"  # the pipeline's cache records (never a slug: slugs start with a letter or digit)
 MANIFEST = "manifest.json"
 LATEST = "latest.json"
@@ -170,6 +170,12 @@ def calibration_prefix(model_slug_: str, revision: str, calibration_key: str) ->
     """``<model>/<revision>/calibration/<calibration-key>``: a calibration set (tokens and record)."""
     return join(model_prefix(model_slug_, revision), CALIBRATION,
                 validate_key(calibration_key, what="calibration key"))
+
+
+def artifact_prefix(model_slug_: str, revision: str, artifact_key: str) -> str:
+    """``<model>/<revision>/artifacts/<quantize-key>``: an artifact kept between stages because re-making it
+    elsewhere may not give the same bytes (a calibrated quantizer's floating-point sums)."""
+    return join(model_prefix(model_slug_, revision), ARTIFACTS, validate_key(artifact_key, what="artifact key"))
 
 
 def cache_key(key: str) -> str:
