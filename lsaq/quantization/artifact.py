@@ -158,7 +158,9 @@ def write_artifact(
     if plan.options.policy.unties(plan.shape):  # the head is stored on its own (see quantize_embeddings)
         config["tie_word_embeddings"] = False
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lsaq_plan": plan.id})
+        # One metadata key: safetensors writes metadata from a hash map whose order varies between calls, so two
+        # keys would make the same artifact's bytes differ (the plan id is in lsaq_plan.json and the manifest).
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", config)
         plan.save(tmp / PLAN)
         loaded.tokenizer.save_pretrained(tmp)
