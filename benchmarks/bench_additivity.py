@@ -6,7 +6,11 @@ plans with 0..30 INT4 layers (the rest INT8 or FP16) and for the ``measured`` op
 compare the predicted loss with the KL of the whole plan (every chosen layer quantized at once, round-to-nearest)
 on held-out windows from the second half. Prints a table and the Pearson/Spearman correlations.
 
-    .venv/bin/python benchmarks/bench_additivity.py [--samples 4] [--seq-len 128] [--plans 24]
+``--quantizer gptq``: the record measures GPTQ's codes, and whole plans use the same codes (each layer GPTQ-quantized
+on the float model's activations, :func:`lsaq.quantization.sequential.float_input_gptq`), so the check is the
+planner's assumption that single-layer costs add up, for GPTQ's much smaller costs.
+
+    .venv/bin/python benchmarks/bench_additivity.py [--samples 4] [--seq-len 128] [--plans 24] [--quantizer gptq]
 """
 
 from __future__ import annotations
@@ -32,17 +36,19 @@ from lsaq.paths import shared_dir
 from lsaq.planning.planner import PlanOptions, budget_for
 from lsaq.planning.solvers import min_loss_assign, predicted_loss
 from lsaq.precision import Precision
+from lsaq.quantization.sequential import float_input_gptq
 
 MODEL = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI = "data/wikitext-2-raw/wiki.valid.raw"
 
 
-def plan_kl(model, parts, precisions, tokens, ref) -> float:
-    """Mean KL(float || plan) over ``tokens [N, L]`` with every layer at its precision (RTN round trip)."""
+def plan_kl(model, parts, precisions, tokens, ref, bank=None) -> float:
+    """Mean KL(float || plan) over ``tokens [N, L]`` with every layer at its precision (RTN round trip, or the codes
+    of ``bank[layer][(precision, None)]``)."""
     with contextlib.ExitStack() as stack:
-        for layer, p in zip(parts.layers, precisions):
+        for i, (layer, p) in enumerate(zip(parts.layers, precisions)):
             if p is not Precision.FP16:
-                stack.enter_context(quantized_layer(layer, p))
+                stack.enter_context(quantized_layer(layer, p, weights=bank[i][p, None] if bank else None))
         with torch.inference_mode():
             lp = F.log_softmax(model(input_ids=tokens).logits.float(), -1)
     return float((ref.exp() * (ref - lp)).sum(-1).mean())
@@ -53,6 +59,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--plans", type=int, default=24, help="random plans")
+    ap.add_argument("--quantizer", default="rtn", help="rtn or gptq")
     args = ap.parse_args()
     root = shared_dir()
     if root is None or not (root / MODEL).is_file():
@@ -67,7 +74,10 @@ def main() -> int:
     calib = CalibrationSet.from_tokens(windows[torch.randperm(len(windows), generator=g)[:args.samples]])
     held = tokenize_windows(loaded.tokenizer, text[half:], args.seq_len)[:args.samples]
 
-    record = measure_layer_loss(model, loaded.info, calib, ("int8", "int4"))
+    record = measure_layer_loss(model, loaded.info, calib, ("int8", "int4"), quantizer=args.quantizer)
+    bank = None
+    if args.quantizer == "gptq":  # the codes the record measured, for whole plans
+        bank = float_input_gptq(model, parts, calib.tokens, [(Precision.INT8, None), (Precision.INT4, None)])
     print(f"layer loss: {record.num_layers} layers x {len(record.probes)} probes on {args.samples} x {args.seq_len} "
           f"tokens in {record.seconds:.1f}s; one float forward pass {record.forward_seconds:.2f}s; "
           f"ratio {record.cost_ratio:.1f} forward passes")
@@ -93,7 +103,7 @@ def main() -> int:
     pred, actual = [], []
     print(f"{'plan':<14} {'int4':>4} {'int8':>4} {'predicted':>10} {'measured':>10}")
     for name, precisions in rows:
-        p, a = predicted_loss(table, precisions), plan_kl(model, parts, precisions, held, ref)
+        p, a = predicted_loss(table, precisions), plan_kl(model, parts, precisions, held, ref, bank)
         pred.append(p)
         actual.append(a)
         print(f"{name:<14} {precisions.count(Precision.INT4):>4} {precisions.count(Precision.INT8):>4} "

@@ -242,7 +242,9 @@ def main() -> None:
     ap.add_argument("--tasks", default="piqa,arc_easy", help="comma-separated zero-shot tasks")
     ap.add_argument("--limit", type=int, default=200, help="examples per task")
     ap.add_argument("--task-bits", default="5.5", help="budgets at which tasks are evaluated")
-    ap.add_argument("--check-bits", default="5.5,6.0", help="budgets whose measured-auto GPTQ plan is built for real")
+    ap.add_argument("--task-methods", default="cosine,measured-auto", help="rows whose tasks are evaluated")
+    ap.add_argument("--random-quantizers", default="rtn", help="quantizers of the random-ranking rows")
+    ap.add_argument("--check-bits", default="6.0", help="budgets whose measured-auto GPTQ plan is built for real")
     ap.add_argument("--methods", default="jaccard,cosine,sensitivity,random,measured-auto,uniform",
                     help="rows: the rankings, measured (per-channel INT4), measured-auto (INT4 format weighed), uniform")
     ap.add_argument("--render", action="store_true", help="only re-render study.md and the plots from study.json")
@@ -281,7 +283,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for bits in sorted(set(bits_list) | set(extra)):
         for q in QUANTIZERS:
-            methods = [m for m in methods_all if bits in bits_list or m.startswith("measured")]
+            methods = [m for m in methods_all if (bits in bits_list or m.startswith("measured"))
+                       and (m != "random" or q in args.random_quantizers.split(","))]
             for name in methods:
                 if name.startswith("measured"):
                     plan = budget_plan(shape, model_id, bits, Strategy.MEASURED.value, (), loss=losses[q],
@@ -306,8 +309,8 @@ def main() -> None:
             label = f"all-{p.value}" + (f"-g{g}" if g else "") + f" {q}"
             refs[label] = evaluate(q, (p,) * shape.num_layers, p is Precision.INT4 and g is None, g)
     for row in rows:
-        r = evaluate(row["quantizer"], row["plan"].precisions, row["budget_bits"] in task_bits,
-                     row["plan"].options.policy.group_size)
+        with_tasks = row["budget_bits"] in task_bits and row["method"] in args.task_methods.split(",")
+        r = evaluate(row["quantizer"], row["plan"].precisions, with_tasks, row["plan"].options.policy.group_size)
         row.update(ppl=r["ppl"], tasks=r.get("tasks"))
 
     # 4. The shipped path: real artifacts of the measured GPTQ plans (sequential GPTQ), packed runtime at fp32.
