@@ -1,11 +1,11 @@
 # Two entry points; both set up .venv on a fresh machine first.
 #   make run   - set up, then run the main job on the embedded defaults
-#   make test  - set up, then run the test suite
+#   make test  - set up, then run the test suite (make test-quick: all but the slow end-to-end tests)
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 OUT     ?= out
 
-.PHONY: setup run test bench infra-check clean
+.PHONY: setup run test test-quick bench infra-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -32,6 +32,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The day-to-day loop: everything but the tests marked slow (make run from a fresh output folder, the Prefect
+# server end to end, the pipeline flows); CI runs the full `make test`.
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py

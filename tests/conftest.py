@@ -8,7 +8,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from lsaq.paths import shared_dir
 
@@ -89,6 +91,46 @@ def s3_env(moto_s3):
         yield moto_s3.uri
     finally:
         mp.undo()
+
+
+# ------------------------------------------------------------------------------------------ float tolerances
+# Two computations of the same quantity that differ only in how the arithmetic is blocked (batch shape, thread
+# count, BLAS kernel, CPU vector width) agree to the dtype's rounding, not bit for bit. These bounds say how far
+# apart they may be, from the dtype, the magnitudes and the reduction lengths: never from one machine's results.
+
+
+def dot_noise(dtype: torch.dtype, length: int, magnitude: "float | torch.Tensor") -> "float | torch.Tensor":
+    """Bound on the rounding of a sum of ``length`` products in ``dtype`` whatever the order of summation (BLAS
+    blocking, threads, vector width): ``length * eps * sum|terms|`` (Higham's gamma_n, to first order), where
+    ``magnitude`` is ``sum |terms|`` (e.g. ``|x| @ |W|.T``)."""
+    return length * torch.finfo(dtype).eps * magnitude
+
+
+def logit_noise(dtype: torch.dtype, scale: float, reduction: int) -> float:
+    """Bound on how far two differently blocked forward passes can put one logit apart: ``reduction`` rounded
+    terms behind each logit (for a model: layers x its widest dot product), each off by at most ``eps * scale``
+    (``scale``: the largest logit magnitude). The worst case, not the sqrt(n) of random rounding."""
+    return float(reduction * torch.finfo(dtype).eps * max(scale, 1.0))
+
+
+def kl_noise(kl: float | np.ndarray, noise: float, vocab: int, scale: float) -> float | np.ndarray:
+    """Bound on how far two computations of ``KL(softmax(a) || softmax(b))`` (float64 log-probabilities, as lsaq
+    takes them) can differ when every logit of ``a`` and ``b`` differs by at most ``noise`` between them. To first
+    order the gradient in ``b`` is ``q - p`` (L1 norm <= sqrt(2 KL), Pinsker) and the one in ``a`` is
+    ``p * (log p/q - KL)`` (L1 norm ~ sqrt(Var_p log p/q) ~ sqrt(2 KL)); the second order term is at most
+    ``2 noise^2``. Each float64 log-probability is off by a few ulps of ``|log p|``, whose mean under ``p`` is at
+    most ``log(vocab) + 2 scale`` (``scale``: the largest logit magnitude); 16 such ulps cover both sides'
+    roundings and the sum over the vocabulary."""
+    kl = np.abs(np.asarray(kl, dtype=np.float64))
+    floor = 16 * np.finfo(np.float64).eps * (np.log(vocab) + 2 * scale)
+    return 2 * np.sqrt(2 * kl) * noise + 2 * noise**2 + floor
+
+
+def nll_noise(noise: float, vocab: int, scale: float) -> float:
+    """Bound on how far two computations of a next-token NLL ``logsumexp(a) - a_y`` (or of its mean over
+    tokens) can differ when every logit differs by at most ``noise``: log-softmax moves by at most ``2 noise``
+    (1 from ``a_y``, 1 from the logsumexp), plus 16 float64 ulps of ``log(vocab) + 2 scale`` for the rounding."""
+    return 2 * noise + 16 * float(np.finfo(np.float64).eps) * (float(np.log(vocab)) + 2 * scale)
 
 
 def plan_with_precisions(info, precisions, group_size=None):

@@ -29,7 +29,7 @@ import pytest
 from lsaq.paths import shared_dir
 from lsaq.store.stage import list_builds, open_store
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

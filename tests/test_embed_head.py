@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import logit_noise
 from safetensors import safe_open
 from test_dtype import PROMPT, tiny_llama_dir, tiny_plan
 from torch import nn
@@ -211,7 +212,8 @@ def test_embedding_and_head_artifact(case, sources, tmp_path) -> None:
         exact = ours.model(**ids).logits
         fast = load_quantized(art.path)  # bf16 activations, packed kernels
         approx = fast.model(**ids).logits.float()
-    assert torch.allclose(exact, want, rtol=0, atol=1e-5 * scale), (exact - want).abs().max()
+    tol = logit_noise(torch.float32, scale, 3 * 128)  # fp32 rounding over 3 layers x 128-term dot products
+    assert torch.allclose(exact, want, rtol=0, atol=tol), (exact - want).abs().max()
     assert float((approx - want).abs().max()) < 0.05 * scale
 
     # stock transformers + compressed-tensors, where the format can express it
@@ -219,7 +221,7 @@ def test_embedding_and_head_artifact(case, sources, tmp_path) -> None:
         stock = AutoModelForCausalLM.from_pretrained(art.path, dtype=torch.float32).eval()
         with torch.inference_mode():
             got = stock(**ids).logits
-        assert torch.allclose(got, want, rtol=0, atol=1e-5 * scale), (got - want).abs().max()
+        assert torch.allclose(got, want, rtol=0, atol=tol), (got - want).abs().max()
     else:
         assert embed is INT4 or group is not None
         with pytest.raises((AttributeError, RuntimeError)):  # see runtimes_for_plan; fails loudly, never silently

@@ -79,6 +79,7 @@ def test_the_quantizer_and_its_calibration_go_together(tiny, tmp_path):
 
 
 @pytest.mark.model
+@pytest.mark.slow
 def test_gptq_int4_is_closer_to_the_float_model_than_rtn_and_loads_in_stock_transformers(
         shared_gguf, wiki_valid, tmp_path):
     from transformers import AutoModelForCausalLM

@@ -74,7 +74,7 @@ def real_calib(shared_model, wiki_valid):
     return load_calibration(shared_model.tokenizer, str(wiki_valid), samples=8, seq_len=128, seed=0)
 
 
-@pytest.mark.parametrize("method", ["jaccard", "cosine"])
+@pytest.mark.parametrize("method", [pytest.param("jaccard", marks=pytest.mark.slow), "cosine"])
 def test_real_model_scores_are_sane_and_deterministic(shared_model, real_calib, method):
     a = score_importance(shared_model.model, shared_model.info, real_calib, method, k=10)
     b = score_importance(shared_model.model, shared_model.info, real_calib, method, k=10)
@@ -85,6 +85,7 @@ def test_real_model_scores_are_sane_and_deterministic(shared_model, real_calib, 
     assert a.calibration.hash == real_calib.hash and a.model.content_hash == shared_model.info.content_hash
 
 
+@pytest.mark.slow
 def test_ranking_agrees_across_disjoint_calibration_halves(shared_model, wiki_valid):
     calib = load_calibration(shared_model.tokenizer, str(wiki_valid), samples=16, seq_len=128, seed=1)
     h1, h2 = calib.split(2)

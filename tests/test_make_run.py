@@ -16,6 +16,7 @@ from lsaq.store.stage import list_builds, open_store
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_run_offline_without_shared(tmp_path):
     empty = tmp_path / "no-shared"

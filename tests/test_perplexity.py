@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
 import pytest
 import torch
+from conftest import logit_noise, nll_noise
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lsaq.cli import main
@@ -41,7 +43,7 @@ def tiny() -> torch.nn.Module:
         num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
     )
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval()  # float64: see assert_same_perplexity
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +54,28 @@ def real():
     return load_model(_shared(MODEL_REL))
 
 
-def naive_ppl(model: torch.nn.Module, ids: list[int], seq_len: int, windows: int) -> tuple[float, int]:
-    """One window at a time, explicit log-softmax and gather: the reference the batched code must equal."""
-    nll, count = 0.0, 0
+def naive_ppl(model: torch.nn.Module, ids: list[int], seq_len: int, windows: int) -> tuple[float, int, float]:
+    """One window at a time, explicit log-softmax and gather: the reference the batched code must equal.
+    Returns ``(ppl, scored tokens, largest logit magnitude)``."""
+    nll, count, scale = 0.0, 0, 0.0
     for w in range(windows):
         x = torch.tensor(ids[w * seq_len : (w + 1) * seq_len]).unsqueeze(0)
         with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=x).logits[0].double(), dim=-1)  # [L, V]
+            logits = model(input_ids=x).logits[0].double()  # [L, V]
+        logp, scale = torch.log_softmax(logits, dim=-1), max(scale, float(logits.abs().max()))
         for t in range(seq_len - 1):
             nll -= logp[t, x[0, t + 1]].item()
             count += 1
-    return math.exp(nll / count), count
+    return math.exp(nll / count), count, scale
+
+
+def assert_same_perplexity(res, ref: float, scale: float, model: torch.nn.Module) -> None:
+    """Batched (lsaq) vs one window at a time (naive), both float64: apart by float64 rounding only."""
+    cfg = model.config
+    noise = logit_noise(torch.float64, scale, cfg.num_hidden_layers * cfg.intermediate_size)
+    tol = nll_noise(noise, cfg.vocab_size, scale)
+    assert abs(res.nll - math.log(ref)) <= tol, (res.nll, math.log(ref), tol)
+    assert abs(res.ppl / ref - 1) <= math.expm1(tol), (res.ppl, ref, tol)
 
 
 def test_tiny_model_matches_naive_reference(tiny, tmp_path):
@@ -70,11 +83,10 @@ def test_tiny_model_matches_naive_reference(tiny, tmp_path):
     src = tmp_path / "corpus.txt"
     src.write_text(text)
     res = perplexity(tiny, ByteTokenizer(), str(src), seq_len=48, max_windows=5, batch_size=2)
-    ref, count = naive_ppl(tiny, list(text.encode()), 48, 5)
+    ref, count, scale = naive_ppl(tiny, list(text.encode()), 48, 5)
     assert res.windows == 5 and res.tokens == count == 5 * 47 and res.seq_len == 48
     assert res.windows_available == len(text.encode()) // 48 and res.text_tokens == len(text.encode())
-    assert res.ppl == pytest.approx(ref, rel=1e-5)
-    assert res.nll == pytest.approx(math.log(ref), rel=1e-5)
+    assert_same_perplexity(res, ref, scale, tiny)
 
 
 def test_seq_len_is_capped_at_model_maximum(tiny, tmp_path):
@@ -144,13 +156,14 @@ def test_cli_bad_input_fails_cleanly(capsys):
 @pytest.mark.model
 def test_real_model_matches_naive_reference(real):
     wiki = _shared(WIKI_TEST_REL)
-    res = perplexity(real.model, real.tokenizer, str(wiki), seq_len=128, max_windows=3, batch_size=2)
+    model = copy.deepcopy(real.model).double()  # float64: see assert_same_perplexity
+    res = perplexity(model, real.tokenizer, str(wiki), seq_len=128, max_windows=3, batch_size=2)
     text, _ = read_eval_text(str(wiki))
     assert text.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is an English film")
     ids = real.tokenizer(text, verbose=False)["input_ids"]
-    ref, count = naive_ppl(real.model, ids, 128, 3)
+    ref, count, scale = naive_ppl(model, ids, 128, 3)
     assert res.windows == 3 and res.tokens == count == 3 * 127 and res.text_tokens == len(ids)
-    assert res.ppl == pytest.approx(ref, rel=1e-4)
+    assert_same_perplexity(res, ref, scale, model)
     assert 5 < res.ppl < 200  # an English LM on Wikipedia text; a broken pipeline gives ~vocab size
 
 

@@ -23,7 +23,7 @@ import pytest
 from lsaq.store.stage import download, list_builds, open_store
 
 pytest.importorskip("moto")
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 DEVICES = ["beaglebone-black", "rpi-zero-2w"]  # SBC profiles whose plans differ (FP16/INT8 vs INT8/INT4)
 # a small importance run and evaluation, ranked and rounded to nearest: semantics, not quality

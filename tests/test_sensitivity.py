@@ -6,46 +6,78 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_importance import FAMILIES, tiny_model
+from conftest import kl_noise, logit_noise
+from test_importance import FAMILIES, TINY, tiny_model
 
 from lsaq.importance.calibration import CalibrationSet
 from lsaq.importance.record import LayerImportance
 from lsaq.importance.scoring import score_importance
 from lsaq.importance.sensitivity import quantized_layer, sensitivity_samples
 from lsaq.models.families import model_shape
-from lsaq.models.parts import decoder_parts
+from lsaq.models.parts import decoder_parts, layer_output
 from lsaq.planning.devices import budget_profile
 from lsaq.planning.planner import PlanOptions, make_plan
 from lsaq.precision import Precision
 
 
-def brute_force(model, tokens: torch.Tensor, precision: Precision) -> np.ndarray:
-    """KL(float || layer-i-quantized) of full forward passes, mean over positions: ``[N, L]``."""
+def brute_force(model, tokens: torch.Tensor, precision: Precision) -> tuple[np.ndarray, float]:
+    """KL(float || layer-i-quantized) of full forward passes in float64, mean over positions ``[N, L]``, and the
+    largest logit magnitude seen."""
     layers = decoder_parts(model).layers
     with torch.inference_mode():
-        ref = F.log_softmax(model(input_ids=tokens).logits.float(), -1)
+        logits = model(input_ids=tokens).logits.double()
+        ref, scale = F.log_softmax(logits, -1), float(logits.abs().max())
         out = np.zeros((tokens.shape[0], len(layers)))
         for i, layer in enumerate(layers):
             with quantized_layer(layer, precision):
-                lp = F.log_softmax(model(input_ids=tokens).logits.float(), -1)
-            out[:, i] = (ref.exp() * (ref - lp)).sum(-1).mean(-1).double().numpy()
-    return out
+                logits = model(input_ids=tokens).logits.double()
+            scale = max(scale, float(logits.abs().max()))
+            out[:, i] = (ref.exp() * (ref - F.log_softmax(logits, -1))).sum(-1).mean(-1).numpy()
+    return out, scale
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_replay_equals_brute_force(model_type):
-    model = tiny_model(model_type)
+    model = tiny_model(model_type).double()  # float64: the replay's logic is compared, not fp32 rounding
     tokens = torch.randint(3, 96, (3, 12), generator=torch.Generator().manual_seed(2))
     calib = CalibrationSet.from_tokens(tokens)
     fast = sensitivity_samples(model, calib, precision="int4", batch_size=2, chunk=7)  # ragged chunks
-    slow = brute_force(model, tokens, Precision.INT4)
+    slow, scale = brute_force(model, tokens, Precision.INT4)
     assert fast.shape == (3, 3) and (fast > 0).all()
-    # KL here is ~1e-4 nats; fp32 rounding of a differently batched forward shows at ~1e-7 absolute, while a
-    # replay with wrong arguments (positions, masks) would be off by the size of the KL itself.
-    np.testing.assert_allclose(fast, slow, rtol=1e-2, atol=1e-6)
-    # INT8 moves the distribution far less than INT4 (fp32 noise can make a tiny KL slightly negative).
+    # Batches of 2 and a replay vs one whole pass: float64 rounding apart, while a replay with wrong arguments
+    # (positions, masks) would be off by the size of the KL itself (~1e-4 nats).
+    cfg = model.config
+    width = max(cfg.hidden_size, getattr(cfg, "intermediate_size", 0) or 4 * cfg.hidden_size)
+    noise = logit_noise(torch.float64, scale, cfg.num_hidden_layers * width)
+    tol = kl_noise(slow, noise, cfg.vocab_size, scale)
+    assert (np.abs(fast - slow) <= tol).all(), f"replay - brute force: {np.abs(fast - slow).max():.3g} > {tol.max():.3g}"
+    assert tol.max() < 1e-6 * slow.min()
+    # INT8 moves the distribution far less than INT4.
     int8 = sensitivity_samples(model, calib, precision="int8", batch_size=3)
-    assert np.abs(int8).mean() < fast.mean() / 10
+    assert (int8 >= 0).all() and int8.mean() < fast.mean() / 10
+
+
+@pytest.mark.parametrize("model_type, scaling", [("granite", dict(logits_scaling=8.0)),
+                                                 ("gemma2", dict(final_logit_softcapping=0.3)),
+                                                 ("llama", {})])
+def test_the_parts_give_the_models_own_logits(model_type, scaling):
+    """The probe's logits of the last hidden states are ``model(...).logits``, the family's scaling included
+    (granite divides by ``logits_scaling``, gemma2/3 soft-cap): the KL is of the distributions the model gives."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, **{**TINY, **scaling})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval()
+    tokens = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(4))
+    parts, last = decoder_parts(model), []
+    hook = parts.layers[-1].register_forward_hook(lambda _m, _a, out: last.append(layer_output(out)))
+    with torch.inference_mode():
+        want = model(input_ids=tokens).logits
+        got = parts.logits(last[0])  # last decoder layer's output [B, T, H] -> [B, T, V]
+        plain = parts.lm_head(parts.final_norm(last[0]))
+    hook.remove()
+    torch.testing.assert_close(got, want, rtol=0, atol=16 * torch.finfo(torch.float64).eps * float(want.abs().max()))
+    assert torch.equal(plain, want) == (not scaling)
 
 
 def test_quantized_layer_restores_the_float_weights_exactly():

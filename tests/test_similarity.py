@@ -1,13 +1,23 @@
-"""Top-k and Jaccard primitives against naive set-based references."""
+"""Top-k, Jaccard and KL primitives against naive references."""
 
 from __future__ import annotations
+
+import math
 
 import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
 
-from lsaq.importance.similarity import cosine, intersection_size, jaccard, spearman, topk_indices, topk_jaccard
+from lsaq.importance.similarity import (
+    cosine,
+    intersection_size,
+    jaccard,
+    kl_divergence,
+    spearman,
+    topk_indices,
+    topk_jaccard,
+)
 
 
 def naive_topk(row: list[float], k: int) -> list[int]:
@@ -109,3 +119,44 @@ def test_spearman_identities():
     assert spearman(v, [a * 10 + 3 for a in v]) == pytest.approx(1.0)  # monotone maps keep ranks
     with pytest.raises(ValueError, match="equal length"):
         spearman([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def naive_kl(p_logits: list[float], q_logits: list[float]) -> float:
+    """KL(softmax(p) || softmax(q)) with Python floats (float64), term by term."""
+    lse = lambda v: max(v) + math.log(sum(math.exp(x - max(v)) for x in v))  # noqa: E731
+    lp, lq = [x - lse(p_logits) for x in p_logits], [x - lse(q_logits) for x in q_logits]
+    return sum(math.exp(a) * (a - b) for a, b in zip(lp, lq))
+
+
+logit_rows = st.lists(st.floats(-30, 30, width=32), min_size=2, max_size=50)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(logit_rows, st.floats(0, 1)), min_size=1, max_size=4), st.data())
+def test_kl_divergence_matches_a_float64_reference_and_leaves_its_inputs_alone(rows_and_mix, data):
+    """fp32 logits in, float64 KL out: equal to the term-by-term reference to float64 rounding (a few ulps of the
+    log-probabilities), whatever the shape; a nearly equal pair (mix ~ 1) keeps its tiny KL, which fp32
+    log-probabilities would drown in ~1e-6 of rounding."""
+    for row, mix in rows_and_mix:
+        other = data.draw(st.lists(st.floats(-30, 30, width=32), min_size=len(row), max_size=len(row)))
+        p = torch.tensor(row, dtype=torch.float32)
+        q = (mix * p.double() + (1 - mix) * torch.tensor(other, dtype=torch.float64)).float()  # [V]
+        p_in, q_in = p.clone(), q.clone()
+        got = kl_divergence(p.view(1, 1, -1), q.view(1, 1, -1))
+        assert got.shape == (1, 1) and got.dtype == torch.float64
+        assert torch.equal(p, p_in) and torch.equal(q, q_in)
+        want = naive_kl(p.tolist(), q.tolist())
+        tol = 16 * torch.finfo(torch.float64).eps * (math.log(len(row)) + 60)  # ulps of |log p| <= log V + 60
+        assert abs(float(got) - max(want, 0.0)) <= tol, (float(got), want)
+
+
+def test_kl_divergence_edge_cases():
+    a = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64)
+    a_in = a.clone()
+    assert kl_divergence(a, a).item() == 0.0 and torch.equal(a, a_in)  # float64 input: not changed in place
+    assert kl_divergence(a, a + 5.0).item() == pytest.approx(0.0, abs=16 * torch.finfo(torch.float64).eps)
+    ninf = float("-inf")
+    ref, cand = torch.tensor([[0.0, ninf, 1.0], [0.0, 0.0, ninf]]), torch.tensor([[0.0, ninf, 1.0], [0.0, ninf, ninf]])
+    assert kl_divergence(ref, cand).tolist() == [0.0, math.inf]  # p_v = 0 contributes 0; q_v = 0 < p_v: inf
+    with pytest.raises(ValueError, match=r"logits differ in shape: \(2, 3\) vs \(2, 4\)"):
+        kl_divergence(torch.zeros(2, 3), torch.zeros(2, 4))

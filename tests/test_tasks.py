@@ -104,6 +104,7 @@ def test_missing_local_data_is_a_clear_error(tmp_path, lm_eval):
 
 
 @pytest.mark.model
+@pytest.mark.slow
 def test_every_task_runs_offline_and_is_reproducible(real, lm_eval):
     from lsaq.eval import evaluate_tasks
 

@@ -23,13 +23,15 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from lsaq.importance.similarity import kl_divergence
 
 # Positions per forward pass when batch_size is not given: both models' logits for a batch exist at once,
 # [B*T, V] each (fp32: 1024 x 49152 x 4 bytes = 200 MB per model for SmolLM2, 525 MB for a 128k vocabulary).
 AUTO_BATCH_TOKENS = 1024
-# Positions whose full-vocabulary fp32 log-probabilities exist at a time (a few [CHUNK, V] buffers).
+# Positions whose full-vocabulary float64 log-probabilities exist at a time (two [CHUNK, V] buffers and a
+# temporary: 3 x 256 x 49152 x 8 bytes = 300 MB for SmolLM2).
 CHUNK = 256
 PERCENTILE = 99.0
 
@@ -64,7 +66,8 @@ def position_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position ``(KL(p_ref || p_cand) [P] float64, same argmax [P] bool)`` of logits ``[P, V]`` each.
 
-    Works through ``chunk`` positions at a time, so fp32 log-probabilities exist for one chunk only.
+    Works through ``chunk`` positions at a time, so float64 log-probabilities exist for one chunk only
+    (:func:`lsaq.importance.similarity.kl_divergence`).
     """
     if reference.shape != candidate.shape or reference.ndim != 2:
         raise ValueError(f"logits must both be [positions, vocab]; got {tuple(reference.shape)} and "
@@ -72,15 +75,9 @@ def position_stats(
     kl = torch.empty(reference.shape[0], dtype=torch.float64)
     agree = torch.empty(reference.shape[0], dtype=torch.bool)
     for s in range(0, reference.shape[0], chunk):
-        ref = reference[s : s + chunk].float()  # [c, V]
-        cand = candidate[s : s + chunk].to(ref.device).float()  # [c, V]
-        logp, logq = F.log_softmax(ref, dim=-1), F.log_softmax(cand, dim=-1)
-        p = logp.exp()
-        # p_v = 0 contributes 0 even where log q_v = -inf (0 * inf would be nan). Summed in float64; a sum
-        # below 0 is rounding (KL >= 0), so it is clamped.
-        terms = torch.where(p > 0, p * (logp - logq), torch.zeros((), dtype=p.dtype, device=p.device))
-        kl[s : s + chunk] = terms.double().sum(dim=-1).clamp_min(0).cpu()
-        agree[s : s + chunk] = (ref.argmax(dim=-1) == cand.argmax(dim=-1)).cpu()
+        ref, cand = reference[s : s + chunk], candidate[s : s + chunk]  # [c, V] each
+        kl[s : s + chunk] = kl_divergence(ref, cand).cpu()
+        agree[s : s + chunk] = (ref.argmax(dim=-1) == cand.to(ref.device).argmax(dim=-1)).cpu()
     return kl, agree
 
 

@@ -164,8 +164,10 @@ def window_nll(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids, use_cache=False).logits  # [B, L, V]
     out = torch.empty(ids.shape[0], dtype=torch.float64)
     for b in range(ids.shape[0]):
-        # One row at a time: cross_entropy's log-softmax buffer is [L-1, V] instead of [B, L-1, V].
-        nll = F.cross_entropy(logits[b, :-1].float(), ids[b, 1:], reduction="sum")
+        # One row at a time: cross_entropy's log-softmax buffer is [L-1, V] instead of [B, L-1, V]. In fp32 at
+        # least (a float64 model keeps float64).
+        row = logits[b, :-1]
+        nll = F.cross_entropy(row.to(torch.promote_types(row.dtype, torch.float32)), ids[b, 1:], reduction="sum")
         out[b] = nll.double().item()
     return out
 

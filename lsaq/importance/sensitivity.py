@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lsaq.importance.calibration import CalibrationSet
+from lsaq.importance.similarity import kl_divergence
 from lsaq.methods import SENSITIVITY_PROBE
 from lsaq.models.parts import DecoderParts, decoder_parts, layer_output
 from lsaq.precision import Precision
@@ -53,19 +53,20 @@ def quantized_layer(layer: nn.Module, precision: Precision, group_size: int | No
             module.weight.data = w
 
 
-def _logprobs(parts: DecoderParts, h: torch.Tensor) -> torch.Tensor:
-    """``h`` ``[P, H]`` (last layer output) -> next-token log-probabilities ``[P, V]`` in fp32."""
-    return F.log_softmax(parts.lm_head(parts.final_norm(h)).float(), dim=-1)
+def _head_logits(parts: DecoderParts, h: torch.Tensor) -> torch.Tensor:
+    """``h`` ``[P, H]`` (last layer output) -> next-token logits ``[P, V]``, fp32 (fp64 for a float64 model)."""
+    logits = parts.logits(h)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _kl_per_sample(parts: DecoderParts, ref: torch.Tensor, h: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean over positions of KL(ref || lens(h)) per sample. ``ref``: ``[B, T, V]`` log-probs; ``h``: ``[B, T, H]``."""
+    """Mean over positions of KL(ref || lens(h)) per sample, float64 ``[B]``. ``ref``: ``[B, T, V]`` logits of
+    the float model; ``h``: ``[B, T, H]``."""
     b, t = h.shape[:2]
     flat_h, flat_ref = h.reshape(b * t, -1), ref.view(b * t, -1)
     kl = torch.empty(b * t, dtype=torch.float64)
     for s in range(0, b * t, chunk):
-        lp_ref, lp = flat_ref[s : s + chunk], _logprobs(parts, flat_h[s : s + chunk])
-        kl[s : s + chunk] = (lp_ref.exp() * (lp_ref - lp)).sum(-1).double()  # [chunk]
+        kl[s : s + chunk] = kl_divergence(flat_ref[s : s + chunk], _head_logits(parts, flat_h[s : s + chunk]))
     return kl.view(b, t).mean(-1)
 
 
@@ -130,7 +131,7 @@ def probe_samples(
 ) -> np.ndarray:
     """Per-probe, per-sample, per-layer KL to the float model ``[P, N, num_layers]`` (float64, nats): for each
     probe and layer, only that layer quantized that way. Every probe shares one float pass per batch (the reference
-    log-probabilities and every layer's recorded input). ``bank[layer][probe][linear name]``: codes chosen by
+    logits and every layer's recorded input). ``bank[layer][probe][linear name]``: codes chosen by
     another quantizer (:func:`lsaq.quantization.sequential.float_input_gptq`); None rounds to nearest.
     ``stride``: the KL is taken at every ``stride``-th position only (the last of each run of ``stride``), which
     divides the LM-head projections (``[positions, vocab]`` per layer and probe) by ``stride``; every position still
@@ -164,7 +165,7 @@ def probe_samples(
                 parts.base(input_ids=ids, use_cache=False)
                 kept = last["h"][:, stride - 1 :: stride]  # [B, T', H], T' = T // stride positions scored
                 b, t = kept.shape[:2]
-                ref = torch.cat([_logprobs(parts, c) for c in kept.reshape(b * t, -1).split(chunk)]).view(b, t, -1)
+                ref = torch.cat([_head_logits(parts, c) for c in kept.reshape(b * t, -1).split(chunk)]).view(b, t, -1)
                 recorded = list(calls)
                 for i in range(n_layers):
                     for k, probe in enumerate(probes):

@@ -1,4 +1,5 @@
-"""Pure tensor primitives for layer importance: deterministic top-k sets, their Jaccard similarity, cosine.
+"""Pure tensor primitives for layer importance: deterministic top-k sets, their Jaccard similarity, cosine, and the
+KL divergence between two models' next-token distributions.
 
 Everything here works on the last dimension and keeps the leading ones, so the same function serves a single
 position (shape ``[V]``), a batch of positions (``[P, V]``) or whole sequences (``[B, T, V]``).
@@ -68,6 +69,30 @@ def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     A zero vector has similarity 0 with anything (``eps`` guards the division), never NaN.
     """
     return torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1, eps=1e-8)
+
+
+def kl_divergence(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(reference) || softmax(candidate))`` along the last dim, in nats: logits ``[..., V]`` x2 (any
+    float dtype; ``candidate`` may live on another device) -> ``[...]`` float64 on ``reference``'s device.
+
+    Log-probabilities are taken in float64. In fp32 each log-probability carries a rounding error of about
+    ``eps32 * |log p|`` (~1e-6 nats where ``|log p| ~ 10``), the size of a well-quantized layer's whole KL; in
+    float64 the result is the exact KL of the given logits to ~1e-15 relative. A token that the reference gives
+    probability 0 contributes 0 (also where the candidate gives it -inf); one that only the candidate rules out
+    makes the KL inf. A sum below 0 can only be rounding (KL >= 0) and is clamped.
+
+    Memory: two float64 ``[..., V]`` buffers and one logsumexp temporary, all updated in place.
+    """
+    if reference.shape != candidate.shape:
+        raise ValueError(f"logits differ in shape: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
+    logp = reference.to(torch.float64, copy=True)
+    logp -= torch.logsumexp(logp, dim=-1, keepdim=True)
+    diff = candidate.to(reference.device, torch.float64, copy=True)
+    diff -= torch.logsumexp(diff, dim=-1, keepdim=True)
+    impossible = torch.isneginf(logp)  # p_v = 0: its term is 0, never 0 * nan
+    diff.neg_().add_(logp)  # log p - log q
+    terms = logp.exp_().mul_(diff).masked_fill_(impossible, 0.0)  # p * (log p - log q)
+    return terms.sum(dim=-1).clamp_min(0.0)
 
 
 def spearman(x: "list[float] | tuple[float, ...] | torch.Tensor", y: "list[float] | tuple[float, ...] | torch.Tensor") -> float:

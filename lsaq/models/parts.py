@@ -20,6 +20,18 @@ class DecoderParts:
     final_norm: nn.Module
     lm_head: nn.Module
     embed: nn.Module
+    logit_divisor: float = 1.0  # granite: logits / config.logits_scaling
+    softcap: float | None = None  # gemma2/3: cap * tanh(logits / cap), config.final_logit_softcapping
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's next-token logits ``[..., V]`` of last-layer hidden states ``h`` ``[..., H]``: final norm,
+        LM head, and the family's own scaling of the head's output (what ``model(...).logits`` holds)."""
+        logits = self.lm_head(self.final_norm(h))
+        if self.logit_divisor != 1.0:
+            logits = logits / self.logit_divisor
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def _getattr_path(obj: Any, path: str) -> Any:
@@ -43,7 +55,10 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or head is None:
         raise ValueError(f"architecture {arch!r} ({model_type}): no decoder layers or no LM head found")
-    return DecoderParts(base=base, layers=layers, final_norm=norm, lm_head=head, embed=embed)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return DecoderParts(base=base, layers=layers, final_norm=norm, lm_head=head, embed=embed,
+                        logit_divisor=float(getattr(config, "logits_scaling", None) or 1.0),
+                        softcap=float(softcap) if softcap else None)
 
 
 def layer_output(output: Any) -> torch.Tensor:

@@ -101,7 +101,10 @@ class LayerFeed:
 
     def hessians(self, layer: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
         """GPTQ's Hessian ``2/n X^T X [in, in]`` of each named linear of ``layer``, over every calibration token."""
-        accumulators = {n: HessianAccumulator(layer.get_submodule(n).in_features) for n in names}
+        # fp32 sums, or fp64 for a float64 layer (whose activations fp32 would round)
+        wide = any(p.dtype == torch.float64 for p in layer.parameters())
+        dtype = torch.float64 if wide else torch.float32
+        accumulators = {n: HessianAccumulator(layer.get_submodule(n).in_features, dtype) for n in names}
         hooks = [layer.get_submodule(n).register_forward_pre_hook(
             lambda _m, args, acc=accumulators[n]: acc.add(args[0])) for n in names]
         try:
