@@ -20,43 +20,20 @@ from dataclasses import replace
 from prefect import flow
 from prefect.futures import PrefectFuture, wait
 
-from lsaq.eval.stage import EvalOptions
-from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
-from lsaq.paths import cache_dir
-from lsaq.planning.memory import AUTO_GROUP, WeightPolicy
-from lsaq.planning.planner import InfeasiblePlanError, PlanOptions, Strategy
-from lsaq.planning.stage import DeviceRequest, check_group_request
+from flows.options import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_MEASURE_SAMPLES,
+    DEFAULT_QUANTIZER,
+    DEFAULT_STRATEGY,
+    BuildOptions,
+)
+from lsaq.methods import DEFAULT_K, DEFAULT_METHOD
+from lsaq.planning.planner import InfeasiblePlanError
 from lsaq.quantization.sequential import Quantizer
-from lsaq.store.stage import default_store_uri
 from tasks.dispatch import dispatch_device
 from tasks.records import DeviceOutcome, RunSummary
 from tasks.stages import MEASURED_LOSS, bind, request_label
 from tasks.summary import BuildFailed, outcome, summarize
-
-# The production defaults, set by the quality-per-byte study (README): measure each layer's loss with GPTQ's codes,
-# plan the least summed loss that fits, INT4 per-channel or in groups by measured loss. `make run` passes the
-# cheaper demo settings (strategy lsaq with the cosine ranking, round to nearest) to stay within minutes on a CPU.
-DEFAULT_STRATEGY = Strategy.MEASURED.value
-DEFAULT_QUANTIZER = Quantizer.GPTQ.value
-DEFAULT_GROUP_SIZE = AUTO_GROUP
-DEFAULT_MEASURE_SAMPLES = 8
-
-
-def device_requests(device: str | None, devices: list[str] | None, budget: str | None,
-                    device_file: str | None) -> list[DeviceRequest]:
-    """The devices a run builds for: ``device``, ``devices`` and ``budget`` together, each once, in order."""
-    names = ([device] if device else []) + list(devices or [])
-    if not names and budget is None:
-        raise ValueError("give a device (device=NAME or devices=[...], see `lsaq devices`) or a budget (budget=6GiB)")
-    if len(set(names)) != len(names):
-        raise ValueError(f"a device is named twice in {names}")
-    requests = [DeviceRequest(name=n, device_file=device_file) for n in names]
-    return requests + ([DeviceRequest(budget=budget)] if budget is not None else [])
-
-
-def one_device(request: DeviceRequest) -> dict[str, str | None]:
-    """The device parameters of a flow run that builds ``request`` alone."""
-    return {"device": request.name, "devices": None, "budget": request.budget}
 
 
 @flow(name="lsaq", persist_result=False)
@@ -102,21 +79,18 @@ def build(
     ``measured`` measures the layer loss on this many calibration sequences (their own calibration set when fewer
     than ``samples``): it costs about 85-95 forward passes over them (README, study).
     """
-    # Every option is checked before anything runs: a bad value fails the flow with the stage's own message.
-    requests = device_requests(device, devices, budget, device_file)
-    options = PlanOptions(context=context, strategy=Strategy.parse(strategy))
-    group_size = check_group_request(group_size, options.strategy)
-    if isinstance(measure_samples, bool) or not isinstance(measure_samples, int) or measure_samples < 1:
-        raise ValueError(f"measure_samples must be a positive integer, got {measure_samples!r}")
-    if isinstance(group_size, int):
-        options = options.with_policy(WeightPolicy(group_size=group_size))
+    # Every option is checked before anything runs: a bad value fails the flow with one line naming it.
+    checked = BuildOptions(
+        model=model, device=device, devices=tuple(devices) if devices is not None else None, budget=budget,
+        device_file=device_file, context=context, strategy=strategy, method=method, k=k, samples=samples,
+        seq_len=seq_len, calib=calib, seed=seed, batch_size=batch_size, ppl=ppl, eval_tasks=eval_tasks,
+        eval_limit=eval_limit, fidelity_windows=fidelity_windows, revision=revision, store=store, work=work,
+        dispatch=dispatch, quantizer=quantizer, group_size=group_size, measure_samples=measure_samples,
+    ).check()
+    requests, options, group_size, quantizer = checked.requests, checked.plan, checked.group_size, checked.quantizer
+    store, work = checked.store, checked.work
     # strategy 'measured' plans from each layer's measured loss per precision (lsaq.measure), not from a ranking
-    ranking = Method.parse(method).value  # checked whatever the strategy: a bad value is a mistake either way
-    method = MEASURED_LOSS if options.strategy is Strategy.MEASURED else ranking
-    quantizer = Quantizer.parse(quantizer).value
-    evaluation = EvalOptions(ppl=ppl, tasks=eval_tasks, limit=eval_limit, fidelity_windows=fidelity_windows)
-    store = store or default_store_uri()
-    work = work or str(cache_dir() / "work")
+    method = MEASURED_LOSS if checked.measured else checked.ranking
     t = bind(store)
 
     ident = t.identify(model, revision)
@@ -143,14 +117,8 @@ def build(
     importance = t.score(ident, scored_on, method, k, batch_size, store, work, quantizer, group_size)
 
     if dispatch:
-        # Every option a child needs, as this run got it (but `work`: a child's scratch is its own machine's), a hub
-        # model pinned to the commit this run resolved.
-        shared = dict(model=model, device_file=device_file, context=context, strategy=strategy, method=ranking, k=k,
-                      samples=samples, seq_len=seq_len, calib=calib, seed=seed, batch_size=batch_size, ppl=ppl,
-                      eval_tasks=eval_tasks, eval_limit=eval_limit, fidelity_windows=fidelity_windows,
-                      revision=ident.revision or revision, store=store, quantizer=quantizer, group_size=group_size,
-                      measure_samples=measure_samples)
-        runs = {r: dispatch_device.submit(dispatch, request_label(r), {**shared, **one_device(r)}) for r in targets}
+        runs = {r: dispatch_device.submit(dispatch, request_label(r), checked.child_params(r, ident.revision))
+                for r in targets}
         wait(list(runs.values()))
         for request, future in runs.items():
             if not future.state.is_completed():
@@ -165,7 +133,7 @@ def build(
         plan = t.plan.submit(ident, importance, target, options, store, work, group_size)
         artifact = t.quantize.submit(ident, plan, store, work, quantizer,
                                      calibration if quantizer != Quantizer.RTN.value else None)
-        report = t.evaluate.submit(ident, plan, artifact, evaluation, store, work)
+        report = t.evaluate.submit(ident, plan, artifact, checked.evaluation, store, work)
         chains.append((plan, artifact, report, t.publish.submit(ident, plan, artifact, report, store, work)))
     wait([f for chain in chains for f in chain])
     built = [outcome(target.slug, chain) for target, chain in zip(targets.values(), chains)]

@@ -1,6 +1,7 @@
 """``lsaq-build``: run the build flow from a shell and print where the builds are.
 
-Parses the flow's parameters, calls :func:`flows.build.build` once (on Prefect's local API unless
+Parses the flow's parameters into one :class:`~flows.options.BuildOptions`, checks them before Prefect is imported
+(a bad value: one line naming it, exit code 2), calls :func:`flows.build.build` once (on Prefect's local API unless
 ``PREFECT_API_URL`` names a server) and prints one row per device.
 """
 
@@ -12,21 +13,26 @@ import os
 import sys
 from pathlib import Path
 
-# lsaq's own notices (which calibration source, which device) go through Prefect's handlers, like its own logs;
-# set before Prefect is imported, which configures logging once.
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lsaq")
-# Without PREFECT_API_URL the run starts Prefect's temporary local server; on a fresh PREFECT_HOME its database
-# migrations took 15-25 s on 2 busy cores here, past Prefect's 20 s default, and the run failed before starting.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-from flows.build import (  # noqa: E402
+from flows.options import (
     DEFAULT_GROUP_SIZE,
     DEFAULT_MEASURE_SAMPLES,
     DEFAULT_QUANTIZER,
     DEFAULT_STRATEGY,
-    build,
+    BuildOptions,
 )
-from tasks.summary import BuildFailed, format_table  # noqa: E402
+from lsaq.choices import OptionError
+
+PREFECT_ENV = {
+    # lsaq's own notices (which calibration source, which device) go through Prefect's handlers, like its own logs;
+    # set before Prefect is imported, which configures logging once.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "lsaq",
+    # Without PREFECT_API_URL the run starts Prefect's temporary local server; on a fresh PREFECT_HOME its database
+    # migrations took 15-25 s on 2 busy cores here, past Prefect's 20 s default, and the run failed before starting.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+# flags whose name is not "--" + the option's name with dashes
+FLAGS = {"devices": "--device (repeated)", "device": "--device"}
 
 
 def local_paths(out: str) -> tuple[str, str]:
@@ -66,16 +72,56 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def flag(option: str) -> str:
+    """The command-line flag of a :class:`BuildOptions` field."""
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def check_prefect_home() -> None:
+    """Without ``PREFECT_API_URL`` the run starts Prefect's temporary server on a database under ``PREFECT_HOME``
+    (default ``~/.prefect``): refuse one Prefect could not create, instead of its traceback after the start timeout."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    if home.exists():
+        if not home.is_dir() or not os.access(home, os.W_OK | os.X_OK):
+            raise ValueError(f"PREFECT_HOME {str(home)!r} is not a writable directory; point PREFECT_HOME at one "
+                             f"(or PREFECT_API_URL at a Prefect server)")
+    elif not home.parent.is_dir() or not os.access(home.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"PREFECT_HOME {str(home)!r} cannot be created: {str(home.parent)!r} is not a writable "
+                         f"directory; create it or point PREFECT_HOME elsewhere (or PREFECT_API_URL at a server)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.getLogger("lsaq").setLevel(logging.INFO)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.out and (args.store or args.work):
+        p.error("give --out, or --store and --work, not both")
     store, work = local_paths(args.out) if args.out else (args.store, args.work)
+    options = BuildOptions(model=args.model, devices=tuple(args.devices) if args.devices else None,
+                           budget=args.budget, device_file=args.device_file, context=args.context,
+                           strategy=args.strategy, method=args.method, k=args.k, samples=args.samples,
+                           seq_len=args.seq_len, calib=args.calib, ppl=args.ppl,
+                           fidelity_windows=args.fidelity_windows, store=store, work=work, quantizer=args.quantizer,
+                           group_size=args.group_size, measure_samples=args.measure_samples)
     try:
-        summary = build(model=args.model, devices=args.devices, budget=args.budget, device_file=args.device_file,
-                        context=args.context, strategy=args.strategy, method=args.method, k=args.k,
-                        samples=args.samples, seq_len=args.seq_len, calib=args.calib, ppl=args.ppl,
-                        fidelity_windows=args.fidelity_windows, store=store, work=work, quantizer=args.quantizer,
-                        group_size=args.group_size, measure_samples=args.measure_samples)
+        options.check()  # before Prefect starts: a bad value is one line, not a flow run's traceback
+        check_prefect_home()
+    except OptionError as e:
+        print(f"lsaq-build: error: {e.render(flag)}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"lsaq-build: error: {e}", file=sys.stderr)
+        return 2
+
+    for name, value in PREFECT_ENV.items():
+        os.environ.setdefault(name, value)
+    from flows.build import build  # Prefect: imported once the options are known to be good
+    from tasks.summary import BuildFailed, format_table
+
+    logging.getLogger("lsaq").setLevel(logging.INFO)
+    try:
+        summary = build(**options.params())
     except BuildFailed as e:
         print(format_table(e.summary))
         print(f"lsaq-build: {e}", file=sys.stderr)

@@ -23,6 +23,10 @@ _UNITS: dict[str, int] = {
     "tib": 1024**4,
 }
 ACCEPTED_UNITS = "B, kB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of 1024), or a plain number of bytes"
+# No memory lsaq plans for comes near an exabyte; a larger value is a typo (1e400GiB), and past 2^63 it would
+# overflow the integer and float arithmetic of the memory model.
+MAX_BYTES = 10**18
+ACCEPTED_RANGE = "0 to 1 EB (10^18 bytes)"
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
@@ -31,18 +35,19 @@ def parse_bytes(value: str | int | float, *, what: str = "size") -> int:
     """Bytes in ``value``: ``"180MiB"``, ``"6GiB"``, ``"6 GB"``, ``"6e9"``, ``6000000000``.
 
     Fractional byte counts round down, so a parsed budget never promises more than was written.
-    Raises ``ValueError`` (naming ``what`` and the accepted units) for anything else, including negatives.
+    Raises ``ValueError`` (naming ``what`` and the accepted units or range) for anything else: negatives, values
+    that are not finite, and sizes over :data:`MAX_BYTES`.
     """
     if isinstance(value, bool):
         raise ValueError(f"{what}: {value!r} is not a size; accepted units: {ACCEPTED_UNITS}")
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"{what}: {value} is negative")
-        return value
+        return _bounded(value, value, what)
     if isinstance(value, float):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{what}: {value!r} is not a finite, non-negative size")
-        return int(math.floor(value))
+        return _bounded(int(math.floor(min(value, 2.0 * MAX_BYTES))), value, what)
     if str(value).strip().startswith("-"):
         raise ValueError(f"{what}: {value!r} is negative")
     m = _SIZE.match(str(value))
@@ -56,7 +61,15 @@ def parse_bytes(value: str | int | float, *, what: str = "size") -> int:
         exact = Decimal(m.group(1)) * _UNITS[unit]
     except InvalidOperation:  # pragma: no cover - the regex only lets numbers through
         raise ValueError(f"{what}: cannot read {value!r} as a size; accepted units: {ACCEPTED_UNITS}") from None
+    if exact > MAX_BYTES:  # compared as a Decimal: int() of 1e400 would build a 1330-bit integer first
+        raise ValueError(f"{what}: {value!r} is over an exabyte; accepted: {ACCEPTED_RANGE}")
     return int(exact)  # int() truncates toward zero: a fractional byte rounds down
+
+
+def _bounded(n: int, value: object, what: str) -> int:
+    if n > MAX_BYTES:
+        raise ValueError(f"{what}: {value!r} is over an exabyte; accepted: {ACCEPTED_RANGE}")
+    return n
 
 
 def format_bytes(n: int | float, unit: str | None = None, digits: int = 2) -> str:

@@ -148,10 +148,18 @@ def test_a_bad_device_fails_early_and_publishes_nothing(machine1, s3_store, shar
 
 
 def test_a_bad_parameter_fails_before_any_task(s3_store, shared_gguf, tmp_path):
+    """A deployment run with a bad parameter fails with the line lsaq-build prints, before any task: nothing is
+    written to the store, its cache included."""
+    store = open_store(s3_store)
+    before = store.list("")
     with machine(tmp_path / "prefect"):
-        state, states = run(shared_gguf, s3_store, tmp_path / "work", devices=DEVICES, method="magic")
-    assert state.is_failed() and "magic" in state.message and "cosine" in state.message
-    assert states == {}
+        for bad, message in ((dict(method="magic"), "unknown importance method 'magic'; valid methods: jaccard"),
+                             (dict(budget="1e400GiB"), "--budget: '1e400GiB' is over an exabyte"),
+                             (dict(samples=0), "samples must be an integer of at least 1, got 0")):
+            state, states = run(shared_gguf, s3_store, tmp_path / "work", devices=DEVICES, **bad)
+            assert state.is_failed() and message in state.message, (bad, state.message)
+            assert states == {}
+    assert store.list("") == before and not (tmp_path / "work").exists()
 
 
 def test_an_infeasible_device_fails_alone(machine1, s3_store, shared_gguf, tmp_path):

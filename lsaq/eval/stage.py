@@ -24,11 +24,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from lsaq.choices import OptionError, literal
 from lsaq.eval.fidelity import FidelityResult, fidelity
 from lsaq.eval.harness import DATA_CHOICES, evaluate_tasks
 from lsaq.eval.perplexity import (
@@ -52,36 +53,6 @@ DTYPES = ("float32", "bfloat16")
 # Fidelity window length when no perplexity window sets it: 8 x 512 = 4096 positions, a few seconds for a small
 # model, and cheap to generate when there is no corpus.
 DEFAULT_FIDELITY_SEQ_LEN = 512
-
-
-class OptionError(ValueError):
-    """A bad evaluation option or argument.
-
-    The message template names options as ``{name}`` placeholders, so the same error reads in option names here
-    (``seq_len must be ...``) and in flags on the command line (``--seq-len must be ...``, :meth:`render`).
-    """
-
-    def __init__(self, template: str) -> None:
-        self.template = template
-        super().__init__(self.render(str))
-
-    def render(self, name: Callable[[str], str]) -> str:
-        """The message with each option placeholder replaced by ``name(option)``."""
-        return self.template.format_map(_Names(name))
-
-
-class _Names(dict):
-    def __init__(self, name: Callable[[str], str]) -> None:
-        super().__init__()
-        self.name = name
-
-    def __missing__(self, key: str) -> str:
-        return self.name(key)
-
-
-def _lit(value: Any) -> str:
-    """A value inside an :class:`OptionError` template (braces escaped)."""
-    return str(value).replace("{", "{{").replace("}", "}}")
 
 
 @dataclass(frozen=True)
@@ -114,14 +85,14 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise OptionError(f"unknown {{dtype}} {_lit(repr(self.dtype))}; valid: {', '.join(DTYPES)}")
+            raise OptionError(f"unknown {{dtype}} {literal(repr(self.dtype))}; valid: {', '.join(DTYPES)}")
         if self.task_data not in DATA_CHOICES:
-            raise OptionError(f"unknown {{task_data}} {_lit(repr(self.task_data))}; valid: {', '.join(DATA_CHOICES)}")
+            raise OptionError(f"unknown {{task_data}} {literal(repr(self.task_data))}; valid: {', '.join(DATA_CHOICES)}")
         for name, low in (("seq_len", 2), ("task_batch_size", 1), ("fidelity_windows", 1), ("fidelity_seed", 0),
                           ("max_windows", 1), ("ppl_batch_size", 1), ("limit", 1), ("fidelity_seq_len", 2)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-                raise OptionError(f"{{{name}}} must be at least {low}, got {_lit(repr(value))}")
+                raise OptionError(f"{{{name}}} must be at least {low}, got {literal(repr(value))}")
         tasks = self.tasks
         names = tuple(resolve_tasks(tasks)) if tasks else ()  # ValueError naming the valid tasks
         object.__setattr__(self, "tasks", names)
@@ -170,7 +141,7 @@ def load_for_eval(source: ModelSource) -> LoadedModel:
 def _check(target: str | None, artifact: bool, out: str | Path | None, options: EvalOptions,
            baseline: str | None) -> None:
     """Everything that can be checked before loading anything, so bad input fails fast and writes nothing."""
-    where = _lit(target or "the default model")
+    where = literal(target or "the default model")
     if not artifact:
         given = {"plots": options.plots, "baseline": baseline, "with_baseline": not options.with_baseline}
         for name in (n for n, v in given.items() if v):
@@ -283,7 +254,7 @@ def evaluate(
     base_src = baseline or plan_model_source(record.model)  # the float weights it was made from
     if options.with_baseline and base_src is not None:
         if not Path(base_src).expanduser().exists() and not is_hub_id(base_src):
-            raise OptionError(f"the artifact's base model {_lit(base_src)} does not exist here; pass {{baseline}} "
+            raise OptionError(f"the artifact's base model {literal(base_src)} does not exist here; pass {{baseline}} "
                               "PATH, or {with_baseline}")
     art = {"path": path, "plan_id": record.plan_id, "tensor_bytes": record.tensor_bytes,
            "files_bytes": record.file_bytes, "lsaq_version": record.lsaq_version}
@@ -296,7 +267,7 @@ def evaluate(
             base = load_for_eval(ModelSource(base_src, options.dtype))
             expected = record.model.content_hash
             if expected and base.info.content_hash != expected:
-                raise OptionError(f"baseline model {_lit(base_src)} (content {base.info.content_hash[:12]}) is not the "
+                raise OptionError(f"baseline model {literal(base_src)} (content {base.info.content_hash[:12]}) is not the "
                                   f"model the artifact was made from (content {expected[:12]}); pass {{baseline}} "
                                   "or {with_baseline}")
             b_run = _run(base, options, ppl_source, " (baseline)", b_start)

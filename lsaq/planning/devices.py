@@ -133,7 +133,10 @@ def _size(value: Any, field: str, where: str) -> int:
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError(f"{where}: field {field!r} must not be negative, got {value!r}")
-        return int(value * GIB)
+        try:
+            return parse_bytes(value * GIB, what=f"field {field!r} ({value!r} GiB)")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     text = str(value).strip()
     if not re.search(r"[A-Za-z]\s*$", text):
         raise ValueError(f"{where}: field {field!r} = {value!r} needs a unit (e.g. 12GiB, 8192MiB, 16GB)")

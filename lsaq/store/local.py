@@ -29,7 +29,7 @@ class LocalBackend:
     """A store in the directory ``root`` (created on the first write)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root).expanduser().absolute()
+        self.root = Path(os.path.abspath(Path(root).expanduser()))  # absolute, `x/../y` read as `y`
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"store {self.root}: exists and is not a directory")
 
