@@ -29,7 +29,7 @@ from flows.options import (
 )
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD
 from lsaq.planning.planner import InfeasiblePlanError
-from lsaq.quantization.sequential import Quantizer
+from lsaq.precision import Quantizer
 from tasks.dispatch import dispatch_device
 from tasks.records import DeviceOutcome, RunSummary
 from tasks.stages import MEASURED_LOSS, bind, request_label

@@ -6,7 +6,7 @@
 ``lsaq-build`` calls it before Prefect is imported, so a bad value is one line in about a second; the flow calls
 it first thing, so a deployment run with bad parameters fails with the same line before any task runs.
 
-Torch is imported (the evaluation options name lm-eval's tasks); Prefect is not.
+Neither torch nor Prefect is imported.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from lsaq.choices import OptionError, literal
-from lsaq.eval.stage import EvalOptions
+from lsaq.eval.options import EvalOptions
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
 from lsaq.paths import cache_dir
 from lsaq.planning.memory import AUTO_GROUP, WeightPolicy
 from lsaq.planning.planner import PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest, check_group_request, resolve_device
-from lsaq.quantization.sequential import Quantizer
+from lsaq.precision import Quantizer
 from lsaq.store.stage import default_store_uri, open_store
 
 # The production defaults, set by the quality-per-byte study (README): measure each layer's loss with GPTQ's codes,

@@ -1,4 +1,4 @@
-"""The precisions a decoder layer can be stored at."""
+"""The precision vocabulary: what a decoder layer can be stored at, and how its integer codes are chosen."""
 
 from __future__ import annotations
 
@@ -29,3 +29,14 @@ class Precision(Choice):
         members = list(Precision)
         i = members.index(self)
         return members[i + 1] if i + 1 < len(members) else None
+
+
+class Quantizer(Choice):
+    """How integer codes are chosen: round-to-nearest, or GPTQ's error feedback on calibration activations."""
+
+    RTN = "rtn"
+    GPTQ = "gptq"
+
+    @classmethod
+    def noun(cls) -> tuple[str, str]:
+        return "quantizer", "quantizers"

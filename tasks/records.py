@@ -111,7 +111,7 @@ class ArtifactResult:
     tensor_bytes: int
     file_bytes: int
     files: dict[str, tuple[int, str]] = field(default_factory=dict)
-    quantizer: str = "rtn"  # how the codes were chosen (lsaq.quantization.sequential.Quantizer)
+    quantizer: str = "rtn"  # how the codes were chosen (lsaq.precision.Quantizer)
     calibration_key: str | None = None  # gptq: the calibration set it used (to re-make it on another machine)
     calibration_prefix: str | None = None
 

@@ -43,7 +43,7 @@ from lsaq.planning.stage import DeviceRequest
 from lsaq.quantization.artifact import verify_artifact
 from lsaq.quantization.record import MANIFEST as ARTIFACT_MANIFEST
 from lsaq.quantization.record import Artifact
-from lsaq.quantization.sequential import Quantizer
+from lsaq.precision import Quantizer
 from lsaq.store.keys import (
     artifact_prefix,
     calibration_prefix,

@@ -93,9 +93,9 @@ def test_an_unusable_prefect_home_is_named_before_prefect_starts(tmp_path, monke
 
 
 def test_lsaq_build_refuses_a_bad_value_without_importing_prefect(tmp_path):
-    """In its own process: Prefect (and its temporary server) never start for a bad value."""
+    """In its own process: neither Prefect (nor its temporary server) nor torch is loaded for a bad value."""
     code = ("import sys; from flows.cli import main; rc = main(sys.argv[1:]); "
-            "assert 'prefect' not in sys.modules, 'prefect was imported'; sys.exit(rc)")
+            "assert not {'prefect', 'torch'} & set(sys.modules), 'prefect or torch imported'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, *DEVICE, "--strategy", "bogus", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr

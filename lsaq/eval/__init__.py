@@ -7,23 +7,28 @@ agreement). All take any causal LM module, so quantized models work unchanged. `
 ``lsaq.eval_report`` record of an artifact, and ``stage.evaluate`` is the evaluate stage that produces it.
 """
 
-from lsaq.eval.fidelity import FidelityResult, fidelity
-from lsaq.eval.harness import TaskResult, evaluate_tasks
-from lsaq.eval.perplexity import PerplexityResult, perplexity
-from lsaq.eval.report import (
-    EvalReport,
-    ModelEval,
-    build_report,
-    compare,
-    load_report,
-    metrics_table,
-    plan_summary,
-    render_markdown,
-    run_record,
-    write_report,
-)
-from lsaq.eval.stage import EvalOptions, evaluate
-from lsaq.eval.tasks import TASK_NAMES, parse_hellaswag, resolve_tasks
+import importlib
+from typing import Any
+
+# name -> submodule; imported on first use, so `lsaq.eval.options` (checked before any work) does not pull in torch.
+# The functions `fidelity` and `perplexity` share their modules' names: import them from lsaq.eval.fidelity and
+# lsaq.eval.perplexity.
+_WHERE = {
+    "FidelityResult": "fidelity",
+    "TaskResult": "harness", "evaluate_tasks": "harness",
+    "PerplexityResult": "perplexity",
+    **{name: "report" for name in ("EvalReport", "ModelEval", "build_report", "compare", "load_report",
+                                   "metrics_table", "plan_summary", "render_markdown", "run_record", "write_report")},
+    "EvalOptions": "options", "evaluate": "stage",
+    "TASK_NAMES": "tasks", "parse_hellaswag": "tasks", "resolve_tasks": "tasks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "EvalOptions",
@@ -37,11 +42,9 @@ __all__ = [
     "compare",
     "evaluate",
     "evaluate_tasks",
-    "fidelity",
     "load_report",
     "metrics_table",
     "parse_hellaswag",
-    "perplexity",
     "plan_summary",
     "render_markdown",
     "resolve_tasks",

@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 from torch import nn
 
+from lsaq.eval.options import DATA_CHOICES
 from lsaq.eval.tasks import TASKS, data_root, has_local_data, load_local_docs, resolve_tasks
 
-DATA_CHOICES = ("auto", "local", "hub")
 # Seed the harness's simple_evaluate gives the few-shot sampler; unused at 0 shots but set the same way.
 FEWSHOT_SEED = 1234
 

@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lsaq.eval.options import DEFAULT_SEQ_LEN
 from lsaq.importance.calibration import hub_unreachable, read_text
 from lsaq.paths import shared_dir
 from lsaq.records import file_sha256, sha256_hex
 
-DEFAULT_SEQ_LEN = 2048
 # Windows per forward pass when batch_size is not given: about 4096 tokens, so one batch's fp32 logits
 # ([B, L, V], 4 bytes each) stay near 800 MB for a 49k vocabulary at L=2048.
 AUTO_BATCH_TOKENS = 4096

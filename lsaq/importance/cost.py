@@ -133,7 +133,8 @@ def measure_layer_loss(
 
     from lsaq.importance.sensitivity import Probe, probe_samples
     from lsaq.models.parts import decoder_parts
-    from lsaq.quantization.sequential import Quantizer, float_input_gptq
+    from lsaq.precision import Quantizer
+    from lsaq.quantization.sequential import float_input_gptq
 
     quantizer = Quantizer.parse(quantizer).value
     parsed = [Probe.parse(p) for p in probes]

@@ -23,7 +23,7 @@ from lsaq.models.families import model_shape
 from lsaq.models.loading import load_model
 from lsaq.planning.memory import AUTO_GROUP, fitting_group_size, parse_group_size
 from lsaq.precision import Precision
-from lsaq.quantization.sequential import Quantizer
+from lsaq.precision import Quantizer
 
 if TYPE_CHECKING:
     from lsaq.importance.calibration import CalibrationSet

@@ -28,7 +28,8 @@ from lsaq.quantization.gptq import gptq_quantize
 from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.quantization.qembedding import QuantizedEmbedding
 from lsaq.quantization.qlinear import Int4Linear, Int8Linear
-from lsaq.quantization.sequential import LayerFeed, Quantizer, check_quantizer
+from lsaq.precision import Quantizer
+from lsaq.quantization.sequential import LayerFeed, check_quantizer
 
 QUANTIZED_MODULES = (Int8Linear, Int4Linear, QuantizedEmbedding)
 

@@ -51,7 +51,7 @@ from lsaq.quantization.record import (
     WEIGHTS,
     Artifact,
 )
-from lsaq.quantization.sequential import Quantizer
+from lsaq.precision import Quantizer
 from lsaq.records import atomic_dir, atomic_write_json, file_sha256, read_record
 
 if TYPE_CHECKING:

@@ -44,7 +44,7 @@ class Artifact:
     predicted_tensor_bytes: int  # what the plan's byte model predicted (equal, or the artifact is not written)
     runtimes: tuple[str, ...] = (LSAQ_RUNTIME, STOCK_RUNTIME)
     lsaq_version: str = __version__
-    quantizer: str = "rtn"  # how the integer codes were chosen (lsaq.quantization.sequential.Quantizer)
+    quantizer: str = "rtn"  # how the integer codes were chosen (lsaq.precision.Quantizer)
     calibration: str | None = None  # hash of the calibration tokens a calibrated quantizer used
 
     def __post_init__(self) -> None:

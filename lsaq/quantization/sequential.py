@@ -21,24 +21,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from lsaq.choices import Choice
 from lsaq.models.parts import DecoderParts
-from lsaq.precision import Precision
+from lsaq.precision import Precision, Quantizer
 from lsaq.quantization.gptq import HessianAccumulator, gptq_quantize
 from lsaq.quantization.primitives import QuantizedWeight
 
 CALIBRATION_BATCH = 8  # sequences per recorded call
-
-
-class Quantizer(Choice):
-    """How integer codes are chosen: round-to-nearest, or GPTQ's error feedback on calibration activations."""
-
-    RTN = "rtn"
-    GPTQ = "gptq"
-
-    @classmethod
-    def noun(cls) -> tuple[str, str]:
-        return "quantizer", "quantizers"
 
 
 def check_quantizer(quantizer: "Quantizer | str", calibration: Any, what: str = "a calibration directory") -> Quantizer:

@@ -19,7 +19,8 @@ from lsaq.models.loading import load_model
 from lsaq.planning.planner import Plan
 from lsaq.quantization.artifact import write_artifact
 from lsaq.quantization.record import Artifact
-from lsaq.quantization.sequential import Quantizer, check_quantizer
+from lsaq.precision import Quantizer
+from lsaq.quantization.sequential import check_quantizer
 
 __all__ = ["Artifact", "Quantizer", "quantize", "plan_model_source"]
 
