@@ -20,6 +20,7 @@ from typing import Any
 from lsaq.choices import OptionError, literal
 from lsaq.eval.options import EvalOptions
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
+from lsaq.models.weights import check_model_spec
 from lsaq.paths import cache_dir
 from lsaq.planning.memory import AUTO_GROUP, WeightPolicy
 from lsaq.planning.planner import PlanOptions, Strategy
@@ -80,7 +81,8 @@ class BuildOptions:
 
     def check(self) -> "CheckedBuild":
         """Every option read into the records the stages take, or an :class:`OptionError` naming the first bad
-        one. Cheap: nothing is loaded, nothing is written; named devices are looked up (``local`` is measured)."""
+        one. Cheap: nothing is loaded, nothing is written; named devices are looked up (``local`` is measured), a
+        local model's weights files are checked from their headers."""
         for name, low in _COUNTS:
             value = getattr(self, name)
             if name == "eval_limit" and value is None:
@@ -110,6 +112,11 @@ class BuildOptions:
             raise OptionError(e.render(lambda n: "{" + _EVAL_NAMES.get(n, n) + "}")) from None
         except ValueError as e:  # an unknown lm-eval task, named with the valid ones
             raise OptionError(f"{{eval_tasks}}: {literal(e)}") from None
+        if self.model is not None:
+            try:
+                check_model_spec(self.model)  # a local checkpoint's headers; a hub id is resolved by the flow
+            except ValueError as e:
+                raise OptionError(literal(e)) from None
         requests = self._requests()
         store = self.store or default_store_uri()
         try:

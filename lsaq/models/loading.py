@@ -19,7 +19,7 @@ from torch import nn
 from lsaq.models.families import family
 from lsaq.models.identity import ModelInfo
 from lsaq.models.parts import decoder_parts
-from lsaq.models.weights import WEIGHT_SUFFIXES, content_hash, is_hub_id, weight_files
+from lsaq.models.weights import WEIGHT_SUFFIXES, check_weights_file, content_hash, is_hub_id, weight_files
 from lsaq.paths import cache_dir
 from lsaq.records import atomic_dir, atomic_write_json
 
@@ -130,16 +130,21 @@ def locate_model(source: str | os.PathLike | None = None, *, revision: str | Non
     hub_revision = None
     if path.exists() or not is_hub_id(str(source)):
         path, files = weight_files(path)  # ValueError names what is wrong
+        if path.suffix == ".gguf":
+            check_weights_file(path)  # a damaged GGUF is named here, not by the converter's reshape error
         digest = content_hash(files)
         load_dir = _gguf_to_float_dir(path, digest, dtype) if path.suffix == ".gguf" else path
     else:
         load_dir, hub_revision = _resolve_hub(str(source), revision)
-        digest = content_hash([p for p in load_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES])
+        files = [p for p in load_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+        digest = content_hash(files)
     config_file = load_dir / "config.json"
     if not config_file.is_file():
         raise ValueError(f"model directory {load_dir} has no config.json")
     raw_config = json.loads(config_file.read_text())
     family(raw_config.get("model_type", "?"), f" in {config_file}")
+    for f in files if path.suffix != ".gguf" else ():
+        check_weights_file(f)  # each safetensors header: a cut-off file is named, not a loader's SafetensorError
     # A GGUF's converted float copy declares the conversion dtype, not the source's: no usable dtype there.
     declared = None if path.suffix == ".gguf" else raw_config.get("dtype") or raw_config.get("torch_dtype")
     return LocatedModel(id=model_id, path=path if hub_revision is None else load_dir, load_dir=load_dir,
