@@ -80,6 +80,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like any mkdir'd folder
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # writers that go through a private temporary file (safetensors) leave 0600
+            if f.is_file() and not f.is_symlink():
+                f.chmod(0o666 & ~_umask())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import pytest
@@ -33,10 +34,18 @@ def mixed(mixed_artifact):
     return mixed_artifact
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_artifact_files_and_bytes_match_the_memory_model(mixed):
     out, plan = mixed
     for name in ("config.json", "model.safetensors", "lsaq_plan.json", "generation_config.json", "tokenizer.json"):
         assert (out / name).is_file(), name
+    # every file with the mode a new file gets (safetensors writes through a private 0600 temporary file)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()} == {oct(0o666 & ~current_umask())}
     manifest = verify_artifact(out)
     assert manifest["tensor_bytes"] == manifest["predicted_tensor_bytes"] == plan.breakdown.weights
     config = json.loads((out / "config.json").read_text())
