@@ -176,11 +176,10 @@ class CheckedBuild:
     def child_params(self, request: DeviceRequest, revision: str | None) -> dict[str, Any]:
         """The parameters of a flow run that builds ``request`` alone: every option as this run got it (a hub model
         pinned to ``revision``, the commit this run resolved), but ``work``, a child's own machine's scratch."""
-        params = dataclasses.replace(self.options, device=request.name, devices=None, budget=request.budget,
-                                     revision=revision or self.options.revision, store=self.store, work=None,
-                                     dispatch=None, method=self.ranking, quantizer=self.quantizer,
-                                     group_size=self.group_size).params()
-        return params
+        return dataclasses.replace(self.options, device=request.name, devices=None, budget=request.budget,
+                                   revision=revision or self.options.revision, store=self.store, work=None,
+                                   dispatch=None, method=self.ranking, quantizer=self.quantizer,
+                                   group_size=self.group_size).params()
 
 
 __all__ = ["DEFAULT_GROUP_SIZE", "DEFAULT_MEASURE_SAMPLES", "DEFAULT_QUANTIZER", "DEFAULT_STRATEGY", "BuildOptions",

@@ -43,11 +43,11 @@ def parse_bytes(value: str | int | float, *, what: str = "size") -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"{what}: {value} is negative")
-        return _bounded(value, value, what)
+        return int(_bounded(value, value, what))
     if isinstance(value, float):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{what}: {value!r} is not a finite, non-negative size")
-        return _bounded(int(math.floor(min(value, 2.0 * MAX_BYTES))), value, what)
+        return int(math.floor(_bounded(value, value, what)))
     if str(value).strip().startswith("-"):
         raise ValueError(f"{what}: {value!r} is negative")
     m = _SIZE.match(str(value))
@@ -61,12 +61,12 @@ def parse_bytes(value: str | int | float, *, what: str = "size") -> int:
         exact = Decimal(m.group(1)) * _UNITS[unit]
     except InvalidOperation:  # pragma: no cover - the regex only lets numbers through
         raise ValueError(f"{what}: cannot read {value!r} as a size; accepted units: {ACCEPTED_UNITS}") from None
-    if exact > MAX_BYTES:  # compared as a Decimal: int() of 1e400 would build a 1330-bit integer first
-        raise ValueError(f"{what}: {value!r} is over an exabyte; accepted: {ACCEPTED_RANGE}")
-    return int(exact)  # int() truncates toward zero: a fractional byte rounds down
+    # bounded as a Decimal: int() of 1e400 would build a 1330-bit integer first
+    return int(_bounded(exact, value, what))  # int() truncates toward zero: a fractional byte rounds down
 
 
-def _bounded(n: int, value: object, what: str) -> int:
+def _bounded(n: "int | float | Decimal", value: object, what: str) -> "int | float | Decimal":
+    """``n`` (the number ``value`` reads as), or ``ValueError`` when it is over :data:`MAX_BYTES`."""
     if n > MAX_BYTES:
         raise ValueError(f"{what}: {value!r} is over an exabyte; accepted: {ACCEPTED_RANGE}")
     return n

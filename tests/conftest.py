@@ -109,7 +109,8 @@ def dot_noise(dtype: torch.dtype, length: int, magnitude: "float | torch.Tensor"
 def logit_noise(dtype: torch.dtype, scale: float, reduction: int) -> float:
     """Bound on how far two differently blocked forward passes can put one logit apart: ``reduction`` rounded
     terms behind each logit (for a model: layers x its widest dot product), each off by at most ``eps * scale``
-    (``scale``: the largest logit magnitude). The worst case, not the sqrt(n) of random rounding."""
+    (``scale``: the largest logit magnitude, taken as at least 1). The worst case, not the sqrt(n) of random
+    rounding."""
     return float(reduction * torch.finfo(dtype).eps * max(scale, 1.0))
 
 

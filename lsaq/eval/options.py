@@ -18,7 +18,8 @@ DEFAULT_FIDELITY_SEQ_LEN = 512
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """What :func:`lsaq.eval.stage.evaluate` measures and how; every value is checked on construction (:class:`OptionError`).
+    """What :func:`lsaq.eval.stage.evaluate` measures and how; every value is checked on construction
+    (:class:`~lsaq.choices.OptionError`).
 
     ``tasks`` may be given as ``"piqa,arc_easy"``, ``"all"`` or names; it is stored as a tuple of task names.
     An artifact's fidelity (measured whenever ``with_baseline``) uses ``fidelity_windows`` windows of
@@ -48,7 +49,8 @@ class EvalOptions:
         if self.dtype not in DTYPES:
             raise OptionError(f"unknown {{dtype}} {literal(repr(self.dtype))}; valid: {', '.join(DTYPES)}")
         if self.task_data not in DATA_CHOICES:
-            raise OptionError(f"unknown {{task_data}} {literal(repr(self.task_data))}; valid: {', '.join(DATA_CHOICES)}")
+            raise OptionError(f"unknown {{task_data}} {literal(repr(self.task_data))}; "
+                              f"valid: {', '.join(DATA_CHOICES)}")
         for name, low in (("seq_len", 2), ("task_batch_size", 1), ("fidelity_windows", 1), ("fidelity_seed", 0),
                           ("max_windows", 1), ("ppl_batch_size", 1), ("limit", 1), ("fidelity_seq_len", 2)):
             value = getattr(self, name)
@@ -65,7 +67,6 @@ class EvalOptions:
     def measures(self) -> bool:
         """Whether perplexity or tasks are asked for (fidelity aside)."""
         return self.ppl or bool(self.tasks)
-
 
 
 __all__ = ["DATA_CHOICES", "DEFAULT_FIDELITY_SEQ_LEN", "DEFAULT_SEQ_LEN", "DTYPES", "EvalOptions"]

@@ -209,8 +209,8 @@ def evaluate(
             base = load_for_eval(ModelSource(base_src, options.dtype))
             expected = record.model.content_hash
             if expected and base.info.content_hash != expected:
-                raise OptionError(f"baseline model {literal(base_src)} (content {base.info.content_hash[:12]}) is not the "
-                                  f"model the artifact was made from (content {expected[:12]}); pass {{baseline}} "
+                raise OptionError(f"baseline model {literal(base_src)} (content {base.info.content_hash[:12]}) is not "
+                                  f"the model the artifact was made from (content {expected[:12]}); pass {{baseline}} "
                                   "or {with_baseline}")
             b_run = _run(base, options, ppl_source, " (baseline)", b_start)
             fid = _fidelity(base, quant, options, ppl_source or local_ppl_source())

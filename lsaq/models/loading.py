@@ -19,7 +19,14 @@ from torch import nn
 from lsaq.models.families import family
 from lsaq.models.identity import ModelInfo
 from lsaq.models.parts import decoder_parts
-from lsaq.models.weights import WEIGHT_SUFFIXES, check_weights_file, content_hash, is_hub_id, weight_files
+from lsaq.models.weights import (
+    WEIGHT_SUFFIXES,
+    check_model_spec,
+    check_weights_file,
+    content_hash,
+    is_hub_id,
+    weight_files,
+)
 from lsaq.paths import cache_dir
 from lsaq.records import atomic_dir, atomic_write_json
 
@@ -129,9 +136,8 @@ def locate_model(source: str | os.PathLike | None = None, *, revision: str | Non
     path = Path(source).expanduser()
     hub_revision = None
     if path.exists() or not is_hub_id(str(source)):
-        path, files = weight_files(path)  # ValueError names what is wrong
-        if path.suffix == ".gguf":
-            check_weights_file(path)  # a damaged GGUF is named here, not by the converter's reshape error
+        check_model_spec(str(source))  # a damaged file is named here, not by the converter or the loader
+        path, files = weight_files(path)
         digest = content_hash(files)
         load_dir = _gguf_to_float_dir(path, digest, dtype) if path.suffix == ".gguf" else path
     else:
@@ -143,8 +149,9 @@ def locate_model(source: str | os.PathLike | None = None, *, revision: str | Non
         raise ValueError(f"model directory {load_dir} has no config.json")
     raw_config = json.loads(config_file.read_text())
     family(raw_config.get("model_type", "?"), f" in {config_file}")
-    for f in files if path.suffix != ".gguf" else ():
-        check_weights_file(f)  # each safetensors header: a cut-off file is named, not a loader's SafetensorError
+    if hub_revision is not None:
+        for f in files:
+            check_weights_file(f)  # the hub's files, which check_model_spec does not see
     # A GGUF's converted float copy declares the conversion dtype, not the source's: no usable dtype there.
     declared = None if path.suffix == ".gguf" else raw_config.get("dtype") or raw_config.get("torch_dtype")
     return LocatedModel(id=model_id, path=path if hub_revision is None else load_dir, load_dir=load_dir,
