@@ -47,7 +47,9 @@ def summarize(model: ModelKey, importance: ImportanceResult | None, store: str,
 
 
 def rows(summary: RunSummary) -> list[dict[str, str]]:
-    """One row per device: state, average bits, bytes, memory needed of usable, fidelity, where the build is."""
+    """One row per device: state, average bits, the weights' bytes (what the plan fits), every file's bytes
+    (weights, tokenizer, config, plan, report), memory needed (weights + KV cache + workspace) of usable,
+    fidelity, where the build is."""
     out = []
     for o in summary.outcomes:
         b = o.build
@@ -56,7 +58,8 @@ def rows(summary: RunSummary) -> list[dict[str, str]]:
             "device": o.device,
             "state": (o.state + (f" in {o.flow_run}" if o.flow_run else "")) if b else f"{o.state} at {o.stage}",
             "avg bits": f"{b.avg_bits['quantizable_linears']:.2f}" if b else "-",
-            "bytes": format_bytes(b.file_bytes) if b else "-",
+            "weights": format_bytes(b.weights_bytes) if b else "-",
+            "files": format_bytes(b.file_bytes) if b else "-",
             "needs / usable": f"{format_bytes(b.required_bytes)} / {format_bytes(b.usable_bytes)}" if b else "-",
             "KL": f"{fid['kl_mean']:.4f}" if "kl_mean" in fid else "-",
             "top-1": f"{fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "-",

@@ -16,6 +16,7 @@ from lsaq.paths import shared_dir
 
 MODEL_REL = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI_VALID_REL = "data/wikitext-2-raw/wiki.valid.raw"
+PROMPT = "hello world"  # for the tiny checkpoints' character tokenizer
 
 
 def shared_path(rel: str) -> Path:
@@ -168,3 +169,108 @@ def mixed_artifact(shared_gguf, tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "mixed"
     write_artifact(loaded, plan, out)
     return out, plan
+
+
+# ------------------------------------------------------------------------------- tiny offline checkpoints
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (4 specials + printable ASCII), built offline with ``tokenizers``."""
+    from lsaq.engine.synthetic import char_tokenizer
+
+    return char_tokenizer()
+
+
+def tiny_llama_dir(path: Path, *, tied: bool = False, hot: bool = False, dtype: torch.dtype = torch.bfloat16,
+                   head_gain: float = 1.0, seed: int = 0) -> Path:
+    """A 3-layer Llama (hidden 64, vocab 128) saved as a safetensors checkpoint declaring ``dtype``, with tokenizer.
+
+    ``hot``: layer 0's MLP (norm gain 30, weights ~N(0, 1)) writes ~1e6 into the residual stream, past float16's
+    65504 while every weight stays small; bf16 and fp32 carry it, fp16 turns it into inf and then NaN.
+    ``head_gain`` scales an untied head, so logits have decisive margins.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=tied,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        if hot:
+            mlp = model.model.layers[0].mlp
+            model.model.layers[0].post_attention_layernorm.weight.fill_(30.0)
+            for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                lin.weight.normal_(0.0, 1.0)
+        if not tied:
+            model.lm_head.weight.mul_(head_gain)
+    model.to(dtype).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def tiny_plan(info: "ModelInfo", precisions, policy: "WeightPolicy | None" = None) -> "Plan":
+    """A plan for ``info`` with explicit per-layer precisions and weight policy (1 GiB test device)."""
+    import dataclasses
+
+    from lsaq.models.families import model_shape
+    from lsaq.models.identity import ModelRef
+    from lsaq.planning.devices import DeviceProfile, MemoryKind
+    from lsaq.planning.memory import WeightPolicy
+    from lsaq.planning.planner import PlanOptions, make_plan
+
+    shape = model_shape(info.config)
+    device = DeviceProfile(name="test-1gib", memory=2**30, kind=MemoryKind.SYSTEM, reserve=0, notes="test")
+    options = PlanOptions(context=64, policy=policy or WeightPolicy())
+    base = make_plan(shape, [1.0] * shape.num_layers, device, options, model=ModelRef.from_info(info))
+    return dataclasses.replace(base, precisions=tuple(precisions))
+
+
+# ------------------------------------------------------------------------- random checkpoints of any family
+
+TINY_FAMILY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_family_model(model_type: str, *, layers: int = 3, mixed: bool = False, seed: int = 0,
+                      **overrides) -> torch.nn.Module:
+    """A random float32 ``model_type`` model (hidden 32, vocab 96) in eval mode. ``mixed``: layers alternate
+    sliding (window 5) and full attention, as gemma2/gemma3_text/qwen3 configure them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(TINY_FAMILY, num_hidden_layers=layers, **overrides)
+    if model_type == "gpt_neox":
+        kwargs.pop("head_dim"), kwargs.pop("num_key_value_heads")
+    if mixed:
+        kwargs.update(layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"]
+                      * (layers % 2), sliding_window=5, use_sliding_window=True)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs), dtype=torch.float32).eval()
+
+
+def shard_checkpoint(model: torch.nn.Module, path: Path, *, layers_per_shard: int = 1,
+                     dtype: torch.dtype | None = None) -> Path:
+    """Save ``model`` as a sharded safetensors checkpoint with an index (transformers' names: its own
+    ``save_pretrained`` writes the config and the key names, then the weights are re-split ``layers_per_shard``
+    decoder layers per file, the rest in a last file), in ``dtype`` (default: as the model holds them)."""
+    import json as json_
+
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(path)
+    tensors = load_file(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        index = next((int(p) for p in parts if p.isdigit()), None)
+        key = f"layers-{index // layers_per_shard}" if index is not None else "rest"
+        groups.setdefault(key, {})[name] = t.to(dtype) if dtype is not None else t
+    names = sorted(groups, key=lambda k: (k == "rest", int(k.split("-")[1]) if k != "rest" else 0))
+    weight_map = {}
+    for i, key in enumerate(names):
+        file = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        save_file({n: t.contiguous() for n, t in groups[key].items()}, str(path / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in groups[key]})
+    (path / "model.safetensors.index.json").write_text(json_.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path

@@ -10,8 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import plan_with_precisions
-from test_dtype import tiny_llama_dir, tiny_plan
+from conftest import plan_with_precisions, tiny_llama_dir, tiny_plan
 
 from lsaq.cli import main
 from lsaq.models.families import model_shape

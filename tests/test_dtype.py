@@ -1,86 +1,24 @@
 """The artifact's 16-bit dtype follows the source: a bf16-native model whose activations pass float16's range
 (65504) quantizes into a bf16 artifact that stock ``from_pretrained(dir)`` runs correctly by default.
-
-Also the tiny offline checkpoints (model + tokenizer) the embedding/head and stage tests build on.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROMPT, tiny_llama_dir, tiny_plan
 from safetensors import safe_open
 
-from lsaq.models.families import model_shape
-from lsaq.models.identity import ModelInfo, ModelRef
 from lsaq.models.loading import load_model
-from lsaq.planning.devices import DeviceProfile, MemoryKind
-from lsaq.planning.memory import WeightPolicy
-from lsaq.planning.planner import Plan, PlanOptions, make_plan
 from lsaq.precision import Precision
 from lsaq.quantization.artifact import load_quantized
 from lsaq.quantization.stage import quantize
 
 FP16, INT8, INT4 = Precision.FP16, Precision.INT8, Precision.INT4
-PROMPT = "hello world"
-
-
-# ------------------------------------------------------------------------------- tiny offline checkpoints
-
-
-def tiny_tokenizer():
-    """A character-level tokenizer (4 specials + printable ASCII), built offline with ``tokenizers``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
-
-
-def tiny_llama_dir(path: Path, *, tied: bool = False, hot: bool = False, dtype: torch.dtype = torch.bfloat16,
-                   head_gain: float = 1.0, seed: int = 0) -> Path:
-    """A 3-layer Llama (hidden 64, vocab 128) saved as a safetensors checkpoint declaring ``dtype``, with tokenizer.
-
-    ``hot``: layer 0's MLP (norm gain 30, weights ~N(0, 1)) writes ~1e6 into the residual stream, past float16's
-    65504 while every weight stays small; bf16 and fp32 carry it, fp16 turns it into inf and then NaN.
-    ``head_gain`` scales an untied head, so logits have decisive margins.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=tied,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        if hot:
-            mlp = model.model.layers[0].mlp
-            model.model.layers[0].post_attention_layernorm.weight.fill_(30.0)
-            for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                lin.weight.normal_(0.0, 1.0)
-        if not tied:
-            model.lm_head.weight.mul_(head_gain)
-    model.to(dtype).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-def tiny_plan(info: ModelInfo, precisions, policy: WeightPolicy | None = None) -> Plan:
-    """A plan for ``info`` with explicit per-layer precisions and weight policy (1 GiB test device)."""
-    shape = model_shape(info.config)
-    device = DeviceProfile(name="test-1gib", memory=2**30, kind=MemoryKind.SYSTEM, reserve=0, notes="test")
-    options = PlanOptions(context=64, policy=policy or WeightPolicy())
-    base = make_plan(shape, [1.0] * shape.num_layers, device, options, model=ModelRef.from_info(info))
-    return dataclasses.replace(base, precisions=tuple(precisions))
 
 
 def greedy(model, tokenizer, n: int = 8) -> list[int]:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logit_noise
+from conftest import PROMPT, logit_noise, tiny_llama_dir, tiny_plan
 from safetensors import safe_open
-from test_dtype import PROMPT, tiny_llama_dir, tiny_plan
 from torch import nn
 
 from lsaq.models.loading import load_model

@@ -8,9 +8,8 @@ import json
 
 import pytest
 import torch
-from conftest import plan_with_precisions
+from conftest import plan_with_precisions, tiny_llama_dir, tiny_plan
 from safetensors import safe_open
-from test_dtype import tiny_llama_dir, tiny_plan
 
 from lsaq.importance.calibration import calibrate, load_calibration_dir, tokenize_windows
 from lsaq.models.loading import load_model

@@ -133,7 +133,7 @@ def test_cli_rejects_bad_input_and_writes_nothing(tmp_path, capsys, shared_gguf,
         (["--model", str(unsupported)], "unsupported architecture: model_type 'bert'"),
         (["--model", str(shared_gguf), "--method", "jaccard", "--k", "50000", "--calib", str(wiki_valid),
           "--samples", "1", "--seq-len", "16"], "k must be in [1, 49152]"),
-        (["--model", str(shared_gguf), "--calib", str(empty)], "calibration text is empty"),
+        (["--model", str(shared_gguf), "--calib", str(empty)], "empty.txt' is empty"),
         (["--model", str(shared_gguf), "--calib", str(short), "--samples", "2", "--seq-len", "64"], "too short"),
         (["--model", str(shared_gguf), "--calib", str(tmp_path / "missing.txt")], "does not exist"),
     ]

@@ -158,7 +158,7 @@ def test_real_model_int8_costs_less_than_int4_in_every_layer(shared_model):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from test_dtype import tiny_llama_dir
+    from conftest import tiny_llama_dir
 
     return tiny_llama_dir(tmp_path_factory.mktemp("tiny-loss") / "model", head_gain=20.0)
 

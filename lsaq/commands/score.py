@@ -79,8 +79,11 @@ def run(args: argparse.Namespace) -> int:
 
     def progress(n: int) -> None:
         if not bars:
-            total = args.samples if args.calib_dir is None else None  # a calibration dir has its own size
-            bars.append(tqdm(total=total, desc=f"{args.method} scoring", unit="seq", file=sys.stderr))
+            if args.method == "sensitivity":  # batches of sequences; a calibration dir has its own size
+                total, unit = (args.samples if args.calib_dir is None else None), "seq"
+            else:  # one walk over the decoder layers
+                total, unit = None, "layer"
+            bars.append(tqdm(total=total, desc=f"{args.method} scoring", unit=unit, file=sys.stderr))
         bars[0].update(n)
 
     try:

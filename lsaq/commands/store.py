@@ -11,6 +11,7 @@ import sys
 
 from lsaq.units import format_bytes, parse_bytes
 
+MAX_WAIT_S = 7 * 24 * 3600  # --wait-for-memory: a week at most
 STORE_HELP = "store: a directory, file:///path or s3://bucket/prefix (default: $LSAQ_STORE, else <lsaq cache>/store)"
 
 
@@ -133,13 +134,19 @@ def run_download(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-memory and --wait-for-memory apply to --device {LOCAL}, not {args.device!r}")
     if local and args.build is not None:
         raise ValueError(f"--device {LOCAL} chooses the build; give a device name with --build {args.build}")
+    limit = parse_bytes(args.max_memory, what="--max-memory") if args.max_memory is not None else None
+    if limit == 0:
+        raise ValueError("--max-memory must be positive, got '0'")
+    wait = args.wait_for_memory
+    if wait is not None and not 0 <= wait <= MAX_WAIT_S:
+        raise ValueError(f"--wait-for-memory must be 0 to {MAX_WAIT_S} seconds, got {wait:g}")
     try:
         store = open_from_args(args)
         if local:
-            limit = parse_bytes(args.max_memory, what="--max-memory") if args.max_memory is not None else None
-            chosen, result = download_local(store, args.to, args.model, max_memory=limit,
-                                            wait_seconds=args.wait_for_memory, force=args.force)
-            print(f"{chosen.available.describe()}: chose {describe(chosen.build)}")
+            chosen, result = download_local(store, args.to, args.model, max_memory=limit, wait_seconds=wait,
+                                            force=args.force)
+            capped = f" ({chosen.available.notes})" if limit is not None else ""
+            print(f"{chosen.available.describe()}{capped}: chose {describe(chosen.build)}")
         else:
             result = download(store, args.to, model=args.model, device=args.device, build=args.build,
                               force=args.force)

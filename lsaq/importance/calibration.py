@@ -24,10 +24,11 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 from urllib.parse import urlparse
 
 from lsaq.importance.generated import SAMPLE_BATCH, SAMPLER, sample_sequences, start_token
+from lsaq.models.weights import check_weights_file
 from lsaq.paths import cache_dir, shared_dir
 from lsaq.records import (
     RecordError,
@@ -330,6 +331,13 @@ def write_generated(path: Path, tokens: "torch.Tensor") -> None:
 # ------------------------------------------------------------------------------------------ loading a set
 
 
+def check_calibration_source(source: str | None) -> None:
+    """Refuse a local text file that cannot give a window (missing text), before a model is loaded."""
+    path = Path(source).expanduser() if source not in (None, GENERATED) else None
+    if path is not None and path.is_file() and not path.read_bytes()[:1 << 20].strip():
+        raise ValueError(f"calibration text {source!r} is empty")
+
+
 def load_calibration(
     tokenizer: Any,
     source: str | None = None,
@@ -337,13 +345,14 @@ def load_calibration(
     samples: int = 32,
     seq_len: int = 512,
     seed: int = 0,
-    model: "LoadedModel | None" = None,
+    model: "LoadedModel | Callable[[], LoadedModel] | None" = None,
 ) -> CalibrationSet:
     """Draw ``samples`` sequences of ``seq_len`` tokens from ``source``, seeded.
 
     ``source``: a file, a dataset name, ``"generated"`` (needs ``model``), or None for the default order of
-    :func:`default_source` (its last resort, generated text, also needs ``model``). Logs one INFO line naming
-    the source used and why.
+    :func:`default_source` (its last resort, generated text, also needs ``model``). ``model``: the loaded model,
+    or a function that loads it, called only when the text is generated. Logs one INFO line naming the source
+    used and why.
     """
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
@@ -358,6 +367,7 @@ def load_calibration(
     if source == GENERATED:
         if model is None:
             raise ValueError("generated calibration text needs the model (pass model=...), or give a text source")
+        model = model() if callable(model) else model
         return generate_calibration(model.model, tokenizer, model.info.content_hash, samples=samples,
                                     seq_len=seq_len, seed=seed)
     text, source_hash = read or read_text(source)
@@ -399,16 +409,19 @@ def calibrate(
 
     from lsaq import __version__
     from lsaq.models.identity import ModelRef
-    from lsaq.models.loading import load_model
+    from lsaq.models.loading import empty_model, load_model, load_tokenizer, locate_model, model_info
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RECORD_FILE).is_file())):
         raise ValueError(f"{out} exists and is not a calibration directory; it would be replaced, give a new path")
-    loaded = load_model(model, revision=revision)
-    calib = load_calibration(loaded.tokenizer, source, samples=samples, seq_len=seq_len, seed=seed, model=loaded)
+    check_calibration_source(source)
+    located = locate_model(model, revision=revision)  # text needs only the tokenizer; generated text the model
+    calib = load_calibration(load_tokenizer(located), source, samples=samples, seq_len=seq_len, seed=seed,
+                             model=lambda: load_model(model, revision=revision))
     info = calib.info()
+    ref = ModelRef.from_info(model_info(located, empty_model(located.load_dir)))
     record = {"schema": SCHEMA, "version": VERSION, "lsaq_version": __version__,
-              "model": ModelRef.from_info(loaded.info).to_json(), "calibration": info.to_json()}
+              "model": ref.to_json(), "calibration": info.to_json()}
     with atomic_dir(out) as tmp:
         save_file({"tokens": calib.tokens.contiguous()}, str(tmp / TOKENS_FILE))
         atomic_write_json(tmp / RECORD_FILE, record)
@@ -425,7 +438,7 @@ def load_calibration_dir(path: str | Path) -> CalibrationSet:
     obj = read_record(path / RECORD_FILE, SCHEMA, VERSION)
     try:
         info = CalibrationInfo.from_json(obj["calibration"])
-        tokens = load_file(str(path / TOKENS_FILE))["tokens"]
+        tokens = load_file(str(check_weights_file(path / TOKENS_FILE)))["tokens"]
     except (KeyError, TypeError, SafetensorError, OSError) as e:
         raise RecordError(f"{path}: malformed calibration directory ({type(e).__name__}: {e})") from e
     if tokens.dtype != torch.int64 or tuple(tokens.shape) != (info.samples, info.seq_len):
@@ -443,6 +456,20 @@ def calibration_model(path: str | Path) -> "ModelRef":
 
     obj = read_record(Path(path) / RECORD_FILE, SCHEMA, VERSION)
     return decode_record(obj, lambda o: ModelRef.from_json(o["model"]), str(path), "calibration record")
+
+
+def check_calibration_dir(path: str | Path) -> "ModelRef":
+    """The model a calibration directory was drawn for, after checking its record and its tokens file's header
+    (``ValueError`` naming the file): the cheap checks, made before a model is loaded."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"calibration directory {path} {'is not a directory' if path.exists() else 'does not exist'}"
+                         " (write one with `lsaq calibrate`)")
+    made_for = calibration_model(path)
+    if not (path / TOKENS_FILE).is_file():
+        raise ValueError(f"{path}: incomplete calibration directory, missing {TOKENS_FILE}")
+    check_weights_file(path / TOKENS_FILE)
+    return made_for
 
 
 def load_calibration_for(path: str | Path, info: "ModelInfo") -> CalibrationSet:

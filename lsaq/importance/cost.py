@@ -149,7 +149,7 @@ def measure_layer_loss(
     start = time.perf_counter()
     bank = None
     if quantizer == Quantizer.GPTQ.value:
-        specs = float_input_gptq(model, decoder_parts(model), calib.tokens,
+        specs = float_input_gptq(decoder_parts(model), calib.tokens,
                                  [(p.precision, p.group_size) for p in parsed])
         bank = [{p: layer[p.precision, p.group_size] for p in parsed} for layer in specs]
     samples = probe_samples(model, calib, parsed, batch_size=batch_size, progress=progress, bank=bank,

@@ -8,27 +8,31 @@ For decoder layer i with input hidden state ``h_i`` and output ``h_{i+1}`` (both
 * ``sensitivity``: the KL divergence of next-token distributions when only layer i is INT4 (the ground truth the
   two proxies estimate; about L/2 forward passes per batch instead of one, see :mod:`lsaq.importance.sensitivity`).
 
-One forward pass per batch does it all: hooks on the decoder layers see every hidden state as it is produced,
-project it through the lens in chunks of positions (one ``[chunk, V]`` logits buffer, reused) and keep only the
-top-k indices of the previous state, so the L+1 lens projections are shared between neighbouring layers and
-full-vocabulary logits never exist for more than one chunk at a time.
+One walk over the decoder layers does it all (:mod:`lsaq.engine`; the model in memory or streamed from its
+checkpoint one layer at a time): each layer's outputs are projected through the lens in chunks of positions (one
+``[chunk, V]`` logits buffer, reused) and only their top-k indices are kept for the next layer, so the L+1 lens
+projections are shared between neighbouring layers and full-vocabulary logits never exist for more than one
+chunk at a time.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from lsaq.engine.calls import record_calls
+from lsaq.engine.skeleton import Layers, Resident
+from lsaq.engine.walk import walk
 from lsaq.importance.calibration import CalibrationSet
 from lsaq.importance.record import LayerImportance
 from lsaq.importance.similarity import cosine, jaccard, topk_indices
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, SENSITIVITY_PROBE, Method
 from lsaq.models.identity import ModelInfo
-from lsaq.models.parts import decoder_parts, layer_output
+from lsaq.models.parts import decoder_parts
 
 
 class _Lens:
@@ -60,7 +64,7 @@ class _Lens:
 
 
 def score_samples(
-    model: nn.Module,
+    model: nn.Module | Layers,
     calib: CalibrationSet,
     method: str | Method = DEFAULT_METHOD,
     k: int = DEFAULT_K,
@@ -69,60 +73,52 @@ def score_samples(
     chunk: int = 1024,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Per-sample, per-layer importance ``[N, num_layers]`` (float64), one forward pass per batch.
+    """Per-sample, per-layer importance ``[N, num_layers]`` (float64) in one walk over the decoder layers
+    (:func:`lsaq.engine.walk.walk`): ``model`` in memory, or a :class:`~lsaq.engine.skeleton.Skeleton` whose layers
+    are read one at a time. ``progress`` is called with 1 after each layer.
 
-    ``sensitivity`` is delegated to :func:`lsaq.importance.sensitivity.sensitivity_samples` (per-channel INT4 probe).
+    ``sensitivity`` (a model in memory only) is delegated to :func:`lsaq.importance.sensitivity.sensitivity_samples`
+    (per-channel INT4 probe; ``progress`` then counts sequences).
     """
     method = Method.parse(method)
     if method is Method.SENSITIVITY:
         from lsaq.importance.sensitivity import sensitivity_samples
 
+        if not isinstance(model, nn.Module):
+            raise ValueError("sensitivity scoring needs the whole model in memory, not a layer stream")
         return sensitivity_samples(model, calib, batch_size=batch_size, chunk=chunk, progress=progress)
-    parts = decoder_parts(model)
-    vocab = parts.lm_head.weight.shape[0] if hasattr(parts.lm_head, "weight") else model.config.vocab_size
+    layers = Resident(decoder_parts(model)) if isinstance(model, nn.Module) else model
+    parts = layers.parts
+    vocab = parts.lm_head.weight.shape[0]
     if method is Method.JACCARD and not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, {vocab}] (the vocabulary size), got k={k}")
-    n, n_layers = calib.samples, len(parts.layers)
-    scores = np.zeros((n, n_layers), dtype=np.float64)
     lens = _Lens(parts.final_norm, parts.lm_head, k, chunk)
-    # "prev" holds the representation of the current layer's input: top-k ids [B, T, k] or the hidden state.
-    state: dict[str, Any] = {}
 
-    def represent(h: torch.Tensor) -> torch.Tensor:
+    def represent(h: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> top-k ids [B, T, k], or the hidden state
         return lens.topk(h) if method is Method.JACCARD else h
 
-    def on_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        state["prev"] = represent(args[0] if args else kwargs["hidden_states"])
+    calls = record_calls(parts, calib.tokens, batch_size)
+    sims = torch.zeros(calib.samples, len(parts.layers), dtype=torch.float64)
+    prev: list[torch.Tensor] = []  # the representation of the current layer's inputs, per batch
 
-    def on_output(index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            cur = represent(layer_output(output))
-            sim = jaccard(state["prev"], cur) if method is Method.JACCARD else cosine(state["prev"], cur)
-            state["sim"][:, index] = (1.0 - sim.double()).mean(-1)  # [B] mean over positions
-            state["prev"] = cur
+    def visit(index: int, _layer: nn.Module, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
+        if index == 0:
+            prev.extend(represent(h) for h in inputs)
+        start = 0
+        for b, out in enumerate(outputs):
+            cur = represent(out)
+            sim = jaccard(prev[b], cur) if method is Method.JACCARD else cosine(prev[b], cur)
+            sims[start:start + out.shape[0], index] = (1.0 - sim.double()).mean(-1)  # [B] mean over positions
+            prev[b], start = cur, start + out.shape[0]
+        if progress is not None:
+            progress(1)
 
-        return hook
-
-    handles = [parts.layers[0].register_forward_pre_hook(on_input, with_kwargs=True)]
-    handles += [layer.register_forward_hook(on_output(i), with_kwargs=True) for i, layer in enumerate(parts.layers)]
-    try:
-        with torch.inference_mode():
-            for s in range(0, n, batch_size):
-                ids = calib.tokens[s : s + batch_size]
-                state["sim"] = torch.zeros(ids.shape[0], n_layers, dtype=torch.float64)
-                # The decoder stack alone: the model's own LM head output is not needed (the lens computes it).
-                parts.base(input_ids=ids, use_cache=False)
-                scores[s : s + ids.shape[0]] = state["sim"].numpy()
-                if progress is not None:
-                    progress(ids.shape[0])
-    finally:
-        for h in handles:
-            h.remove()
-    return scores
+    walk(layers, calls, visit)
+    return sims.numpy()
 
 
 def score_importance(
-    model: nn.Module,
+    model: nn.Module | Layers,
     info: ModelInfo,
     calib: CalibrationSet,
     method: str | Method = DEFAULT_METHOD,
@@ -131,7 +127,8 @@ def score_importance(
     batch_size: int = 4,
     progress: Callable[[int], None] | None = None,
 ) -> LayerImportance:
-    """Score every decoder layer of ``model`` on ``calib``; returns the :class:`LayerImportance` record."""
+    """Score every decoder layer of ``model`` (in memory, or a layer stream) on ``calib``; returns the
+    :class:`LayerImportance` record."""
     method = Method.parse(method)
     start = time.perf_counter()
     per_sample = score_samples(model, calib, method, k, batch_size=batch_size, progress=progress)

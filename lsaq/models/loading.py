@@ -172,25 +172,46 @@ def load_model(
     dequantized once and cached as a float safetensors checkpoint, so later loads are fast. Only safetensors
     weights are read; ``trust_remote_code`` is off unless asked for.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     located = locate_model(source, revision=revision, dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(
         located.load_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(located.load_dir, trust_remote_code=trust_remote_code)
-    parts = decoder_parts(model)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(located, trust_remote_code), info=model_info(located, model))
+
+
+def empty_model(load_dir: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """The model of ``load_dir``'s config with every parameter on the meta device and every buffer real (rotary
+    frequencies, embedding scales), in eval mode: its structure and identity without its weights' memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(load_dir, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def load_tokenizer(located: LocatedModel, trust_remote_code: bool = False) -> Any:
+    """The tokenizer beside ``located``'s weights."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(located.load_dir, trust_remote_code=trust_remote_code)
+
+
+def model_info(located: LocatedModel, model: nn.Module) -> ModelInfo:
+    """The identity record of ``located``'s model, built (weights loaded, or a layer-streaming skeleton)."""
     config = model.config.to_dict()
-    info = ModelInfo(
+    return ModelInfo(
         id=located.id,
         source=str(located.path),
         revision=located.revision,
         content_hash=located.content_hash,
         architecture=(config.get("architectures") or [type(model).__name__])[0],
         model_type=located.model_type,
-        num_layers=len(parts.layers),
+        num_layers=len(decoder_parts(model).layers),
         config=json.loads(json.dumps(config, default=str)),
         dtype=located.declared_dtype,
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)

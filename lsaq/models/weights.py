@@ -84,9 +84,14 @@ def check_weights_file(path: Path) -> Path:
 _MAX_SAFETENSORS_HEADER = 100_000_000
 
 
-def _check_safetensors(path: Path) -> None:
+def safetensors_names(path: Path) -> list[str]:
+    """The tensor names a safetensors file holds, after the checks of :func:`check_weights_file`."""
+    return _check_safetensors(path)
+
+
+def _check_safetensors(path: Path) -> list[str]:
     """The layout: an 8-byte little-endian header length N, N bytes of JSON naming each tensor's ``data_offsets``,
-    then exactly the bytes those offsets cover."""
+    then exactly the bytes those offsets cover. Returns the tensor names."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -117,6 +122,7 @@ def _check_safetensors(path: Path) -> None:
     if end != data:
         what = "truncated" if end > data else "size mismatch"
         raise ValueError(f"{path}: {what}: its header describes {end} bytes of tensor data, the file holds {data}")
+    return [name for name in header if name != "__metadata__"]
 
 
 # GGUF value types (gguf.constants.GGUFValueType) of fixed size -> bytes; 8 is a string, 9 an array

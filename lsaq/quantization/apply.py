@@ -131,7 +131,7 @@ def quantize_model(
     dtype = storage_dtype(info.dtype)
     group = plan.options.policy.group_size
     names = [lin.name for lin in plan.shape.layer_linears]
-    feed = LayerFeed.capture(model, parts, calibration) if calibration is not None else None
+    feed = LayerFeed.capture(parts, calibration) if calibration is not None else None
     with torch.inference_mode():
         for i, (layer, precision) in enumerate(zip(parts.layers, plan.precisions)):
             quantized = precision is not Precision.FP16

@@ -2,12 +2,12 @@
 quantized, so each layer's error compensation (GPTQ, :mod:`lsaq.quantization.gptq`) sees the activations the
 quantized model will really produce.
 
-:class:`LayerFeed` holds the calibration activations entering the current decoder layer: one recorded call
-``(args, kwargs)`` per batch, captured at layer 0 by running the model's embedding (and whatever precedes the
-first layer: rotary position embeddings, masks) on the calibration tokens. For each layer it measures every
-linear's input Hessian (:meth:`LayerFeed.hessians`), and once the layer is quantized it runs the layer to
-produce the next layer's inputs (:meth:`LayerFeed.advance`). Memory: the model, the feed (``N x L x hidden``
-floats, e.g. 32 x 512 x 576 x 4 B = 38 MB for SmolLM2-135M) and one layer's Hessians (``in x in`` each).
+:class:`LayerFeed` holds the calibration activations entering the current decoder layer, per batch, and every
+layer's own call arguments, recorded once by running the decoder stack's embedding, masks and rotary tables on the
+calibration tokens (:func:`lsaq.engine.calls.record_calls`). For each layer it measures every linear's input
+Hessian (:meth:`LayerFeed.hessians`), and once the layer is quantized it runs the layer to produce the next
+layer's inputs (:meth:`LayerFeed.advance`). Memory: the model, the feed (``N x L x hidden`` floats, e.g.
+32 x 512 x 576 x 4 B = 38 MB for SmolLM2-135M) and one layer's Hessians (``in x in`` each).
 
 All linears of a layer are measured from the same inputs (no "true sequential" re-measurement inside a layer).
 """
@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from lsaq.engine.calls import LayerCalls, record_calls
 from lsaq.models.parts import DecoderParts
 from lsaq.precision import Precision, Quantizer
 from lsaq.quantization.gptq import HessianAccumulator, gptq_quantize
@@ -41,51 +42,26 @@ def check_quantizer(quantizer: "Quantizer | str", calibration: Any, what: str = 
     return quantizer
 
 
-class _Captured(Exception):
-    """Raised by the capture hook: the rest of the model is not needed."""
-
-
 @dataclass
 class LayerFeed:
-    """The calibration inputs of the current decoder layer: ``calls[b] = (args, kwargs)`` for batch ``b``, where
-    the hidden states ``[batch, L, hidden]`` are ``args[0]`` (or ``kwargs["hidden_states"]``)."""
+    """The calibration inputs of the current decoder layer ``index``: ``hidden[b]`` ``[batch, L, hidden]`` for
+    batch ``b``, and every layer's own recorded call (:class:`~lsaq.engine.calls.LayerCalls`: masks and rotary
+    tables differ between layers where a family mixes attention types)."""
 
-    calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    calls: LayerCalls
+    hidden: list[torch.Tensor]
+    index: int = 0
 
     @classmethod
-    def capture(cls, model: nn.Module, parts: DecoderParts, tokens: torch.Tensor,
-                batch_size: int = CALIBRATION_BATCH) -> "LayerFeed":
-        """Record the first decoder layer's calls for the token ids ``tokens [N, L]`` (int64), in batches."""
-        if tokens.dim() != 2 or tokens.dtype != torch.int64 or tokens.shape[0] == 0:
-            raise ValueError(f"calibration tokens must be int64 [N, L] with N >= 1, got {tokens.dtype} "
-                             f"{tuple(tokens.shape)}")
-        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-        def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            calls.append((args, dict(kwargs)))
-            raise _Captured
-
-        hook = parts.layers[0].register_forward_pre_hook(record, with_kwargs=True)
-        try:
-            with torch.inference_mode():
-                for start in range(0, tokens.shape[0], batch_size):
-                    try:
-                        model(input_ids=tokens[start:start + batch_size], use_cache=False)
-                    except _Captured:
-                        pass
-        finally:
-            hook.remove()
-        assert len(calls) == -(-tokens.shape[0] // batch_size), "the first decoder layer was not reached"
-        return cls(calls)
+    def capture(cls, parts: DecoderParts, tokens: torch.Tensor, batch_size: int = CALIBRATION_BATCH) -> "LayerFeed":
+        """The feed of layer 0 for the token ids ``tokens [N, L]`` (int64), in batches."""
+        calls = record_calls(parts, tokens, batch_size)
+        return cls(calls, list(calls.inputs))
 
     def run(self, layer: nn.Module) -> list[torch.Tensor]:
-        """``layer``'s output hidden states ``[batch, L, hidden]`` for every recorded call."""
-        outs = []
+        """``layer``'s (the current layer's) output hidden states ``[batch, L, hidden]`` for every batch."""
         with torch.inference_mode():
-            for args, kwargs in self.calls:
-                out = layer(*args, **kwargs)
-                outs.append(out[0] if isinstance(out, tuple) else out)
-        return outs
+            return [call(layer, h) for call, h in zip(self.calls.calls[self.index], self.hidden)]
 
     def hessians(self, layer: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
         """GPTQ's Hessian ``2/n X^T X [in, in]`` of each named linear of ``layer``, over every calibration token."""
@@ -103,19 +79,15 @@ class LayerFeed:
         return {n: acc.hessian() for n, acc in accumulators.items()}
 
     def advance(self, layer: nn.Module) -> None:
-        """Replace the recorded hidden states by ``layer``'s outputs: the feed of the next layer."""
-        for b, ((args, kwargs), hidden) in enumerate(zip(self.calls, self.run(layer))):
-            if args:
-                self.calls[b] = ((hidden, *args[1:]), kwargs)
-            else:
-                self.calls[b] = (args, {**kwargs, "hidden_states": hidden})
+        """Replace the hidden states by ``layer``'s outputs: the feed of the next layer."""
+        self.hidden = self.run(layer)
+        self.index += 1
 
 
 Spec = tuple[Precision, "int | None"]  # (precision, INT4 group size or None)
 
 
 def float_input_gptq(
-    model: nn.Module,
     parts: DecoderParts,
     tokens: torch.Tensor,
     specs: Sequence[Spec],
@@ -131,7 +103,7 @@ def float_input_gptq(
     instead (:func:`lsaq.quantization.apply.quantize_model`). Memory: the feed, one layer's Hessians, and the packed
     bank (INT8 + INT4 codes: 3/4 of the model's fp16 bytes).
     """
-    feed = LayerFeed.capture(model, parts, tokens)
+    feed = LayerFeed.capture(parts, tokens)
     bank: list[dict[Spec, dict[str, QuantizedWeight]]] = []
     with torch.inference_mode():
         for i, layer in enumerate(parts.layers):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from lsaq.importance.calibration import load_calibration_for
+from lsaq.importance.calibration import check_calibration_dir, load_calibration_for
 from lsaq.models.identity import ModelRef
 from lsaq.models.loading import load_model
 from lsaq.planning.planner import Plan
@@ -61,6 +61,8 @@ def quantize(
     """
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     quantizer = check_quantizer(quantizer, calibration)  # before the model loads
+    if calibration is not None:
+        check_calibration_dir(calibration)
     source = model if model is not None else plan_model_source(plan.model)
     start = time.perf_counter()
     loaded = load_model(source)

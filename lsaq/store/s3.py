@@ -51,9 +51,11 @@ def check_bucket(bucket: str) -> str:
 def check_endpoint(endpoint_url: str) -> str:
     """An endpoint URL without credentials in it (they belong in the AWS credential chain)."""
     parts = urlsplit(endpoint_url)
+    secret = parts.username is not None or parts.password is not None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"S3 endpoint must be an http(s) URL such as http://127.0.0.1:9000, got a {parts.scheme!r} URL")
-    if parts.username is not None or parts.password is not None:
+        shown = f"a {parts.scheme!r} URL with credentials in it" if secret else repr(endpoint_url)
+        raise ValueError(f"S3 endpoint must be an http(s) URL such as http://127.0.0.1:9000, got {shown}")
+    if secret:
         raise ValueError("S3 endpoint URL must not contain credentials (user:password@); use the AWS credential "
                          "chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, ...)")
     return endpoint_url

@@ -66,8 +66,10 @@ def cap(profile: DeviceProfile, max_memory: int | None) -> DeviceProfile:
         return profile
     if max_memory <= 0:
         raise ValueError(f"the memory limit must be positive, got {max_memory}")
-    return dataclasses.replace(profile, memory=max_memory + profile.reserve,
-                               notes=f"{profile.notes}; capped at {format_bytes(max_memory)}")
+    # The whole limit is usable: the device's reserve is already outside what it measured free.
+    return dataclasses.replace(profile, memory=max_memory, reserve=0,
+                               notes=f"capped by --max-memory; {format_bytes(profile.usable)} usable free here "
+                                     f"({profile.notes})")
 
 
 def candidates(store: Backend, model: str) -> list[BuildManifest]:

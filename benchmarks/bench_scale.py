@@ -1,0 +1,115 @@
+"""Scoring a 7B on a 24 GiB machine: peak memory and time of the layer-streaming stages at 2, 8 and 32 layers.
+
+For each depth, a random-weight checkpoint of Llama-2-7B's widths (hidden 4096, MLP 11008, vocabulary 32000) is
+written in bf16, one decoder layer per shard with an index (:func:`lsaq.engine.synthetic.write_random_checkpoint`;
+13.5 GB at 32 layers, in a temporary folder, removed afterwards). Then, each in its own process, as a user runs
+them: ``lsaq calibrate`` (2 x 128 tokens from text; only the tokenizer is loaded) and ``lsaq score`` with the
+cosine and jaccard methods on that calibration set. Reported per stage: wall time, time per layer, and the
+process's peak resident memory (the kernel's ``ru_maxrss``).
+
+Targets: peak RSS at 32 layers / at 2 layers <= 1.25 for every stage (memory does not grow with depth), and
+within 4 GiB at 32 layers (a whole float32 7B is 27 GB).
+
+    .venv/bin/python benchmarks/bench_scale.py [--layers 2 8 32] [--config llama-2-7b] [--dir /big/tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+RATIO_TARGET, PEAK_TARGET_GIB = 1.25, 4.0
+# Runs lsaq's CLI in this process and prints its peak RSS (KiB on Linux) as the last line.
+RUN = ("import resource, sys; from lsaq.cli import main; rc = main(sys.argv[1:]); "
+       "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+
+
+def stage(argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS GiB) of ``lsaq ARGV`` in its own process; exits on failure."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", RUN, "-q", *argv], capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"lsaq {' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    kib = int(proc.stdout.strip().splitlines()[-1].split()[1])
+    return wall, kib * 1024 / GIB
+
+
+def calibration_text(folder: Path) -> Path:
+    """WikiText-2 validation from ../shared when present, else this repository's README (any text will do: the
+    weights are random)."""
+    from lsaq.paths import shared_dir
+
+    shared = shared_dir()
+    wiki = shared / "data/wikitext-2-raw/wiki.valid.raw" if shared else None
+    if wiki is not None and wiki.is_file():
+        return wiki
+    text = folder / "text.txt"
+    text.write_text((ROOT / "README.md").read_text())
+    return text
+
+
+def main() -> None:
+    from lsaq.engine.synthetic import write_random_checkpoint
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32])
+    ap.add_argument("--config", default="llama-2-7b", help="a shipped config name (lsaq/data/configs)")
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--dir", default=None, help="scratch folder (default: the system's temporary folder)")
+    args = ap.parse_args()
+    config = json.loads(resources.files("lsaq").joinpath(f"data/configs/{args.config}.json").read_text())
+    rows: list[tuple[int, float, str, float, float]] = []
+    for layers in args.layers:
+        scratch = Path(tempfile.mkdtemp(prefix="lsaq-bench-scale-", dir=args.dir))
+        try:
+            model = scratch / "model"
+            start = time.perf_counter()
+            write_random_checkpoint(config, model, layers=layers)
+            written = time.perf_counter() - start
+            size = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
+            print(f"{layers} layers: wrote {size:.2f} GB of bf16 shards in {written:.0f} s", flush=True)
+            calib = scratch / "calib"
+            text = calibration_text(scratch)
+            runs = {
+                "calibrate": ["calibrate", "--model", str(model), "--calib", str(text), "--samples",
+                              str(args.samples), "--seq-len", str(args.seq_len), "--out", str(calib)],
+                **{f"score {m}": ["score", "--model", str(model), "--method", m, "--calib-dir", str(calib),
+                                  "--out", str(scratch / f"{m}.json")] for m in ("cosine", "jaccard")},
+            }
+            for name, argv in runs.items():
+                wall, peak = stage(argv)
+                rows.append((layers, size, name, wall, peak))
+                print(f"  {name:14s} {wall:7.1f} s  {wall / layers:6.2f} s/layer  peak RSS {peak:.2f} GiB", flush=True)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print(f"\n{args.config} widths, {args.samples} x {args.seq_len} tokens, float32 compute, one process per stage:\n")
+    print("| layers | checkpoint (bf16) | stage | wall | per layer | peak RSS |")
+    print("|---|---|---|---|---|---|")
+    for layers, size, name, wall, peak in rows:
+        print(f"| {layers} | {size:.2f} GB | {name} | {wall:.1f} s | {wall / layers:.2f} s | {peak:.2f} GiB |")
+    deepest, shallowest = max(args.layers), min(args.layers)
+    ok = True
+    for name in dict.fromkeys(r[2] for r in rows):
+        peaks = {r[0]: r[4] for r in rows if r[2] == name}
+        ratio = peaks[deepest] / peaks[shallowest]
+        within = ratio <= RATIO_TARGET and peaks[deepest] <= PEAK_TARGET_GIB
+        ok &= within
+        print(f"{name}: peak RSS {deepest} / {shallowest} layers = {ratio:.2f} (target <= {RATIO_TARGET}); "
+              f"{peaks[deepest]:.2f} GiB at {deepest} layers (target <= {PEAK_TARGET_GIB} GiB): "
+              f"{'met' if within else 'MISSED'}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The layer-streaming engine: a checkpoint read one module at a time, the skeleton, every layer's own call, the walk.
+
+Streamed hidden states equal a whole-model forward for every registered family (mixed sliding and full attention
+included); GPTQ's feed equals them layer by layer; a damaged shard or index is named; scoring streams a sharded
+checkpoint in a fraction of the whole model's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import shard_checkpoint, tiny_family_model
+
+from lsaq.engine.calls import record_calls
+from lsaq.engine.checkpoint import Checkpoint
+from lsaq.engine.skeleton import Resident, Skeleton
+from lsaq.engine.walk import walk
+from lsaq.models.families import SUPPORTED_MODEL_TYPES
+from lsaq.models.parts import decoder_parts
+from lsaq.quantization.sequential import LayerFeed
+
+ROOT = Path(__file__).resolve().parents[1]
+MIXED = ("gemma2", "gemma3_text", "qwen3")  # configured with alternating sliding and full attention
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
+    """Per family: a tiny random checkpoint in float32 (sharded one layer per file) and the model it holds."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for model_type in SUPPORTED_MODEL_TYPES:
+        model = tiny_family_model(model_type, layers=4, mixed=model_type in MIXED)
+        shard_checkpoint(model, root / model_type, layers_per_shard=1)
+        out[model_type] = (root / model_type, model)
+    return out
+
+
+def tokens(n: int = 5, length: int = 12) -> torch.Tensor:
+    return torch.randint(3, 96, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+def reference(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Every decoder layer's output ``[N, T, H]`` from one whole-model forward, taken by forward hooks."""
+    outs: list[torch.Tensor] = []
+    parts = decoder_parts(model)
+    hooks = [layer.register_forward_hook(lambda _m, _a, out: outs.append(out[0] if isinstance(out, tuple) else out))
+             for layer in parts.layers]
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_the_stream_gives_the_whole_models_hidden_states(model_type, checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = checkpoints[model_type]
+    ids = tokens()
+    # float64 on both sides (buffers computed in float64 too): rounding far below any real difference
+    wide = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    ref = reference(wide, ids)
+    skeleton = Skeleton.build(Checkpoint.open(path), dtype=torch.float64)
+    assert all(p.is_meta for layer in skeleton.parts.layers for p in layer.parameters())
+    got: dict[int, torch.Tensor] = {}
+    walk(skeleton, record_calls(skeleton.parts, ids, batch_size=2), lambda i, _l, _x, y: got.setdefault(i, torch.cat(y)))
+    assert sorted(got) == list(range(4))
+    for i, expected in enumerate(ref):
+        torch.testing.assert_close(got[i], expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+    assert all(p.is_meta for layer in skeleton.parts.layers for p in layer.parameters())  # every layer released
+    # GPTQ's feed, on the model in memory: each layer's inputs are the whole model's, layer by layer
+    feed = LayerFeed.capture(decoder_parts(wide), ids, batch_size=3)
+    for i, layer in enumerate(decoder_parts(wide).layers):
+        feed.advance(layer)
+        torch.testing.assert_close(torch.cat(feed.hidden), ref[i], rtol=1e-12, atol=1e-12 * float(ref[i].abs().max()))
+
+
+@pytest.mark.parametrize("model_type", MIXED)
+def test_layers_of_mixed_attention_have_their_own_calls(model_type, checkpoints):
+    """Replaying layer 0's call for every layer (sliding window 5 of 12 tokens) gives other hidden states."""
+    _, model = checkpoints[model_type]
+    ids = tokens()
+    parts = decoder_parts(model)
+    calls = record_calls(parts, ids, batch_size=5)
+    first = calls.calls[0][0]
+    with torch.inference_mode():
+        replayed = first(parts.layers[1], first(parts.layers[0], calls.inputs[0]))
+    ref = reference(model, ids)
+    assert (replayed - ref[1]).abs().max() > 1e-3 * ref[1].abs().max()
+
+
+def test_resident_and_streamed_walks_agree_and_tied_heads_are_tied(tmp_path):
+    model = tiny_family_model("gemma", layers=2)  # gemma ties its head to the embedding
+    shard_checkpoint(model, tmp_path / "m", layers_per_shard=2)
+    skeleton = Skeleton.build(Checkpoint.open(tmp_path / "m"))
+    assert skeleton.parts.lm_head.weight is skeleton.parts.embed.weight
+    ids = tokens()
+    streamed = walk(skeleton, record_calls(skeleton.parts, ids, 5), lambda *a: None)
+    resident = walk(Resident(decoder_parts(model)), record_calls(decoder_parts(model), ids, 5), lambda *a: None)
+    torch.testing.assert_close(streamed[0], resident[0], rtol=0, atol=0)
+
+
+def damaged(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_damaged_shard_or_index_is_named(checkpoints, tmp_path):
+    src, _ = checkpoints["llama"]
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+
+    cut = damaged(src, tmp_path / "cut")
+    raw = (cut / shard).read_bytes()
+    (cut / shard).write_bytes(raw[:-16])
+    gone = damaged(src, tmp_path / "gone")
+    (gone / shard).unlink()
+    bad_json = damaged(src, tmp_path / "json")
+    (bad_json / "model.safetensors.index.json").write_text("{")
+    moved = damaged(src, tmp_path / "moved")  # a tensor the index says is in another shard
+    other = dict(index, weight_map={**index["weight_map"], "model.norm.weight": shard})
+    (moved / "model.safetensors.index.json").write_text(json.dumps(other))
+    cases = [
+        (cut, f"{cut / shard}: truncated: its header describes"),
+        (gone, f"model.safetensors.index.json: shard {shard} (holding"),
+        (bad_json, "model.safetensors.index.json: not a safetensors index"),
+        (moved, "does not match model.safetensors.index.json: it lacks 'model.norm.weight'"),
+    ]
+    for path, message in cases:
+        with pytest.raises(ValueError) as e:
+            Checkpoint.open(path)
+        assert message in str(e.value), (path, str(e.value))
+
+
+def test_streamed_scores_equal_a_whole_model_forward(shared_gguf, wiki_valid, tmp_path):
+    """Cosine and jaccard from ``score`` (the checkpoint streamed one layer at a time) against the same measures
+    taken by hooks on one whole-model forward of the shared model (float32 both)."""
+    from lsaq.importance.calibration import calibrate, load_calibration_dir
+    from lsaq.importance.similarity import cosine, jaccard, topk_indices
+    from lsaq.importance.stage import score
+    from lsaq.methods import DEFAULT_K
+    from lsaq.models.loading import load_model
+
+    calibrate(str(shared_gguf), tmp_path / "calib", source=str(wiki_valid), samples=4, seq_len=64)
+    ids = load_calibration_dir(tmp_path / "calib").tokens
+    loaded = load_model(shared_gguf)
+    parts = decoder_parts(loaded.model)
+    with torch.inference_mode():
+        first: list[torch.Tensor] = []
+        hook = parts.layers[0].register_forward_pre_hook(lambda _m, args: first.append(args[0]))
+        outs = reference(loaded.model, ids)
+        hook.remove()
+        hidden = [first[0], *outs]  # h_0 .. h_L, each [N, T, H]
+        lens = [topk_indices(parts.lm_head(parts.final_norm(h)), DEFAULT_K) for h in hidden]
+        want = {
+            "cosine": np.array([(1 - cosine(hidden[i], hidden[i + 1]).double()).mean().item() for i in range(len(outs))]),
+            "jaccard": np.array([(1 - jaccard(lens[i], lens[i + 1]).double()).mean().item() for i in range(len(outs))]),
+        }
+    for method, expected in want.items():
+        got = np.array(score(str(shared_gguf), method=method, calibration=tmp_path / "calib").importance)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0, err_msg=method)
+
+
+# Runs lsaq's CLI in this process and prints its peak RSS (KiB on Linux) as the last line.
+PEAK_RSS = ("import resource, sys; from lsaq.cli import main; rc = main(sys.argv[1:]); "
+            "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+STREAM_FRACTION = 0.5  # of the whole model's float32 bytes
+
+
+@pytest.mark.slow
+def test_scoring_a_sharded_checkpoint_holds_one_layer(tmp_path):
+    """12 layers of width 2048 (651M parameters: 2.4 GiB in float32, 1.3 GB of bf16 shards, one layer each):
+    ``lsaq score`` in its own process peaks under half the float32 model (the import of torch and transformers,
+    the embedding and head in float32, one layer, the hidden states)."""
+    from lsaq.engine.synthetic import write_random_checkpoint
+
+    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048, intermediate_size=5632,
+                  num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16, vocab_size=8192,
+                  max_position_embeddings=256, tie_word_embeddings=False)
+    model = write_random_checkpoint(config, tmp_path / "model")
+    params = sum(2048 * 2048 * 4 + 3 * 2048 * 5632 for _ in range(12)) + 2 * 8192 * 2048
+    assert len(list(model.glob("*.safetensors"))) == 13
+    text = tmp_path / "text.txt"  # the character tokenizer: 32 tokens are 32 characters
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 10)
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, "score", "--model", str(model), "--method", "jaccard",
+                           "--calib", str(text), "--samples", "2", "--seq-len", "32", "--out",
+                           str(tmp_path / "imp.json")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak = int(proc.stdout.strip().splitlines()[-1].split()[1]) * 1024
+    assert peak < STREAM_FRACTION * params * 4, f"peak RSS {peak / 2**30:.2f} GiB, float32 model {params * 4 / 2**30:.2f} GiB"
+    record = json.loads((tmp_path / "imp.json").read_text())
+    assert len(record["importance"]) == 12 and all(np.isfinite(record["importance"]))
