@@ -200,3 +200,41 @@ def test_scoring_a_sharded_checkpoint_holds_one_layer(tmp_path):
     assert peak < STREAM_FRACTION * params * 4, f"peak RSS {peak / 2**30:.2f} GiB, float32 model {params * 4 / 2**30:.2f} GiB"
     record = json.loads((tmp_path / "imp.json").read_text())
     assert len(record["importance"]) == 12 and all(np.isfinite(record["importance"]))
+
+
+def test_a_checkpoint_missing_a_layer_tensor_is_refused_before_any_layer_runs(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src, _ = checkpoints["llama"]
+    path = damaged(src, tmp_path / "short")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name = "model.layers.2.mlp.down_proj.weight"
+    shard = path / index["weight_map"].pop(name)
+    tensors = load_file(str(shard))
+    del tensors[name]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"the checkpoint has no tensor {name}$"):
+        Skeleton.build(Checkpoint.open(path))
+
+
+def test_a_large_head_stays_16_bit_and_cosine_reads_no_head(tmp_path, monkeypatch):
+    import lsaq.engine.skeleton as skeleton_module
+    import lsaq.importance.scoring as scoring
+    from lsaq.importance.calibration import CalibrationSet
+    from lsaq.importance.scoring import score_samples
+
+    model = tiny_family_model("llama", layers=3, tie_word_embeddings=False)
+    shard_checkpoint(model, tmp_path / "m", dtype=torch.bfloat16)
+    checkpoint = Checkpoint.open(tmp_path / "m")
+    calib = CalibrationSet.from_tokens(tokens(4, 16))
+    whole = Skeleton.build(checkpoint)
+    assert whole.parts.lm_head.weight.dtype == torch.float32
+    monkeypatch.setattr(skeleton_module, "HEAD_LIMIT", 0)
+    monkeypatch.setattr(scoring, "VOCAB_SLICE", 7)  # 96 rows: 14 slices, the last one short
+    large = Skeleton.build(checkpoint)
+    assert large.parts.lm_head.weight.dtype == torch.bfloat16 and large.parts.embed.weight.dtype == torch.float32
+    np.testing.assert_array_equal(score_samples(large, calib, "jaccard", 5), score_samples(whole, calib, "jaccard", 5))
+    headless = Skeleton.build(checkpoint, head=False)
+    assert headless.parts.lm_head.weight.is_meta
+    np.testing.assert_array_equal(score_samples(headless, calib, "cosine"), score_samples(whole, calib, "cosine"))

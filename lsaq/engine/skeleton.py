@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     import ctypes
 
 
+HEAD_LIMIT = 2**30  # bytes of a compute-dtype LM head above which it stays in the checkpoint's dtype
+
+
 class Layers(Protocol):
     """Decoder layers a walk loads one at a time (:func:`lsaq.engine.walk.walk`)."""
 
@@ -65,10 +68,15 @@ class Skeleton:
     sources: list[dict[str, str]] = field(repr=False)  # per layer: its state's names -> the checkpoint's names
 
     @classmethod
-    def build(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
-              trust_remote_code: bool = False) -> "Skeleton":
+    def build(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+              head: bool = True) -> "Skeleton":
         """The skeleton of ``checkpoint``'s model; ``ValueError`` naming a tensor the checkpoint lacks or has
-        too many of outside the decoder layers."""
+        too many of outside the decoder layers, before any layer is read.
+
+        ``head``: materialize an untied LM head (False: it stays on the meta device, for stages that never
+        project onto the vocabulary). A head whose ``dtype`` copy would pass :data:`HEAD_LIMIT` bytes stays in
+        the checkpoint's 16-bit dtype: users of ``parts.lm_head.weight`` upcast it in slices of the vocabulary.
+        """
         model_type = checkpoint.config.get("model_type")
         prefix = family(model_type, f" in {checkpoint.path / 'config.json'}").layer_prefix
         model = empty_model(checkpoint.path, dtype, trust_remote_code)
@@ -76,20 +84,25 @@ class Skeleton:
         empty = [{k: torch.empty_like(v, device="meta") for k, v in layer.state_dict().items()}
                  for layer in parts.layers]
         names = model_names(model, checkpoint.names())
-        outside = [n for n in names if not n.startswith(prefix + ".")]
+        head_names = {n for n, p in model.named_parameters(remove_duplicate=False) if p is parts.lm_head.weight}
+        head_names -= {n for n, p in model.named_parameters(remove_duplicate=False) if p is parts.embed.weight}
+        outside = [n for n in names if not n.startswith(prefix + ".") and names[n] not in head_names]
         resident = {names[n]: t for n, t in checkpoint.read(outside, dtype).items()}
+        in_head = [n for n in names if names[n] in head_names]
+        if head and in_head:
+            large = parts.lm_head.weight.numel() * dtype.itemsize > HEAD_LIMIT
+            resident.update({names[n]: t for n, t in checkpoint.read(in_head, None if large else dtype).items()})
         try:
             _, unexpected = model.load_state_dict(resident, strict=False, assign=True)
         except RuntimeError as e:  # a shape that is not the config's
             raise ValueError(f"{checkpoint.path}: {str(e).strip().splitlines()[-1].strip()}") from None
         if unexpected:
             raise ValueError(f"{checkpoint.path}: tensor {unexpected[0]!r} is not part of a {model_type} model")
-        head = parts.lm_head.weight
-        if head.is_meta and getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        if parts.lm_head.weight.is_meta and getattr(model.config.get_text_config(), "tie_word_embeddings", False):
             parts.lm_head.weight = parts.embed.weight  # a tied head is the embedding itself
         parts = decoder_parts(model)
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if tensor.is_meta and not name.startswith(prefix + "."):
+            if tensor.is_meta and not name.startswith(prefix + ".") and (head or name not in head_names):
                 raise ValueError(f"{checkpoint.path}: the checkpoint has no tensor {name!r}")
         by_layer: list[dict[str, str]] = [{} for _ in parts.layers]
         for source, name in names.items():
@@ -99,6 +112,12 @@ class Skeleton:
             elif name.startswith(prefix + "."):
                 raise ValueError(f"{checkpoint.path}: tensor {source!r} is not in one of the config's "
                                  f"{len(by_layer)} layers")
+        for index, (sources, meta) in enumerate(zip(by_layer, empty)):  # every layer whole, before any work
+            if set(sources) != set(meta):
+                missing, extra = sorted(set(meta) - set(sources)), sorted(set(sources) - set(meta))
+                what = f"has no tensor {prefix}.{index}.{missing[0]}" if missing else \
+                    f"has an unexpected tensor {sources[extra[0]]!r}"
+                raise ValueError(f"{checkpoint.path}: the checkpoint {what}")
         return cls(checkpoint, model, parts, dtype, prefix, empty, by_layer)
 
     @property
@@ -111,12 +130,6 @@ class Skeleton:
         sources = self.sources[index]
         read = self.checkpoint.read(list(sources.values()), self.dtype)
         tensors = {name: read[source] for name, source in sources.items()}
-        expected = set(self.empty[index])
-        if set(tensors) != expected:
-            missing = sorted(expected - set(tensors))
-            what = f"has no tensor {self.layer_prefix}.{index}.{missing[0]}" if missing else \
-                f"has an unexpected tensor {self.layer_prefix}.{index}.{sorted(set(tensors) - expected)[0]}"
-            raise ValueError(f"{self.checkpoint.path}: the checkpoint {what}")
         for name, tensor in tensors.items():
             if tuple(tensor.shape) != tuple(self.empty[index][name].shape):
                 raise ValueError(f"{self.checkpoint.path}: tensor {self.layer_prefix}.{index}.{name} has shape "

@@ -35,6 +35,9 @@ from lsaq.models.identity import ModelInfo
 from lsaq.models.parts import decoder_parts
 
 
+VOCAB_SLICE = 16384  # rows of a 16-bit head upcast at once: 16384 x 4096 x 4 B = 256 MiB for a 7B-width model
+
+
 class _Lens:
     """Top-k token ids of hidden states through the logit lens, chunked over positions with one buffer."""
 
@@ -54,7 +57,12 @@ class _Lens:
                 w = self.head.weight  # [V, H]
                 if self.buffer is None or self.buffer.shape[0] < z.shape[0]:
                     self.buffer = torch.empty(z.shape[0], w.shape[0], dtype=z.dtype)
-                logits = torch.mm(z, w.t(), out=self.buffer[: z.shape[0]])  # [chunk, V], reused memory
+                logits = self.buffer[: z.shape[0]]  # [chunk, V], reused memory
+                if w.dtype == z.dtype:
+                    torch.mm(z, w.t(), out=logits)
+                else:  # a head kept in 16 bits (a streamed skeleton's large head): upcast a slice at a time
+                    for v in range(0, w.shape[0], VOCAB_SLICE):
+                        logits[:, v:v + VOCAB_SLICE] = z @ w[v:v + VOCAB_SLICE].to(z.dtype).t()
                 if self.head.bias is not None:
                     logits += self.head.bias
             else:
