@@ -5,7 +5,7 @@ written in bf16, one decoder layer per shard with an index (:func:`lsaq.engine.s
 13.5 GB at 32 layers, in a temporary folder, removed afterwards). Then, each in its own process, as a user runs
 them: ``lsaq calibrate`` (2 x 128 tokens from text; only the tokenizer is loaded) and ``lsaq score`` with the
 cosine and jaccard methods on that calibration set. Reported per stage: wall time, time per layer, and the
-process's peak resident memory (the kernel's ``ru_maxrss``).
+process's peak resident memory (its ``VmHWM``).
 
 Targets: peak RSS at 32 layers / at 2 layers <= 1.25 for every stage (memory does not grow with depth), and
 within 4 GiB at 32 layers (a whole float32 7B is 27 GB).
@@ -28,9 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 RATIO_TARGET, PEAK_TARGET_GIB = 1.25, 4.0
-# Runs lsaq's CLI in this process and prints its peak RSS (KiB on Linux) as the last line.
-RUN = ("import resource, sys; from lsaq.cli import main; rc = main(sys.argv[1:]); "
-       "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+# Runs lsaq's CLI and prints the process's peak RSS in KiB as the last line: VmHWM of its own memory map
+# (getrusage's ru_maxrss would also count this process's memory at fork time, which Linux carries across exec).
+RUN = ("import sys; from lsaq.cli import main; rc = main(sys.argv[1:]); "
+       "print('peak_kib', next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]); "
+       "sys.exit(rc)")
 
 
 def stage(argv: list[str]) -> tuple[float, float]:

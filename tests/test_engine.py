@@ -171,9 +171,11 @@ def test_streamed_scores_equal_a_whole_model_forward(shared_gguf, wiki_valid, tm
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0, err_msg=method)
 
 
-# Runs lsaq's CLI in this process and prints its peak RSS (KiB on Linux) as the last line.
-PEAK_RSS = ("import resource, sys; from lsaq.cli import main; rc = main(sys.argv[1:]); "
-            "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+# Runs lsaq's CLI and prints the process's own peak RSS in KiB as the last line (VmHWM: getrusage's ru_maxrss
+# would include pytest's memory at fork time, which Linux carries across exec).
+PEAK_RSS = ("import sys; from lsaq.cli import main; rc = main(sys.argv[1:]); "
+            "print('peak_kib', next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]); "
+            "sys.exit(rc)")
 STREAM_FRACTION = 0.5  # of the whole model's float32 bytes
 
 
