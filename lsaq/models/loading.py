@@ -201,6 +201,16 @@ def load_tokenizer(located: LocatedModel, trust_remote_code: bool = False) -> An
     return AutoTokenizer.from_pretrained(located.load_dir, trust_remote_code=trust_remote_code)
 
 
+def generation_config(load_dir: Path, model: nn.Module) -> Any:
+    """The generation config ``from_pretrained`` gives ``model``: the directory's ``generation_config.json`` when it
+    has one, else the one derived from the model's config."""
+    from transformers import GenerationConfig
+
+    if (Path(load_dir) / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(load_dir)
+    return getattr(model, "generation_config", None)
+
+
 def model_info(located: LocatedModel, model: nn.Module) -> ModelInfo:
     """The identity record of ``located``'s model, built (weights loaded, or a layer-streaming skeleton)."""
     config = model.config.to_dict()

@@ -158,14 +158,15 @@ def quantize_model(
     return model
 
 
-def artifact_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def artifact_state_dict(model: nn.Module, dtype: torch.dtype, skip: str | None = None) -> dict[str, torch.Tensor]:
     """Tensors of the artifact, compressed-tensors names: plain codes and scales for quantized modules (linears
-    and the embedding), ``dtype`` for every float tensor.
+    and the embedding), ``dtype`` for every float tensor; names starting with ``skip`` left out (a streamed
+    model's decoder layers, written layer by layer).
 
     A tied LM head is stored once, under the embedding's name (as ``save_pretrained`` does).
     """
     out: dict[str, torch.Tensor] = {}
-    quantized_prefixes = []
+    quantized_prefixes = [skip] if skip else []
     for name, module in model.named_modules():
         if isinstance(module, QUANTIZED_MODULES):
             quantized_prefixes.append(name + ".")
@@ -174,6 +175,7 @@ def artifact_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch
             bias = getattr(module, "bias", None)
             if bias is not None:
                 out[f"{name}.bias"] = bias.detach().to(dtype).contiguous()
+    out = {n: t for n, t in out.items() if not (skip and n.startswith(skip))}
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if any(name.startswith(q) for q in quantized_prefixes):
@@ -182,4 +184,25 @@ def artifact_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch
             continue
         seen.add(id(p))
         out[name] = p.detach().to(dtype).contiguous()
+    return out
+
+
+def layer_tensors(layer: nn.Module, prefix: str, precision: Precision, names: list[str], group_size: int | None,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The artifact's tensors of one float decoder layer (``prefix``: its name in the model, with the trailing dot)
+    at ``precision``, rounded to nearest: what :func:`quantize_model` then :func:`artifact_state_dict` store for it,
+    computed without changing ``layer`` (a streamed layer is released as it was loaded)."""
+    out: dict[str, torch.Tensor] = {}
+    quantized = names if precision is not Precision.FP16 else []
+    for name in quantized:
+        linear = layer.get_submodule(name)
+        g = group_size if precision is Precision.INT4 else None
+        packed = quantized_linear(QuantizedWeight.quantize(linear.weight, precision, g, dtype))  # as the model holds it
+        for suffix, t in packed.to_quantized_weight().compressed_tensors().items():
+            out[f"{prefix}{name}.{suffix}"] = t.contiguous()
+        if linear.bias is not None:
+            out[f"{prefix}{name}.bias"] = linear.bias.detach().to(dtype).contiguous()
+    for name, p in layer.named_parameters():
+        if not any(name.startswith(q + ".") for q in quantized):
+            out[prefix + name] = p.detach().to(dtype).contiguous()
     return out

@@ -37,7 +37,14 @@ from lsaq.models.shapes import HEAD_WEIGHT
 from lsaq.planning.memory import head_tensor, weight_tensor_bytes
 from lsaq.planning.planner import Plan
 from lsaq.precision import Precision
-from lsaq.quantization.apply import artifact_state_dict, quantize_model, quantized_linear
+from lsaq.quantization.apply import (
+    artifact_state_dict,
+    check_plan,
+    layer_tensors,
+    quantize_embeddings,
+    quantize_model,
+    quantized_linear,
+)
 from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.quantization.qembedding import QuantizedEmbedding
 from lsaq.quantization.record import (
@@ -55,10 +62,11 @@ from lsaq.precision import Quantizer
 from lsaq.records import atomic_dir, atomic_write_json, file_sha256, read_record
 
 if TYPE_CHECKING:
+    from lsaq.engine.skeleton import Skeleton
     from lsaq.importance.calibration import CalibrationSet
 
 __all__ = ["MANIFEST", "PLAN", "WEIGHTS", "REQUIRED", "ArtifactError", "quantization_config", "runtimes_for_plan",
-           "write_artifact", "verify_artifact", "load_quantized", "resident_bytes"]
+           "write_artifact", "write_streamed_artifact", "verify_artifact", "load_quantized", "resident_bytes"]
 
 
 class ArtifactError(ValueError):
@@ -142,18 +150,52 @@ def write_artifact(
     a difference is a bug and nothing is written.
     """
     dtype = storage_dtype(loaded.info.dtype)
-    dtype_name = str(dtype).removeprefix("torch.")
     quantizer = Quantizer.parse(quantizer)
     model = quantize_model(loaded.model, loaded.info, plan, progress=progress, quantizer=quantizer,
                            calibration=calibration.tokens if calibration is not None else None)
-    tensors = artifact_state_dict(model, dtype)
+    return _write(out_dir, artifact_state_dict(model, dtype), loaded.info, plan, loaded.tokenizer,
+                  getattr(model, "generation_config", None), quantizer, calibration)
+
+
+def write_streamed_artifact(skeleton: Skeleton, info: ModelInfo, tokenizer: Any, plan: Plan, out_dir: str | Path, *,
+                            generation_config: Any = None,
+                            progress: Callable[[int], None] | None = None) -> Path:
+    """Round ``skeleton``'s model to nearest following ``plan`` one decoder layer at a time (each read from the
+    checkpoint, turned into its artifact tensors, released) and write the artifact directory atomically: the same
+    files, byte for byte, as :func:`write_artifact` with ``rtn``. Memory: the skeleton, one float layer, and the
+    artifact's own tensors."""
+    dtype = storage_dtype(info.dtype)
+    parts = skeleton.parts
+    check_plan(plan, info, parts)
+    names = [lin.name for lin in plan.shape.layer_linears]
+    prefix = skeleton.layer_prefix
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        for i, precision in enumerate(plan.precisions):
+            layer = skeleton.load(i)
+            try:
+                tensors.update(layer_tensors(layer, f"{prefix}.{i}.", precision, names,
+                                             plan.options.policy.group_size, dtype))
+            finally:
+                skeleton.release(i)
+            if progress is not None:
+                progress(i)
+        quantize_embeddings(skeleton.model, plan, dtype)
+        tensors.update(artifact_state_dict(skeleton.model, dtype, skip=prefix + "."))
+    return _write(out_dir, tensors, info, plan, tokenizer, generation_config, Quantizer.RTN, None)
+
+
+def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], info: ModelInfo, plan: Plan, tokenizer: Any,
+           generation_config: Any, quantizer: Quantizer, calibration: CalibrationSet | None) -> Path:
+    """Check ``tensors`` against the plan's byte model and write the artifact directory atomically."""
+    dtype_name = str(storage_dtype(info.dtype)).removeprefix("torch.")
     predicted = weight_tensor_bytes(plan.shape, plan.precisions, plan.options.policy)
     stored = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     if stored != predicted:  # the memory model promised these bytes; a difference is a bug, never shipped
         diff = sorted(set(stored.items()) ^ set(predicted.items()))[:6]
         raise AssertionError(f"artifact tensors differ from the memory model's prediction: {diff}")
-    config = loaded.info.config | {"dtype": dtype_name, "torch_dtype": dtype_name,
-                                   "quantization_config": quantization_config(plan)}
+    config = info.config | {"dtype": dtype_name, "torch_dtype": dtype_name,
+                            "quantization_config": quantization_config(plan)}
     config.pop("_name_or_path", None)
     if plan.options.policy.unties(plan.shape):  # the head is stored on its own (see quantize_embeddings)
         config["tie_word_embeddings"] = False
@@ -163,13 +205,12 @@ def write_artifact(
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", config)
         plan.save(tmp / PLAN)
-        loaded.tokenizer.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         record = Artifact(
-            path=Path(out_dir), plan_id=plan.id, model=ModelRef.from_info(loaded.info), dtype=dtype_name,
+            path=Path(out_dir), plan_id=plan.id, model=ModelRef.from_info(info), dtype=dtype_name,
             files={f: ((tmp / f).stat().st_size, file_sha256(tmp / f)) for f in files},
             tensor_bytes=sum(stored.values()), predicted_tensor_bytes=sum(predicted.values()),
             runtimes=runtimes_for_plan(plan), lsaq_version=__version__, quantizer=quantizer.value,
