@@ -1,6 +1,7 @@
-"""Round to nearest on the layer stream: the quantize stage reads one decoder layer at a time from the checkpoint
-and writes, byte for byte, the artifact the whole-model path writes (every file, manifest included), from one
-``model.safetensors`` or from shards."""
+"""Quantization on the layer stream: the quantize stage reads one decoder layer at a time from the checkpoint and
+writes, byte for byte, the artifact the whole-model path writes (every file, manifest included), from one
+``model.safetensors`` or from shards, rounding to nearest or with GPTQ (whose calibration activations walk through
+the quantized layers, each with its own call arguments)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,22 @@ def test_a_sharded_source_gives_the_same_tensors(tmp_path):
         quantize(plan, tmp_path / f"art-{path.name}", model=str(path))
     assert filecmp.cmp(tmp_path / "art-src" / "model.safetensors", tmp_path / "art-sharded" / "model.safetensors",
                        shallow=False)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"], ids=["llama", "qwen3 with sliding layers"])
+def test_streamed_gptq_writes_the_whole_models_bytes(model_type, tmp_path):
+    from conftest import tiny_family_model, tiny_tokenizer
+
+    from lsaq.importance.calibration import CalibrationSet, calibrate, load_calibration_dir
+
+    src = tmp_path / "src"
+    model = tiny_family_model(model_type, layers=4, mixed=model_type == "qwen3", vocab_size=128)
+    model.to(torch.bfloat16).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog; " * 40)
+    calibrate(str(src), tmp_path / "calib", source=str(tmp_path / "text.txt"), samples=4, seq_len=16)
+    calib: CalibrationSet = load_calibration_dir(tmp_path / "calib")
+    plan = tiny_plan(load_model(src).info, [INT4, FP16, INT8, INT4], WeightPolicy(group_size=16))
+    write_artifact(load_model(src), plan, tmp_path / "whole", quantizer="gptq", calibration=calib)
+    quantize(plan, tmp_path / "streamed", model=str(src), quantizer="gptq", calibration=tmp_path / "calib")
+    same_files(tmp_path / "whole", tmp_path / "streamed")

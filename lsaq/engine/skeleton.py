@@ -10,6 +10,7 @@ memory (loading and releasing cost nothing), so one walk serves both.
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -66,6 +67,7 @@ class Skeleton:
     layer_prefix: str  # "model.layers": layer i's tensors are named "model.layers.{i}.*"
     empty: list[dict[str, torch.Tensor]] = field(repr=False)  # per layer: its state as meta tensors (to release)
     sources: list[dict[str, str]] = field(repr=False)  # per layer: its state's names -> the checkpoint's names
+    templates: list[nn.Module] = field(repr=False)  # per layer: a pristine copy on the meta device
 
     @classmethod
     def build(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
@@ -118,7 +120,8 @@ class Skeleton:
                 what = f"has no tensor {prefix}.{index}.{missing[0]}" if missing else \
                     f"has an unexpected tensor {sources[extra[0]]!r}"
                 raise ValueError(f"{checkpoint.path}: the checkpoint {what}")
-        return cls(checkpoint, model, parts, dtype, prefix, empty, by_layer)
+        return cls(checkpoint, model, parts, dtype, prefix, empty, by_layer,
+                   [copy.deepcopy(layer) for layer in parts.layers])
 
     @property
     def num_layers(self) -> int:
@@ -138,8 +141,9 @@ class Skeleton:
         return layer
 
     def release(self, index: int) -> None:
-        """Put layer ``index``'s tensors back on the meta device and return their memory to the system."""
-        self.parts.layers[index].load_state_dict(self.empty[index], strict=True, assign=True)
+        """Put layer ``index`` back as it was built, on the meta device (also after a stage swapped its modules,
+        as quantization does), and return its memory to the system."""
+        self.parts.layers[index] = copy.deepcopy(self.templates[index])
         trim_heap()
 
 

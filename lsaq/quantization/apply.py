@@ -102,6 +102,29 @@ def quantize_embeddings(model: nn.Module, plan: Plan, dtype: torch.dtype) -> Non
     del weight, embed, head  # float matrices go with their last reference
 
 
+def quantize_layer(layer: nn.Module, precision: Precision, names: list[str], group_size: int | None,
+                   dtype: torch.dtype, feed: LayerFeed | None = None, last: bool = True) -> None:
+    """Quantize one float decoder layer in place: its linears ``names`` at ``precision`` become packed modules
+    (INT4 in groups of ``group_size``), everything else is cast to ``dtype``. With ``feed`` (GPTQ) the codes
+    come from the Hessians of the feed's current inputs, and unless ``last`` the feed then advances through the
+    quantized layer (the next layer's inputs); without it they are rounded to nearest."""
+    quantized = precision is not Precision.FP16
+    hessians = feed.hessians(layer, names) if feed is not None and quantized else {}
+    for name in names if quantized else ():  # FP16 linears are cast with the layer's other parameters
+        float_linear = layer.get_submodule(name)
+        g = group_size if precision is Precision.INT4 else None
+        w = float_linear.weight
+        qw = (gptq_quantize(w, hessians[name], precision, g, dtype, act_order=True) if hessians
+              else QuantizedWeight.quantize(w, precision, g, dtype))
+        bias = float_linear.bias.detach().to(dtype) if float_linear.bias is not None else None
+        _set_submodule(layer, name, quantized_linear(qw, bias))
+        del float_linear, w  # the float weight goes with the last reference
+    if feed is not None and not last:  # the next layer's inputs, through this one quantized
+        feed.advance(layer)
+    for p in layer.parameters():  # norms (and FP16 linears) of the layer
+        p.data = p.data.to(dtype)
+
+
 def quantize_model(
     model: nn.Module,
     info: ModelInfo,
@@ -134,21 +157,7 @@ def quantize_model(
     feed = LayerFeed.capture(parts, calibration) if calibration is not None else None
     with torch.inference_mode():
         for i, (layer, precision) in enumerate(zip(parts.layers, plan.precisions)):
-            quantized = precision is not Precision.FP16
-            hessians = feed.hessians(layer, names) if feed is not None and quantized else {}
-            for name in names if quantized else ():  # FP16 linears are cast with the layer's other parameters
-                float_linear = layer.get_submodule(name)
-                g = group if precision is Precision.INT4 else None
-                w = float_linear.weight
-                qw = (gptq_quantize(w, hessians[name], precision, g, dtype, act_order=True) if hessians
-                      else QuantizedWeight.quantize(w, precision, g, dtype))
-                bias = float_linear.bias.detach().to(dtype) if float_linear.bias is not None else None
-                _set_submodule(layer, name, quantized_linear(qw, bias))
-                del float_linear, w  # the float weight goes with the last reference
-            if feed is not None and i + 1 < len(parts.layers):  # the next layer's inputs, through it quantized
-                feed.advance(layer)
-            for p in layer.parameters():  # norms (and FP16 linears) of the layer
-                p.data = p.data.to(dtype)
+            quantize_layer(layer, precision, names, group, dtype, feed, last=i + 1 == len(parts.layers))
             if progress is not None:
                 progress(i)
         quantize_embeddings(model, plan, dtype)
@@ -186,23 +195,3 @@ def artifact_state_dict(model: nn.Module, dtype: torch.dtype, skip: str | None =
         out[name] = p.detach().to(dtype).contiguous()
     return out
 
-
-def layer_tensors(layer: nn.Module, prefix: str, precision: Precision, names: list[str], group_size: int | None,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The artifact's tensors of one float decoder layer (``prefix``: its name in the model, with the trailing dot)
-    at ``precision``, rounded to nearest: what :func:`quantize_model` then :func:`artifact_state_dict` store for it,
-    computed without changing ``layer`` (a streamed layer is released as it was loaded)."""
-    out: dict[str, torch.Tensor] = {}
-    quantized = names if precision is not Precision.FP16 else []
-    for name in quantized:
-        linear = layer.get_submodule(name)
-        g = group_size if precision is Precision.INT4 else None
-        packed = quantized_linear(QuantizedWeight.quantize(linear.weight, precision, g, dtype))  # as the model holds it
-        for suffix, t in packed.to_quantized_weight().compressed_tensors().items():
-            out[f"{prefix}{name}.{suffix}"] = t.contiguous()
-        if linear.bias is not None:
-            out[f"{prefix}{name}.bias"] = linear.bias.detach().to(dtype).contiguous()
-    for name, p in layer.named_parameters():
-        if not any(name.startswith(q + ".") for q in quantized):
-            out[prefix + name] = p.detach().to(dtype).contiguous()
-    return out

@@ -40,7 +40,7 @@ from lsaq.precision import Precision
 from lsaq.quantization.apply import (
     artifact_state_dict,
     check_plan,
-    layer_tensors,
+    quantize_layer,
     quantize_embeddings,
     quantize_model,
     quantized_linear,
@@ -59,6 +59,7 @@ from lsaq.quantization.record import (
     Artifact,
 )
 from lsaq.precision import Quantizer
+from lsaq.quantization.sequential import LayerFeed, check_quantizer
 from lsaq.records import atomic_dir, atomic_write_json, file_sha256, read_record
 
 if TYPE_CHECKING:
@@ -158,31 +159,37 @@ def write_artifact(
 
 
 def write_streamed_artifact(skeleton: Skeleton, info: ModelInfo, tokenizer: Any, plan: Plan, out_dir: str | Path, *,
+                            quantizer: Quantizer | str = Quantizer.RTN, calibration: CalibrationSet | None = None,
                             generation_config: Any = None,
                             progress: Callable[[int], None] | None = None) -> Path:
-    """Round ``skeleton``'s model to nearest following ``plan`` one decoder layer at a time (each read from the
-    checkpoint, turned into its artifact tensors, released) and write the artifact directory atomically: the same
-    files, byte for byte, as :func:`write_artifact` with ``rtn``. Memory: the skeleton, one float layer, and the
-    artifact's own tensors."""
+    """Quantize ``skeleton``'s model following ``plan`` one decoder layer at a time (each read from the checkpoint,
+    quantized, turned into its artifact tensors, released) and write the artifact directory atomically: the same
+    files, byte for byte, as :func:`write_artifact`. GPTQ carries the calibration tokens' hidden states through
+    the quantized layers, each layer called with its own arguments. Memory: the skeleton, one float layer, the
+    hidden states, and the artifact's own tensors."""
     dtype = storage_dtype(info.dtype)
+    quantizer = Quantizer.parse(quantizer)
     parts = skeleton.parts
     check_plan(plan, info, parts)
+    check_quantizer(quantizer, calibration, what="a calibration set")
     names = [lin.name for lin in plan.shape.layer_linears]
-    prefix = skeleton.layer_prefix
+    feed = LayerFeed.capture(parts, calibration.tokens) if calibration is not None else None
     tensors: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for i, precision in enumerate(plan.precisions):
             layer = skeleton.load(i)
             try:
-                tensors.update(layer_tensors(layer, f"{prefix}.{i}.", precision, names,
-                                             plan.options.policy.group_size, dtype))
+                quantize_layer(layer, precision, names, plan.options.policy.group_size, dtype, feed,
+                               last=i + 1 == len(plan.precisions))
+                prefix = f"{skeleton.layer_prefix}.{i}."
+                tensors.update({prefix + n: t for n, t in artifact_state_dict(layer, dtype).items()})
             finally:
                 skeleton.release(i)
             if progress is not None:
                 progress(i)
         quantize_embeddings(skeleton.model, plan, dtype)
-        tensors.update(artifact_state_dict(skeleton.model, dtype, skip=prefix + "."))
-    return _write(out_dir, tensors, info, plan, tokenizer, generation_config, Quantizer.RTN, None)
+        tensors.update(artifact_state_dict(skeleton.model, dtype, skip=skeleton.layer_prefix + "."))
+    return _write(out_dir, tensors, info, plan, tokenizer, generation_config, quantizer, calibration)
 
 
 def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], info: ModelInfo, plan: Plan, tokenizer: Any,

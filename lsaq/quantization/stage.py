@@ -1,8 +1,8 @@
 """The quantize stage: a plan (and the model it was made for) in, an artifact directory and its record out.
 
-:func:`quantize` quantizes the model following the plan (:mod:`lsaq.quantization.apply`): round to nearest one
-decoder layer at a time from the checkpoint (:mod:`lsaq.engine`), GPTQ on the whole model in memory; it checks every
-tensor against the plan's byte model and writes the compressed-tensors directory atomically
+:func:`quantize` quantizes the model following the plan (:mod:`lsaq.quantization.apply`) one decoder layer at a
+time from the checkpoint (:mod:`lsaq.engine`; GPTQ carries the calibration activations through the quantized layers),
+checks every tensor against the plan's byte model and writes the compressed-tensors directory atomically
 (:mod:`lsaq.quantization.artifact`). It returns the :class:`~lsaq.quantization.record.Artifact` record: paths and
 identities only, no model or tensor crosses the stage boundary.
 """
@@ -18,9 +18,9 @@ from lsaq.importance.calibration import check_calibration_dir, load_calibration_
 from lsaq.models.identity import ModelRef
 from lsaq.engine.checkpoint import Checkpoint
 from lsaq.engine.skeleton import Skeleton
-from lsaq.models.loading import generation_config, load_model, load_tokenizer, locate_model, model_info
+from lsaq.models.loading import generation_config, load_tokenizer, locate_model, model_info
 from lsaq.planning.planner import Plan
-from lsaq.quantization.artifact import write_artifact, write_streamed_artifact
+from lsaq.quantization.artifact import write_streamed_artifact
 from lsaq.quantization.record import Artifact
 from lsaq.precision import Quantizer
 from lsaq.quantization.sequential import check_quantizer
@@ -68,17 +68,13 @@ def quantize(
         check_calibration_dir(calibration)
     source = model if model is not None else plan_model_source(plan.model)
     start = time.perf_counter()
-    if quantizer is Quantizer.RTN:  # one decoder layer at a time from the checkpoint
-        located = locate_model(source)
-        skeleton = Skeleton.build(Checkpoint.open(located.load_dir))
-        info = model_info(located, skeleton.model)
-        path = write_streamed_artifact(skeleton, info, load_tokenizer(located), plan, out, progress=progress,
-                                       generation_config=generation_config(located.load_dir, skeleton.model))
-    else:  # GPTQ walks the whole model in memory
-        loaded = load_model(source)
-        info = loaded.info
-        calib = load_calibration_for(calibration, loaded.info) if calibration is not None else None
-        path = write_artifact(loaded, plan, out, progress=progress, quantizer=quantizer, calibration=calib)
+    located = locate_model(source)
+    skeleton = Skeleton.build(Checkpoint.open(located.load_dir))  # one decoder layer at a time from the checkpoint
+    info = model_info(located, skeleton.model)
+    calib = load_calibration_for(calibration, info) if calibration is not None else None
+    path = write_streamed_artifact(skeleton, info, load_tokenizer(located), plan, out, quantizer=quantizer,
+                                   calibration=calib, progress=progress,
+                                   generation_config=generation_config(located.load_dir, skeleton.model))
     artifact = Artifact.load(path)
     log.info("quantized %s into %s (%s, %s; %d tensor bytes, %s) in %.1fs", info.id, path,
              plan.mix, quantizer.value, artifact.tensor_bytes, artifact.dtype,
