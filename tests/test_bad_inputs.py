@@ -86,8 +86,10 @@ def cases(m: Path) -> list[tuple[str, list[str], str]]:
         ("ls ftp store", ["ls", "--store", "ftp://x"], "unknown store scheme 'ftp' in 'ftp://x'; valid: a local path"),
         ("ls s3 without bucket", ["ls", "--store", "s3://"], "S3 store 's3://' names no bucket; use s3://bucket"),
         ("ls store is a file", ["ls", "--store", str(m / "text.raw")], "exists and is not a directory"),
-        ("ls bad bucket", ["ls", "--store", "s3://Bad_Bucket"], "bucket name 'Bad_Bucket' is not valid: 3-63 characters"),
-        ("publish endpoint not a URL", ["publish", str(m / "art"), "--store", "s3://bucket", "--endpoint-url", "notaurl"],
+        ("ls bad bucket", ["ls", "--store", "s3://Bad_Bucket"],
+         "bucket name 'Bad_Bucket' is not valid: 3-63 characters"),
+        ("publish endpoint not a URL",
+         ["publish", str(m / "art"), "--store", "s3://bucket", "--endpoint-url", "notaurl"],
          "S3 endpoint must be an http(s) URL such as http://127.0.0.1:9000, got 'notaurl'"),
         ("publish endpoint with credentials", ["publish", str(m / "art"), "--store", "s3://bucket", "--endpoint-url",
                                                "http://user:secret@127.0.0.1:9"], "must not contain credentials"),
@@ -112,7 +114,8 @@ def cases(m: Path) -> list[tuple[str, list[str], str]]:
         ("download 1 B limit", [*dl, "--device", "local", "--max-memory", "1B"],  # "(system)" or "(dedicated)"
          "1 B - 0 B reserve = 1 B usable; capped by --max-memory; "),
         # sizes
-        ("plan budget over an exabyte", ["plan", "--config", "llama-2-7b", "--budget", "1e400GiB", *out], "'1e400GiB' is over an exabyte"),
+        ("plan budget over an exabyte", ["plan", "--config", "llama-2-7b", "--budget", "1e400GiB", *out],
+         "'1e400GiB' is over an exabyte"),
         ("plan budget nan", ["plan", "--config", "llama-2-7b", "--budget", "nan", *out], "cannot read 'nan' as a size"),
         ("plan budget negative", ["plan", "--config", "llama-2-7b", "--budget=-5MiB", *out], "'-5MiB' is negative"),
         ("plan budget unit", ["plan", "--config", "llama-2-7b", "--budget", "2EB", *out], "unknown unit 'EB' in '2EB'"),

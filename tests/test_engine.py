@@ -73,7 +73,8 @@ def test_the_stream_gives_the_whole_models_hidden_states(model_type, checkpoints
     skeleton = Skeleton.build(Checkpoint.open(path), dtype=torch.float64)
     assert all(p.is_meta for layer in skeleton.parts.layers for p in layer.parameters())
     got: dict[int, torch.Tensor] = {}
-    walk(skeleton, record_calls(skeleton.parts, ids, batch_size=2), lambda i, _l, _x, y: got.setdefault(i, torch.cat(y)))
+    calls = record_calls(skeleton.parts, ids, batch_size=2)
+    walk(skeleton, calls, lambda i, _l, _x, y: got.setdefault(i, torch.cat(y)))
     assert sorted(got) == list(range(4))
     for i, expected in enumerate(ref):
         torch.testing.assert_close(got[i], expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
@@ -162,9 +163,10 @@ def test_streamed_scores_equal_a_whole_model_forward(shared_gguf, wiki_valid, tm
         hook.remove()
         hidden = [first[0], *outs]  # h_0 .. h_L, each [N, T, H]
         lens = [topk_indices(parts.lm_head(parts.final_norm(h)), DEFAULT_K) for h in hidden]
+        layers = range(len(outs))
         want = {
-            "cosine": np.array([(1 - cosine(hidden[i], hidden[i + 1]).double()).mean().item() for i in range(len(outs))]),
-            "jaccard": np.array([(1 - jaccard(lens[i], lens[i + 1]).double()).mean().item() for i in range(len(outs))]),
+            "cosine": np.array([(1 - cosine(hidden[i], hidden[i + 1]).double()).mean().item() for i in layers]),
+            "jaccard": np.array([(1 - jaccard(lens[i], lens[i + 1]).double()).mean().item() for i in layers]),
         }
     for method, expected in want.items():
         got = np.array(score(str(shared_gguf), method=method, calibration=tmp_path / "calib").importance)
@@ -176,13 +178,15 @@ def test_streamed_scores_equal_a_whole_model_forward(shared_gguf, wiki_valid, tm
 PEAK_RSS = ("import sys; from lsaq.cli import main; rc = main(sys.argv[1:]); "
             "print('peak_kib', next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]); "
             "sys.exit(rc)")
-STREAM_FRACTION = 0.5  # of the whole model's float32 bytes
+# Of the whole model's float32 bytes: streamed, 1.02 GiB of 2.43 (0.42) here; loading it whole needs more than
+# the float32 bytes themselves (> 1.0). The margin is for thread pools and allocators on other machines.
+STREAM_FRACTION = 0.6
 
 
 @pytest.mark.slow
 def test_scoring_a_sharded_checkpoint_holds_one_layer(tmp_path):
     """12 layers of width 2048 (651M parameters: 2.4 GiB in float32, 1.3 GB of bf16 shards, one layer each):
-    ``lsaq score`` in its own process peaks under half the float32 model (the import of torch and transformers,
+    ``lsaq score`` in its own process peaks well under the float32 model (the import of torch and transformers,
     the embedding and head in float32, one layer, the hidden states)."""
     from lsaq.engine.synthetic import write_random_checkpoint
 
@@ -199,7 +203,8 @@ def test_scoring_a_sharded_checkpoint_holds_one_layer(tmp_path):
                            str(tmp_path / "imp.json")], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak = int(proc.stdout.strip().splitlines()[-1].split()[1]) * 1024
-    assert peak < STREAM_FRACTION * params * 4, f"peak RSS {peak / 2**30:.2f} GiB, float32 model {params * 4 / 2**30:.2f} GiB"
+    assert peak < STREAM_FRACTION * params * 4, \
+        f"peak RSS {peak / 2**30:.2f} GiB, float32 model {params * 4 / 2**30:.2f} GiB"
     record = json.loads((tmp_path / "imp.json").read_text())
     assert len(record["importance"]) == 12 and all(np.isfinite(record["importance"]))
 

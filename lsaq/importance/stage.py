@@ -1,7 +1,8 @@
 """The score stage: per-layer importance of a model on a calibration set, as a versioned record.
 
 :func:`score` walks the model's decoder layers one at a time from its checkpoint (the whole model for the
-sensitivity probes), draws (or reads) the calibration set, scores every decoder layer with one method and writes the :class:`~lsaq.importance.scoring.LayerImportance` record. The calibration stage itself is
+sensitivity probes), draws (or reads) the calibration set, scores every decoder layer with one method and writes
+the :class:`~lsaq.importance.scoring.LayerImportance` record. The calibration stage itself is
 :func:`lsaq.importance.calibration.calibrate`; ``score`` takes its output directory or draws the set on the fly.
 :func:`measure` is its sibling for the ``measured`` strategy: each layer's loss at each precision
 (:class:`~lsaq.importance.cost.LayerLoss`), from the same model and calibration inputs.

@@ -179,7 +179,8 @@ def load_model(
         located.load_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
     model.eval()
-    return LoadedModel(model=model, tokenizer=load_tokenizer(located, trust_remote_code), info=model_info(located, model))
+    tokenizer = load_tokenizer(located, trust_remote_code)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=model_info(located, model))
 
 
 def empty_model(load_dir: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
