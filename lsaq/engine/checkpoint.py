@@ -2,8 +2,8 @@
 ``model.safetensors.index.json``; any 16- or 32-bit float dtype, read memory-mapped.
 
 Opening checks every file's header (a damaged shard or index is named before any tensor is read) and that the
-index's shards hold exactly the tensors it maps to them; :meth:`Checkpoint.tensors` then reads one module's
-tensors and nothing else, in the dtype asked for.
+index's shards hold exactly the tensors it maps to them; :meth:`Checkpoint.read` then reads the tensors asked for
+and nothing else, in the dtype asked for.
 """
 
 from __future__ import annotations
@@ -49,19 +49,9 @@ class Checkpoint:
             raise ValueError(f"model directory {path} has neither {SINGLE} nor {INDEX}")
         return cls(path, config, weight_map)
 
-    @property
-    def files(self) -> list[Path]:
-        """The weight files, in name order."""
-        return sorted(set(self.weight_map.values()))
-
     def names(self, prefix: str = "") -> list[str]:
         """The tensor names starting with ``prefix``, sorted."""
         return sorted(n for n in self.weight_map if n.startswith(prefix))
-
-    def tensors(self, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor whose name starts with ``prefix`` (e.g. ``"model.layers.3."``), keyed by the rest of its
-        name, as ``dtype`` (float tensors only; None: as stored). Only those tensors' bytes are read."""
-        return {n[len(prefix):]: t for n, t in self.read(self.names(prefix), dtype).items()}
 
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The tensors ``names`` (float ones as ``dtype``; None: as stored), each shard opened once."""

@@ -65,7 +65,6 @@ class Skeleton:
     parts: DecoderParts
     dtype: torch.dtype
     layer_prefix: str  # "model.layers": layer i's tensors are named "model.layers.{i}.*"
-    empty: list[dict[str, torch.Tensor]] = field(repr=False)  # per layer: its state as meta tensors (to release)
     sources: list[dict[str, str]] = field(repr=False)  # per layer: its state's names -> the checkpoint's names
     templates: list[nn.Module] = field(repr=False)  # per layer: a pristine copy on the meta device
 
@@ -83,8 +82,7 @@ class Skeleton:
         prefix = family(model_type, f" in {checkpoint.path / 'config.json'}").layer_prefix
         model = empty_model(checkpoint.path, dtype, trust_remote_code)
         parts = decoder_parts(model)
-        empty = [{k: torch.empty_like(v, device="meta") for k, v in layer.state_dict().items()}
-                 for layer in parts.layers]
+        templates = [copy.deepcopy(layer) for layer in parts.layers]
         names = model_names(model, checkpoint.names())
         head_names = {n for n, p in model.named_parameters(remove_duplicate=False) if p is parts.lm_head.weight}
         head_names -= {n for n, p in model.named_parameters(remove_duplicate=False) if p is parts.embed.weight}
@@ -114,18 +112,14 @@ class Skeleton:
             elif name.startswith(prefix + "."):
                 raise ValueError(f"{checkpoint.path}: tensor {source!r} is not in one of the config's "
                                  f"{len(by_layer)} layers")
-        for index, (sources, meta) in enumerate(zip(by_layer, empty)):  # every layer whole, before any work
-            if set(sources) != set(meta):
-                missing, extra = sorted(set(meta) - set(sources)), sorted(set(sources) - set(meta))
+        for index, (sources, template) in enumerate(zip(by_layer, templates)):  # every layer whole, before any work
+            expected = set(template.state_dict())
+            if set(sources) != expected:
+                missing, extra = sorted(expected - set(sources)), sorted(set(sources) - expected)
                 what = f"has no tensor {prefix}.{index}.{missing[0]}" if missing else \
                     f"has an unexpected tensor {sources[extra[0]]!r}"
                 raise ValueError(f"{checkpoint.path}: the checkpoint {what}")
-        return cls(checkpoint, model, parts, dtype, prefix, empty, by_layer,
-                   [copy.deepcopy(layer) for layer in parts.layers])
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.parts.layers)
+        return cls(checkpoint, model, parts, dtype, prefix, by_layer, templates)
 
     def load(self, index: int) -> nn.Module:
         """Decoder layer ``index`` with its tensors read from the checkpoint in the skeleton's dtype."""
@@ -133,10 +127,11 @@ class Skeleton:
         sources = self.sources[index]
         read = self.checkpoint.read(list(sources.values()), self.dtype)
         tensors = {name: read[source] for name, source in sources.items()}
+        expected = self.templates[index].state_dict()
         for name, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(self.empty[index][name].shape):
+            if tensor.shape != expected[name].shape:
                 raise ValueError(f"{self.checkpoint.path}: tensor {self.layer_prefix}.{index}.{name} has shape "
-                                 f"{tuple(tensor.shape)}, the config gives {tuple(self.empty[index][name].shape)}")
+                                 f"{tuple(tensor.shape)}, the config gives {tuple(expected[name].shape)}")
         layer.load_state_dict(tensors, strict=True, assign=True)
         return layer
 

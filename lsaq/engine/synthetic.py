@@ -11,6 +11,7 @@ hidden states stay in a realistic range; the values mean nothing.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -69,7 +70,7 @@ def write_random_checkpoint(config: Mapping[str, Any], path: str | Path, *, laye
         save_file(tensors, str(path / file), metadata={"format": "pt"})
         weight_map.update({n: file for n in tensors})
         del tensors
-    index = {"metadata": {"total_size": sum(_numel(s) for s in shapes.values()) * dtype.itemsize},
+    index = {"metadata": {"total_size": sum(math.prod(s) for s in shapes.values()) * dtype.itemsize},
              "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     char_tokenizer().save_pretrained(path)
@@ -84,9 +85,3 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: to
         return torch.ones(shape, dtype=dtype)
     return (torch.randn(shape, generator=gen) * STD).to(dtype)
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

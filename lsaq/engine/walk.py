@@ -20,10 +20,8 @@ from lsaq.engine.skeleton import Layers
 Visitor = Callable[[int, nn.Module, Sequence[torch.Tensor], Sequence[torch.Tensor]], None]
 
 
-def walk(layers: Layers, calls: LayerCalls, visit: Visitor,
-         progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
-    """Walk every decoder layer in order (see the module doc); returns the last layer's outputs per batch.
-    ``progress`` is called with each layer's index once it is visited."""
+def walk(layers: Layers, calls: LayerCalls, visit: Visitor) -> list[torch.Tensor]:
+    """Walk every decoder layer in order (see the module doc); returns the last layer's outputs per batch."""
     hidden = list(calls.inputs)
     with torch.inference_mode():
         for i in range(calls.num_layers):
@@ -34,6 +32,4 @@ def walk(layers: Layers, calls: LayerCalls, visit: Visitor,
             finally:
                 layers.release(i)
             hidden = out
-            if progress is not None:
-                progress(i)
     return hidden

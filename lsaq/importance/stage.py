@@ -48,15 +48,20 @@ def _positive(**values: int) -> None:
             raise ValueError(f"{name} must be at least 1, got {v!r}")
 
 
+def _check_calibration_args(calibration: str | Path | None, source: str | None) -> None:
+    """The cheap checks of a calibration directory or source, before any model is loaded."""
+    if calibration is not None and source is not None:
+        raise ValueError(f"give a calibration directory ({calibration}) or a calibration source ({source}), not both")
+    if calibration is not None:
+        check_calibration_dir(calibration)
+    check_calibration_source(source)
+
+
 def _model_and_calibration(model: str | None, calibration: str | Path | None, source: str | None, samples: int,
                            seq_len: int, seed: int, revision: str | None,
                            trust_remote_code: bool) -> "tuple[LoadedModel, CalibrationSet]":
     """The loaded model and its calibration set: the directory ``calibration``, else drawn from ``source``."""
-    if calibration is not None and source is not None:
-        raise ValueError(f"give a calibration directory ({calibration}) or a calibration source ({source}), not both")
-    if calibration is not None:  # the cheap checks, before the model loads
-        check_calibration_dir(calibration)
-    check_calibration_source(source)
+    _check_calibration_args(calibration, source)
     loaded = load_model(model, revision=revision, trust_remote_code=trust_remote_code)
     if calibration is not None:
         return loaded, load_calibration_for(calibration, loaded.info)
@@ -73,11 +78,7 @@ def _stream_and_calibration(model: str | None, calibration: str | Path | None, s
     from lsaq.engine.checkpoint import Checkpoint
     from lsaq.engine.skeleton import Skeleton
 
-    if calibration is not None and source is not None:
-        raise ValueError(f"give a calibration directory ({calibration}) or a calibration source ({source}), not both")
-    if calibration is not None:
-        check_calibration_dir(calibration)
-    check_calibration_source(source)
+    _check_calibration_args(calibration, source)
     located = locate_model(model, revision=revision)
     skeleton = Skeleton.build(Checkpoint.open(located.load_dir), trust_remote_code=trust_remote_code, head=head)
     info = model_info(located, skeleton.model)

@@ -175,8 +175,10 @@ def artifact_state_dict(model: nn.Module, dtype: torch.dtype, skip: str | None =
     A tied LM head is stored once, under the embedding's name (as ``save_pretrained`` does).
     """
     out: dict[str, torch.Tensor] = {}
-    quantized_prefixes = [skip] if skip else []
+    quantized_prefixes = []
     for name, module in model.named_modules():
+        if skip and name.startswith(skip):
+            continue
         if isinstance(module, QUANTIZED_MODULES):
             quantized_prefixes.append(name + ".")
             for suffix, t in module.to_quantized_weight().compressed_tensors().items():
@@ -184,10 +186,9 @@ def artifact_state_dict(model: nn.Module, dtype: torch.dtype, skip: str | None =
             bias = getattr(module, "bias", None)
             if bias is not None:
                 out[f"{name}.bias"] = bias.detach().to(dtype).contiguous()
-    out = {n: t for n, t in out.items() if not (skip and n.startswith(skip))}
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
-        if any(name.startswith(q) for q in quantized_prefixes):
+        if (skip and name.startswith(skip)) or any(name.startswith(q) for q in quantized_prefixes):
             continue
         if id(p) in seen:  # tied weights: keep the first name (the embedding)
             continue
