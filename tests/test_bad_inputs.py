@@ -119,6 +119,11 @@ def cases(m: Path) -> list[tuple[str, list[str], str]]:
         ("plan budget nan", ["plan", "--config", "llama-2-7b", "--budget", "nan", *out], "cannot read 'nan' as a size"),
         ("plan budget negative", ["plan", "--config", "llama-2-7b", "--budget=-5MiB", *out], "'-5MiB' is negative"),
         ("plan budget unit", ["plan", "--config", "llama-2-7b", "--budget", "2EB", *out], "unknown unit 'EB' in '2EB'"),
+        *[(f"quantize shard size {size}", ["quantize", "--plan", str(m / "art" / "lsaq_plan.json"), "--model",
+                                             str(m / "src"), "--max-shard-size", size, *out], message)
+          for size, message in [("0", "max shard size: '0' is below the smallest allowed, 1 MB"),
+                                ("10KB", "max shard size: '10KB' is below the smallest allowed, 1 MB"),
+                                ("big", "max shard size: cannot read 'big' as a size")]],
         # device files
         *[(f"device file {name}", ["devices", "--device-file", str(m / f"{name}.yaml")], message)
           for name, (_, message) in DEVICE_FILES.items()],

@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "bytes, closer to the float model; needs --calibration)")
     q.add_argument("--calibration", default=None, metavar="DIR",
                    help="--quantizer gptq: a calibration directory from `lsaq calibrate` for this model")
+    q.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                   help="tensor bytes per weights file, e.g. 5GB (default: transformers' 50GB); past it the weights "
+                        "go into model-0000i-of-0000N.safetensors shards with model.safetensors.index.json")
     q.set_defaults(func=run_quantize)
 
     g = sub.add_parser("generate", help="greedy generation from an artifact on lsaq's packed runtime")
@@ -35,13 +38,26 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     plan = Plan.load(args.plan)
-    with tqdm(total=plan.shape.num_layers, desc="quantizing", unit="layer", file=sys.stderr) as bar:
+    bars: list[tqdm] = []  # opened at the first quantized layer: a refused argument prints only its message
+
+    def step(_layer: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=plan.shape.num_layers, desc="quantizing", unit="layer", file=sys.stderr))
+        bars[0].update(1)
+
+    try:
         art = quantize(plan, args.out, model=args.model, quantizer=args.quantizer, calibration=args.calibration,
-                       progress=lambda i: bar.update(1))
+                       max_shard_size=args.max_shard_size, progress=step)
+    finally:
+        for bar in bars:
+            bar.close()
     policy = plan.options.policy
+    shards = sum(name.endswith(".safetensors") for name in art.files)
+    peak = f"{art.peak_host_bytes / 2**30:.2f} GiB" if art.peak_host_bytes is not None else "unknown"
     print(f"wrote {art.path} ({plan.mix}, {art.quantizer}; embedding {policy.embed.value}, "
-          f"head {policy.head_precision.value}; "
-          f"{art.dtype}; {art.file_bytes / 2**20:.1f} MiB on disk) in {time.perf_counter() - start:.1f}s")
+          f"head {policy.head_precision.value}; {art.dtype}; {art.file_bytes / 2**20:.1f} MiB on disk in "
+          f"{shards} weights file{'s' if shards > 1 else ''}) in {time.perf_counter() - start:.1f}s; "
+          f"peak host memory {peak}")
     print(f"loads in: {', '.join(art.runtimes)}")
     return 0
 

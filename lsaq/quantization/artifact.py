@@ -3,7 +3,8 @@
 Layout of an artifact directory::
 
     config.json             model config + quantization_config (compressed-tensors, one group per format)
-    model.safetensors       int8 codes / packed int4 words + 16-bit scales (compressed-tensors names), 16-bit rest
+    model.safetensors       int8 codes / packed int4 words + 16-bit scales (compressed-tensors names), 16-bit rest;
+                            or, past the shard size, model-0000i-of-0000N.safetensors + model.safetensors.index.json
     generation_config.json  tokenizer files
     lsaq_plan.json          the plan it was built from
     lsaq_artifact.json      manifest (:class:`~lsaq.quantization.record.Artifact`): size and sha256 of every
@@ -22,14 +23,16 @@ from __future__ import annotations
 import json
 import re
 import struct
+from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lsaq import __version__
+from lsaq.engine.checkpoint import Checkpoint, read_index
+from lsaq.engine.writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from lsaq.models.identity import ModelInfo, ModelRef
 from lsaq.models.loading import LoadedModel, storage_dtype
 from lsaq.models.parts import decoder_parts
@@ -56,6 +59,7 @@ from lsaq.quantization.record import (
     STOCK_RUNTIME,
     VERSION,
     WEIGHTS,
+    WEIGHTS_INDEX,
     Artifact,
 )
 from lsaq.precision import Quantizer
@@ -66,7 +70,7 @@ if TYPE_CHECKING:
     from lsaq.engine.skeleton import Skeleton
     from lsaq.importance.calibration import CalibrationSet
 
-__all__ = ["MANIFEST", "PLAN", "WEIGHTS", "REQUIRED", "ArtifactError", "quantization_config", "runtimes_for_plan",
+__all__ = ["MANIFEST", "PLAN", "WEIGHTS", "WEIGHTS_INDEX", "REQUIRED", "ArtifactError", "quantization_config", "runtimes_for_plan",
            "write_artifact", "write_streamed_artifact", "verify_artifact", "load_quantized", "resident_bytes"]
 
 
@@ -141,11 +145,13 @@ def runtimes_for_plan(plan: Plan) -> tuple[str, ...]:
 def write_artifact(
     loaded: LoadedModel, plan: Plan, out_dir: str | Path, *, progress: Callable[[int], None] | None = None,
     quantizer: Quantizer | str = Quantizer.RTN, calibration: CalibrationSet | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Quantize ``loaded`` (in place) following ``plan`` and write the artifact directory atomically.
 
     ``quantizer``/``calibration``: how codes are chosen (:func:`lsaq.quantization.apply.quantize_model`); the
-    manifest records both.
+    manifest records both. ``max_shard_bytes``: tensor bytes per weights file
+    (:class:`~lsaq.engine.writer.ShardWriter`).
 
     Every tensor's bytes must equal the plan's byte model (:func:`lsaq.planning.memory.weight_tensor_bytes`):
     a difference is a bug and nothing is written.
@@ -154,53 +160,56 @@ def write_artifact(
     quantizer = Quantizer.parse(quantizer)
     model = quantize_model(loaded.model, loaded.info, plan, progress=progress, quantizer=quantizer,
                            calibration=calibration.tokens if calibration is not None else None)
-    return _write(out_dir, artifact_state_dict(model, dtype), loaded.info, plan, loaded.tokenizer,
-                  getattr(model, "generation_config", None), quantizer, calibration)
+    tensors = artifact_state_dict(model, dtype)
+    return _write(out_dir, lambda: iter(tensors.items()), loaded.info, plan, loaded.tokenizer,
+                  getattr(model, "generation_config", None), quantizer, calibration, max_shard_bytes)
 
 
 def write_streamed_artifact(skeleton: Skeleton, info: ModelInfo, tokenizer: Any, plan: Plan, out_dir: str | Path, *,
                             quantizer: Quantizer | str = Quantizer.RTN, calibration: CalibrationSet | None = None,
-                            generation_config: Any = None,
+                            generation_config: Any = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                             progress: Callable[[int], None] | None = None) -> Path:
     """Quantize ``skeleton``'s model following ``plan`` one decoder layer at a time (each read from the checkpoint,
-    quantized, turned into its artifact tensors, released) and write the artifact directory atomically: the same
-    files, byte for byte, as :func:`write_artifact`. GPTQ carries the calibration tokens' hidden states through
-    the quantized layers, each layer called with its own arguments. Memory: the skeleton, one float layer, the
-    hidden states, and the artifact's own tensors."""
+    quantized, its artifact tensors written to the current weights shard, released) and write the artifact
+    directory atomically: the same files, byte for byte, as :func:`write_artifact`. GPTQ carries the calibration
+    tokens' hidden states through the quantized layers, each layer called with its own arguments. Memory: the
+    skeleton, one float layer and its quantized tensors, and the hidden states."""
     dtype = storage_dtype(info.dtype)
     quantizer = Quantizer.parse(quantizer)
     parts = skeleton.parts
     check_plan(plan, info, parts)
     check_quantizer(quantizer, calibration, what="a calibration set")
     names = [lin.name for lin in plan.shape.layer_linears]
-    feed = LayerFeed.capture(parts, calibration.tokens) if calibration is not None else None
-    tensors: dict[str, torch.Tensor] = {}
-    with torch.inference_mode():
-        for i, precision in enumerate(plan.precisions):
-            layer = skeleton.load(i)
-            try:
-                quantize_layer(layer, precision, names, plan.options.policy.group_size, dtype, feed,
-                               last=i + 1 == len(plan.precisions))
-                prefix = f"{skeleton.layer_prefix}.{i}."
-                tensors.update({prefix + n: t for n, t in artifact_state_dict(layer, dtype).items()})
-            finally:
-                skeleton.release(i)
-            if progress is not None:
-                progress(i)
-        quantize_embeddings(skeleton.model, plan, dtype)
-        tensors.update(artifact_state_dict(skeleton.model, dtype, skip=skeleton.layer_prefix + "."))
-    return _write(out_dir, tensors, info, plan, tokenizer, generation_config, quantizer, calibration)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        feed = LayerFeed.capture(parts, calibration.tokens) if calibration is not None else None
+        with torch.inference_mode():
+            for i, precision in enumerate(plan.precisions):
+                layer = skeleton.load(i)
+                try:
+                    quantize_layer(layer, precision, names, plan.options.policy.group_size, dtype, feed,
+                                   last=i + 1 == len(plan.precisions))
+                    prefix = f"{skeleton.layer_prefix}.{i}."
+                    yield from ((prefix + n, t) for n, t in artifact_state_dict(layer, dtype).items())
+                finally:
+                    skeleton.release(i)
+                if progress is not None:
+                    progress(i)
+            quantize_embeddings(skeleton.model, plan, dtype)
+            yield from artifact_state_dict(skeleton.model, dtype, skip=skeleton.layer_prefix + ".").items()
+
+    return _write(out_dir, tensors, info, plan, tokenizer, generation_config, quantizer, calibration,
+                  max_shard_bytes)
 
 
-def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], info: ModelInfo, plan: Plan, tokenizer: Any,
-           generation_config: Any, quantizer: Quantizer, calibration: CalibrationSet | None) -> Path:
-    """Check ``tensors`` against the plan's byte model and write the artifact directory atomically."""
+def _write(out_dir: str | Path, tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]], info: ModelInfo,
+           plan: Plan, tokenizer: Any, generation_config: Any, quantizer: Quantizer,
+           calibration: CalibrationSet | None, max_shard_bytes: int) -> Path:
+    """Write the artifact directory atomically: the weights shard by shard as ``tensors()`` yields them, each
+    checked against the plan's byte model on arrival (all of them at the end), then config, plan, tokenizer and
+    manifest."""
     dtype_name = str(storage_dtype(info.dtype)).removeprefix("torch.")
     predicted = weight_tensor_bytes(plan.shape, plan.precisions, plan.options.policy)
-    stored = {name: t.numel() * t.element_size() for name, t in tensors.items()}
-    if stored != predicted:  # the memory model promised these bytes; a difference is a bug, never shipped
-        diff = sorted(set(stored.items()) ^ set(predicted.items()))[:6]
-        raise AssertionError(f"artifact tensors differ from the memory model's prediction: {diff}")
     config = info.config | {"dtype": dtype_name, "torch_dtype": dtype_name,
                             "quantization_config": quantization_config(plan)}
     config.pop("_name_or_path", None)
@@ -209,7 +218,17 @@ def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], info: ModelInf
     with atomic_dir(out_dir) as tmp:
         # One metadata key: safetensors writes metadata from a hash map whose order varies between calls, so two
         # keys would make the same artifact's bytes differ (the plan id is in lsaq_plan.json and the manifest).
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        writer = ShardWriter(tmp, max_shard_bytes, metadata={"format": "pt"})
+        stored: dict[str, int] = {}
+        for name, t in tensors():
+            stored[name] = t.numel() * t.element_size()
+            if predicted.get(name) != stored[name]:
+                _differs(stored, predicted, name)
+            writer.add(name, t)
+            del t
+        if stored != predicted:
+            _differs(stored, predicted, None)
+        writer.finish()
         atomic_write_json(tmp / "config.json", config)
         plan.save(tmp / PLAN)
         tokenizer.save_pretrained(tmp)
@@ -225,6 +244,15 @@ def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], info: ModelInf
         )
         atomic_write_json(tmp / MANIFEST, record.manifest_json())
     return Path(out_dir)
+
+
+def _differs(stored: dict[str, int], predicted: dict[str, int], name: str | None) -> None:
+    """The memory model promised the predicted bytes; a difference is a bug, never shipped."""
+    if name is not None:
+        diff = [(name, stored[name]), (name, predicted.get(name))]
+    else:
+        diff = sorted(set(stored.items()) ^ set(predicted.items()))[:6]
+    raise AssertionError(f"artifact tensors differ from the memory model's prediction: {diff}")
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -250,11 +278,14 @@ def _check_safetensors(path: Path) -> None:
 
 
 def verify_artifact(path: str | Path, *, checksums: bool = True) -> dict[str, Any]:
-    """Check that every file is present, has its recorded size and (optionally) sha256; return the manifest."""
+    """Check that every file is present, has its recorded size and (optionally) sha256, that every weights file is a
+    whole safetensors file and a sharded artifact's index maps exactly its shards' tensors; return the manifest."""
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"{path}: not an artifact directory (no such directory)")
     missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if not (path / WEIGHTS).is_file() and not (path / WEIGHTS_INDEX).is_file():
+        missing.insert(1, WEIGHTS)
     if missing:
         raise ArtifactError(f"{path}: incomplete artifact, missing {', '.join(missing)}")
     try:
@@ -267,7 +298,13 @@ def verify_artifact(path: str | Path, *, checksums: bool = True) -> dict[str, An
             raise ArtifactError(f"{path}: incomplete artifact, missing {name}")
         if f.stat().st_size != meta["bytes"]:
             raise ArtifactError(f"{f}: size {f.stat().st_size} differs from the recorded {meta['bytes']} (truncated?)")
-    _check_safetensors(path / WEIGHTS)
+    for name in sorted(n for n in manifest["files"] if n.endswith(".safetensors")):
+        _check_safetensors(path / name)
+    if (path / WEIGHTS_INDEX).is_file():
+        try:
+            read_index(path / WEIGHTS_INDEX)
+        except ValueError as e:
+            raise ArtifactError(str(e)) from e
     if checksums:
         for name, meta in manifest["files"].items():
             if file_sha256(path / name) != meta["sha256"]:
@@ -297,15 +334,20 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, che
     def group(precision: Precision) -> int | None:
         return group_size if precision is Precision.INT4 else None
 
-    with safe_open(path / WEIGHTS, framework="pt") as f:
-        names = set(f.keys())
+    try:
+        weight_map = Checkpoint.open(path).weight_map  # tensor name -> the shard holding it
+    except ValueError as e:
+        raise ArtifactError(str(e)) from e
+    with ExitStack() as stack:
+        files = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in sorted(set(weight_map.values()))}
+        names = set(weight_map)
         taken: set[str] = set()
 
         def take(name: str) -> torch.Tensor:
             if name not in names:
-                raise ArtifactError(f"{path / WEIGHTS}: tensor {name} is missing")
+                raise ArtifactError(f"{path}: tensor {name} is missing from its weights")
             taken.add(name)
-            return f.get_tensor(name)
+            return files[weight_map[name]].get_tensor(name)
 
         for i, precision in enumerate(plan.precisions):
             for lin in plan.shape.layer_linears:

@@ -7,12 +7,13 @@ directory can be moved or copied and still describe itself.
 Version 2 added ``dtype`` (the 16-bit float the artifact stores) and ``runtimes``, and records the model as a
 :class:`~lsaq.models.identity.ModelRef`; version 1 manifests (always float16) still load. Version 3 added
 ``quantizer`` (how the codes were chosen: ``rtn`` or ``gptq``) and ``calibration`` (the hash of GPTQ's calibration
-tokens); older manifests are ``rtn``.
+tokens); older manifests are ``rtn``. The record (:meth:`Artifact.to_json`) adds the directory and the quantize run's
+peak host memory, which the manifest leaves out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,8 +23,9 @@ from lsaq.records import decode_record, read_record
 
 MANIFEST = "lsaq_artifact.json"
 PLAN = "lsaq_plan.json"
-WEIGHTS = "model.safetensors"
-REQUIRED = ("config.json", WEIGHTS, PLAN, MANIFEST)
+WEIGHTS = "model.safetensors"  # the weights of a one-shard artifact
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded artifact's index (transformers' names)
+REQUIRED = ("config.json", PLAN, MANIFEST)  # and the weights: WEIGHTS or WEIGHTS_INDEX with its shards
 SCHEMA, VERSION = "lsaq.quantization.artifact", 3
 # Runtimes that load an artifact: lsaq's own (lsaq.quantization.artifact.load_quantized) always; stock
 # transformers + compressed-tensors unless it holds a tensor form they cannot load (see runtimes_for_plan).
@@ -40,12 +42,16 @@ class Artifact:
     model: ModelRef  # the source model (identity only; its config is in the directory's config.json)
     dtype: str  # the 16-bit float of every float tensor and scale: "bfloat16" or "float16"
     files: Mapping[str, tuple[int, str]]  # file name -> (bytes, sha256)
-    tensor_bytes: int  # bytes of the tensors model.safetensors holds
+    tensor_bytes: int  # bytes of the tensors the weights files hold
     predicted_tensor_bytes: int  # what the plan's byte model predicted (equal, or the artifact is not written)
     runtimes: tuple[str, ...] = (LSAQ_RUNTIME, STOCK_RUNTIME)
     lsaq_version: str = __version__
     quantizer: str = "rtn"  # how the integer codes were chosen (lsaq.precision.Quantizer)
     calibration: str | None = None  # hash of the calibration tokens a calibrated quantizer used
+    # peak resident host memory of the run that wrote it (lsaq.resources.PeakMemory): in the stage's record, not in
+    # the manifest, which describes the files (the same plan gives the same bytes whatever memory the run took);
+    # records of the same files are equal whatever their runs took
+    peak_host_bytes: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -77,7 +83,8 @@ class Artifact:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.manifest_json(), "path": str(self.path)}
+        """The stage's record: the manifest, the directory and the run's peak host memory."""
+        return {**self.manifest_json(), "path": str(self.path), "peak_host_bytes": self.peak_host_bytes}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], path: str | Path | None = None) -> "Artifact":
@@ -97,6 +104,7 @@ class Artifact:
             lsaq_version=obj.get("lsaq_version", "?"),
             quantizer=obj.get("quantizer", "rtn"),
             calibration=obj.get("calibration"),
+            peak_host_bytes=obj.get("peak_host_bytes"),
         )
 
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,18 +19,22 @@ from lsaq.importance.calibration import check_calibration_dir, load_calibration_
 from lsaq.models.identity import ModelRef
 from lsaq.engine.checkpoint import Checkpoint
 from lsaq.engine.skeleton import Skeleton
+from lsaq.engine.writer import DEFAULT_MAX_SHARD_BYTES
 from lsaq.models.loading import generation_config, load_tokenizer, locate_model, model_info
 from lsaq.planning.planner import Plan
 from lsaq.quantization.artifact import write_streamed_artifact
 from lsaq.quantization.record import Artifact
 from lsaq.precision import Quantizer
 from lsaq.quantization.sequential import check_quantizer
+from lsaq.resources import PeakMemory
+from lsaq.units import format_bytes, parse_bytes
 
-__all__ = ["Artifact", "Quantizer", "quantize", "plan_model_source"]
+__all__ = ["Artifact", "Quantizer", "quantize", "plan_model_source", "check_shard_size"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_IDS = (None, "default")  # ids load_model gives the embedded default model
+MIN_SHARD_BYTES = 10**6  # "1 MB"; below it nearly every tensor gets a shard: refused as a mistake
 
 
 def plan_model_source(model: ModelRef) -> str | None:
@@ -51,6 +56,7 @@ def quantize(
     model: str | None = None,
     quantizer: Quantizer | str = Quantizer.RTN,
     calibration: str | Path | None = None,
+    max_shard_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Artifact:
     """Quantize a model following ``plan`` (a :class:`Plan` or its JSON file) into the artifact directory ``out``.
@@ -61,22 +67,40 @@ def quantize(
     (round-to-nearest) or ``gptq`` (error feedback on the activations of ``calibration``, a calibration directory
     drawn for this model by :func:`lsaq.calibrate`; same files and bytes). ``progress`` is called with the index of
     each decoder layer once it is quantized.
+
+    ``max_shard_size`` (bytes, or a size such as ``"5GB"``): the weights go into ``model.safetensors`` up to that
+    many tensor bytes, else into shards with ``model.safetensors.index.json`` (default: transformers' 50 GB). The
+    returned record carries the run's peak host memory (``peak_host_bytes``).
     """
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     quantizer = check_quantizer(quantizer, calibration)  # before the model loads
+    shard_bytes = check_shard_size(max_shard_size)
     if calibration is not None:
         check_calibration_dir(calibration)
     source = model if model is not None else plan_model_source(plan.model)
     start = time.perf_counter()
-    located = locate_model(source)
-    skeleton = Skeleton.build(Checkpoint.open(located.load_dir))  # one decoder layer at a time from the checkpoint
-    info = model_info(located, skeleton.model)
-    calib = load_calibration_for(calibration, info) if calibration is not None else None
-    path = write_streamed_artifact(skeleton, info, load_tokenizer(located), plan, out, quantizer=quantizer,
-                                   calibration=calib, progress=progress,
-                                   generation_config=generation_config(located.load_dir, skeleton.model))
-    artifact = Artifact.load(path)
-    log.info("quantized %s into %s (%s, %s; %d tensor bytes, %s) in %.1fs", info.id, path,
-             plan.mix, quantizer.value, artifact.tensor_bytes, artifact.dtype,
-             time.perf_counter() - start)
+    with PeakMemory() as peak:
+        located = locate_model(source)
+        skeleton = Skeleton.build(Checkpoint.open(located.load_dir))  # one decoder layer at a time
+        info = model_info(located, skeleton.model)
+        calib = load_calibration_for(calibration, info) if calibration is not None else None
+        path = write_streamed_artifact(skeleton, info, load_tokenizer(located), plan, out, quantizer=quantizer,
+                                       calibration=calib, progress=progress, max_shard_bytes=shard_bytes,
+                                       generation_config=generation_config(located.load_dir, skeleton.model))
+        del skeleton, calib
+    artifact = replace(Artifact.load(path), peak_host_bytes=peak.host_bytes)
+    log.info("quantized %s into %s (%s, %s; %d tensor bytes, %s) in %.1fs, peak host memory %s", info.id, path,
+             plan.mix, quantizer.value, artifact.tensor_bytes, artifact.dtype, time.perf_counter() - start,
+             format_bytes(peak.host_bytes) if peak.host_bytes is not None else "unknown")
     return artifact
+
+
+def check_shard_size(value: int | str | None) -> int:
+    """Tensor bytes per weights file from ``--max-shard-size``/``max_shard_size`` (None: transformers' default);
+    ``ValueError`` naming the value unless it is a size of at least 1 MB."""
+    if value is None:
+        return DEFAULT_MAX_SHARD_BYTES
+    size = parse_bytes(value, what="max shard size")
+    if size < MIN_SHARD_BYTES:
+        raise ValueError(f"max shard size: {value!r} is below the smallest allowed, 1 MB (1000000 bytes)")
+    return size

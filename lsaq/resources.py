@@ -1,0 +1,50 @@
+"""Peak host memory of a stage, as the kernel counts it: the process's resident high-water mark (``VmHWM``).
+
+:class:`PeakMemory` resets the mark when the stage starts (``/proc/self/clear_refs``), so a stage run in a long-lived
+process (a Prefect worker, a test) reports its own peak, not that of what ran before it. Where the mark cannot be
+reset, the peak is the process's since it started (``since_start``); where it cannot be read (not Linux), None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def host_peak_bytes() -> int | None:
+    """The process's resident high-water mark in bytes, or None where ``/proc`` does not say."""
+    try:
+        for line in STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        return None
+    return None
+
+
+def reset_host_peak() -> bool:
+    """Lower the high-water mark to the current resident memory; False where the kernel does not allow it."""
+    try:
+        CLEAR_REFS.write_text("5")  # "5": reset the peak RSS (Documentation/filesystems/proc.rst)
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class PeakMemory:
+    """``with PeakMemory() as peak: ...`` then ``peak.host_bytes``: the peak resident memory while the block ran
+    (None where it cannot be read); ``since_start`` when the mark could not be reset first."""
+
+    host_bytes: int | None = None
+    since_start: bool = False
+
+    def __enter__(self) -> "PeakMemory":
+        self.since_start = not reset_host_peak()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.host_bytes = host_peak_bytes()
