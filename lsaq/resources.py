@@ -1,4 +1,5 @@
-"""Peak host memory of a stage, as the kernel counts it: the process's resident high-water mark (``VmHWM``).
+"""Host memory as the kernel counts it: a stage's peak (the process's resident high-water mark, ``VmHWM``), and
+handing freed heap memory back to the system.
 
 :class:`PeakMemory` resets the mark when the stage starts (``/proc/self/clear_refs``), so a stage run in a long-lived
 process (a Prefect worker, a test) reports its own peak, not that of what ran before it. Where the mark cannot be
@@ -7,8 +8,13 @@ reset, the peak is the process's since it started (``since_start``); where it ca
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ctypes
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -48,3 +54,27 @@ class PeakMemory:
 
     def __exit__(self, *exc: object) -> None:
         self.host_bytes = host_peak_bytes()
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    A layer's tensors are freed when it is released, but glibc raises its mmap threshold after freeing large
+    blocks, so the next layer's tensors come from the heap, whose freed pages it keeps: without this, resident
+    memory grows by about a layer's worth every few layers (measured: 0.72 -> 1.07 GiB over 12 layers of width
+    2048; flat at 0.72 GiB with it)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> "ctypes.CDLL | None":
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None

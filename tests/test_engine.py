@@ -111,6 +111,25 @@ def test_resident_and_streamed_walks_agree_and_tied_heads_are_tied(tmp_path):
     torch.testing.assert_close(streamed[0], resident[0], rtol=0, atol=0)
 
 
+def test_a_released_layer_holds_no_memory_even_when_a_caller_still_holds_it(tmp_path):
+    """A walk's loop variable keeps the last layer's module until the next load: release empties that module
+    itself (otherwise two layers are resident at each load), also after quantization swapped its linears."""
+    from lsaq.precision import Precision
+    from lsaq.quantization.apply import quantize_layer
+
+    shard_checkpoint(tiny_family_model("llama", layers=2), tmp_path / "m")
+    skeleton = Skeleton.build(Checkpoint.open(tmp_path / "m"))
+    for i in range(2):
+        layer = skeleton.load(i)
+        assert not any(t.is_meta for t in layer.state_dict().values())
+        if i == 1:  # packed modules in place of its linears
+            quantize_layer(layer, Precision.INT4, ["self_attn.q_proj", "mlp.down_proj"], None, torch.bfloat16)
+        skeleton.release(i)
+        assert all(t.is_meta for t in layer.state_dict().values())
+        assert skeleton.parts.layers[i] is not layer
+        assert all(t.is_meta for t in skeleton.parts.layers[i].state_dict().values())
+
+
 def damaged(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -165,3 +165,36 @@ def test_a_gptq_artifact_is_kept_in_the_store_and_fetched_not_remade_elsewhere(t
         path = stages.ensure_artifact(ident, artifact, store, str(tmp_path / "work2"), plan)
         assert Artifact.load(path).files == artifact.files
     assert remade == ["rtn"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_linears_on_one_input_share_one_hessian(model_type):
+    """q/k/v (and gate/up) are called on the same tensor: one Hessian tensor for them, equal bit for bit to the
+    Hessian of each linear's own inputs summed on its own; o and down have their own."""
+    from conftest import tiny_family_model
+
+    from lsaq.models.parts import decoder_parts
+    from lsaq.quantization.gptq import HessianAccumulator
+    from lsaq.quantization.sequential import LayerFeed
+
+    model = tiny_family_model(model_type, layers=2)
+    parts = decoder_parts(model)
+    ids = torch.randint(3, 96, (5, 12), generator=torch.Generator().manual_seed(0))
+    feed = LayerFeed.capture(parts, ids, batch_size=2)
+    layer = parts.layers[0]
+    names = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    separate = {n: HessianAccumulator(layer.get_submodule(n).in_features) for n in names}
+    hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda _m, a, acc=separate[n]: acc.add(a[0]))
+             for n in names]
+    try:
+        feed.run(layer)
+    finally:
+        for h in hooks:
+            h.remove()
+    shared = feed.hessians(layer, names)
+    attn, mlp = "self_attn.", "mlp."
+    assert shared[attn + "q_proj"] is shared[attn + "k_proj"] is shared[attn + "v_proj"]
+    assert shared[mlp + "gate_proj"] is shared[mlp + "up_proj"]
+    assert len({id(h) for h in shared.values()}) == 4  # qkv, o, gate/up, down
+    for n in names:
+        assert torch.equal(shared[n], separate[n].hessian()), n

@@ -11,9 +11,8 @@ memory (loading and releasing cost nothing), so one walk serves both.
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -22,10 +21,7 @@ from lsaq.engine.checkpoint import Checkpoint
 from lsaq.models.families import family
 from lsaq.models.loading import empty_model
 from lsaq.models.parts import DecoderParts, decoder_parts
-
-if TYPE_CHECKING:
-    import ctypes
-
+from lsaq.resources import trim_heap
 
 HEAD_LIMIT = 2**30  # bytes of a compute-dtype LM head above which it stays in the checkpoint's dtype
 
@@ -137,33 +133,13 @@ class Skeleton:
 
     def release(self, index: int) -> None:
         """Put layer ``index`` back as it was built, on the meta device (also after a stage swapped its modules,
-        as quantization does), and return its memory to the system."""
+        as quantization does), and return its memory to the system.
+
+        The old module's tensors go to the meta device first, so a caller still holding it (a loop variable until
+        the next layer is loaded) holds no memory: otherwise two layers would be resident at each load."""
+        self.parts.layers[index].to("meta")
         self.parts.layers[index] = copy.deepcopy(self.templates[index])
         trim_heap()
-
-
-def trim_heap() -> None:
-    """Hand the C heap's free memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
-
-    A layer's tensors are freed when it is released, but glibc raises its mmap threshold after freeing large
-    blocks, so the next layer's tensors come from the heap, whose freed pages it keeps: without this, resident
-    memory grows by about a layer's worth every few layers (measured: 0.72 -> 1.07 GiB over 12 layers of width
-    2048; flat at 0.72 GiB with it)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc() -> "ctypes.CDLL | None":
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
 
 
 def model_names(model: nn.Module, names: list[str]) -> dict[str, str]:

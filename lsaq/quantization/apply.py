@@ -109,12 +109,13 @@ def quantize_layer(layer: nn.Module, precision: Precision, names: list[str], gro
     come from the Hessians of the feed's current inputs, and unless ``last`` the feed then advances through the
     quantized layer (the next layer's inputs); without it they are rounded to nearest."""
     quantized = precision is not Precision.FP16
-    hessians = feed.hessians(layer, names) if feed is not None and quantized else {}
+    calibrated = feed is not None and quantized
+    hessians = feed.hessians(layer, names) if calibrated else {}  # each popped once used: freed linear by linear
     for name in names if quantized else ():  # FP16 linears are cast with the layer's other parameters
         float_linear = layer.get_submodule(name)
         g = group_size if precision is Precision.INT4 else None
         w = float_linear.weight
-        qw = (gptq_quantize(w, hessians[name], precision, g, dtype, act_order=True) if hessians
+        qw = (gptq_quantize(w, hessians.pop(name), precision, g, dtype, act_order=True) if calibrated
               else QuantizedWeight.quantize(w, precision, g, dtype))
         bias = float_linear.bias.detach().to(dtype) if float_linear.bias is not None else None
         _set_submodule(layer, name, quantized_linear(qw, bias))

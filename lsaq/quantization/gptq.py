@@ -32,6 +32,7 @@ import math
 import torch
 
 from lsaq.precision import Precision
+from lsaq.resources import trim_heap
 from lsaq.quantization.primitives import (
     INT4_QMAX,
     INT4_QMIN,
@@ -44,6 +45,8 @@ from lsaq.quantization.primitives import (
 
 DEFAULT_BLOCK_SIZE = 128  # columns per lazy-update block (the paper's choice)
 DEFAULT_DAMP = 0.01  # dampening, as a fraction of the mean diagonal of H (the paper's choice)
+PROXY_BLOCK = 1024  # columns of H widened to fp64 at a time by proxy_loss
+SOLVE_BLOCK = 512  # rows per band, and the largest triangle inverted directly, in _invert_lower_
 
 
 class HessianAccumulator:
@@ -105,8 +108,11 @@ def proxy_loss(w: torch.Tensor, q_dequantized: torch.Tensor, hessian: torch.Tens
         )
     _check_hessian_shape(hessian, w.shape)
     d = w.detach().to(torch.float64) - q_dequantized.detach().to(device=w.device, dtype=torch.float64)  # [out, in]
-    h = hessian.detach().to(device=w.device, dtype=torch.float64)  # [in, in]
-    return float(((d @ h) * d).sum())
+    total = 0.0
+    for c0 in range(0, d.shape[1], PROXY_BLOCK):  # fp64 columns of H a block at a time, not a whole fp64 copy
+        h = hessian[:, c0:c0 + PROXY_BLOCK].detach().to(device=w.device, dtype=torch.float64)  # [in, block]
+        total += float(((d @ h) * d[:, c0:c0 + PROXY_BLOCK]).sum())
+    return total
 
 
 def gptq_quantize(
@@ -151,7 +157,7 @@ def gptq_quantize(
         raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
     # RTN validates the weight, group size and scale dtype, and provides the per-channel / static-group scales.
     rtn = QuantizedWeight.quantize(w, p, group_size, scale_dtype)
-    h = hessian.detach().to(device=w.device, dtype=torch.float64)  # [in, in]
+    h = hessian.detach().to(device=w.device)  # [in, in] as given; widened to fp64 where it is used
     if not bool(torch.isfinite(h).all()):
         raise ValueError("hessian has non-finite values")
     if w.numel() == 0:
@@ -171,45 +177,74 @@ def _check_hessian_shape(hessian: torch.Tensor, w_shape: torch.Size) -> None:
         )
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (``U^T U = H^-1``), fp64 ``[in, in]``.
+def _inverse_cholesky(h: torch.Tensor, perm: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H_p + lambda I)^-1`` (``U^T U = H_p^-1``) for ``H_p = h[perm][:, perm]``
+    (the sweep order), fp32 ``[in, in]``; ``h`` (any float dtype, ``[in, in]``) is not modified.
 
-    ``h`` (fp64 ``[in, in]``, modified in place) has its dead inputs (zero diagonal) decoupled first: their row
-    and column are zeroed and the diagonal set to 1, so their columns get no error feedback and give none."""
-    diag = h.diagonal()  # a view
-    dead = torch.nonzero(diag == 0).flatten()
-    if dead.numel():
-        h[dead, :] = 0.0
-        h[:, dead] = 0.0
-        h[dead, dead] = 1.0
-    diag.add_(damp * float(diag.mean()))
+    Dead inputs (zero diagonal) are decoupled first: their row and column are zeroed and the diagonal set to 1, so
+    their columns get no error feedback and give none. Computed in fp64 in one ``[in, in]`` buffer: the damped
+    Hessian, overwritten by its Cholesky factor, overwritten by the factor's inverse (:func:`_invert_lower_`).
+    Memory: ``h`` plus 1.5 fp64 ``[in, in]`` at the peak (the fp32 result beside the buffer)."""
     # One Cholesky and one triangular inverse instead of Cholesky, inverse, Cholesky: with J the reversal
     # permutation, J H J = L L^T (L lower) gives H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper with a
     # positive diagonal, hence the (unique) upper Cholesky factor of H^-1.
-    chol, info = torch.linalg.cholesky_ex(h.flip(0, 1))  # [in, in] lower
+    rev = perm.flip(0)
+    # J H_p J in column-major order (LAPACK's, so the factorization works in place): the row-major transpose
+    buf = h.mT.index_select(0, rev).index_select(1, rev).to(torch.float64).mT  # [in, in], column-major
+    diag = buf.diagonal()  # a view, in reversed sweep order
+    dead = torch.nonzero(diag == 0).flatten()
+    if dead.numel():
+        buf[dead, :] = 0.0
+        buf[:, dead] = 0.0
+        buf[dead, dead] = 1.0
+    diag.add_(damp * float(diag.flip(0).mean()))  # the mean in sweep order
+    info = torch.empty((), dtype=torch.int32, device=buf.device)
+    torch.linalg.cholesky_ex(buf, out=(buf, info))  # L, lower, in place
     if int(info) != 0:
         raise ValueError(f"hessian is not positive definite after dampening (damp={damp}); use a larger damp")
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    return torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+    _invert_lower_(buf)  # L^-1
+    trim_heap()  # the inversion's band temporaries, kept by the C heap, before the fp32 copy is made
+    lower = buf.to(torch.float32)
+    del buf, diag
+    return lower.flip(0, 1).contiguous()
+
+
+def _invert_lower_(m: torch.Tensor) -> None:
+    """Invert the invertible lower-triangular ``m [n, n]`` in place, by blocks: with ``m = [[A, 0], [B, C]]``,
+    ``m^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``; ``B`` is overwritten a band of rows at a time, so the only
+    temporaries are ``SOLVE_BLOCK`` rows wide."""
+    n = m.shape[0]
+    if n <= SOLVE_BLOCK:
+        eye = torch.eye(n, dtype=m.dtype, device=m.device)
+        m.copy_(torch.linalg.solve_triangular(m, eye, upper=False))
+        return
+    k = n // 2
+    a, b, c = m[:k, :k], m[k:, :k], m[k:, k:]
+    _invert_lower_(a)
+    _invert_lower_(c)
+    rows = n - k
+    for r0 in range(0, rows, SOLVE_BLOCK):  # B <- B A^-1, band by band
+        b[r0:r0 + SOLVE_BLOCK] = b[r0:r0 + SOLVE_BLOCK] @ a
+    # B <- -C^-1 B from the bottom band up: band r needs B's rows up to its own end, not yet overwritten
+    for r0 in reversed(range(0, rows, SOLVE_BLOCK)):
+        r1 = min(r0 + SOLVE_BLOCK, rows)
+        b[r0:r1] = -(c[r0:r1, :r1] @ b[:r1])
 
 
 def _gptq(
     w: torch.Tensor, h: torch.Tensor, rtn: QuantizedWeight, block_size: int, damp: float, act_order: bool
 ) -> QuantizedWeight:
-    """GPTQ without the RTN fallback. ``h``: fp64 ``[in, in]`` (copied); ``rtn``: RTN's result for ``w``."""
+    """GPTQ without the RTN fallback. ``h``: ``[in, in]`` (not modified); ``rtn``: RTN's result for ``w``."""
     cols = int(w.shape[1])
-    h = h.clone()
     group_size = rtn.group_size
     grouped = rtn.zero is not None
     dynamic_groups = grouped and not act_order
     if act_order:
         # dead inputs (diag 0) sort last; their order does not matter, they are decoupled from the rest
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)  # [in]: sweep position -> column
-        h = h[perm][:, perm]
     else:
         perm = torch.arange(cols, device=w.device)
-    u = _inverse_cholesky(h, damp).to(torch.float32)  # [in, in] upper, in sweep order
-    del h
+    u = _inverse_cholesky(h, perm, damp)  # [in, in] upper, in sweep order
 
     # Transposed layout: sweep column j is the contiguous row wt[j]. wt is updated in place.
     wt = w.detach().to(torch.float32)[:, perm].T.contiguous()  # [in, out]

@@ -64,19 +64,43 @@ class LayerFeed:
             return [call(layer, h) for call, h in zip(self.calls.calls[self.index], self.hidden)]
 
     def hessians(self, layer: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-        """GPTQ's Hessian ``2/n X^T X [in, in]`` of each named linear of ``layer``, over every calibration token."""
+        """GPTQ's Hessian ``2/n X^T X [in, in]`` of each named linear of ``layer``, over every calibration token.
+
+        Linears called on the very same input tensor one after the other (q/k/v, gate/up) share one sum and one
+        Hessian tensor: the same values as separate ones, a third (a half) of the memory."""
         # fp32 sums, or fp64 for a float64 layer (whose activations fp32 would round)
         wide = any(p.dtype == torch.float64 for p in layer.parameters())
         dtype = torch.float64 if wide else torch.float32
-        accumulators = {n: HessianAccumulator(layer.get_submodule(n).in_features, dtype) for n in names}
-        hooks = [layer.get_submodule(n).register_forward_pre_hook(
-            lambda _m, args, acc=accumulators[n]: acc.add(args[0])) for n in names]
+        accumulators: dict[str, HessianAccumulator] = {}
+        last: list[Any] = [None, None]  # (input, accumulator) of the latest linear called
+
+        def pre_hook(name: str) -> Callable[..., None]:
+            def add(_module: nn.Module, args: tuple[Any, ...]) -> None:
+                x, same = args[0], args[0] is last[0]
+                if name not in accumulators:  # decided on the first call
+                    accumulators[name] = last[1] if same else HessianAccumulator(x.shape[-1], dtype)
+                if not (same and accumulators[name] is last[1]):
+                    accumulators[name].add(x)
+                last[:] = [x, accumulators[name]]
+            return add
+
+        hooks = [layer.get_submodule(n).register_forward_pre_hook(pre_hook(n)) for n in names]
         try:
             self.run(layer)
         finally:
             for h in hooks:
                 h.remove()
-        return {n: acc.hessian() for n, acc in accumulators.items()}
+            last.clear()
+        made: dict[int, torch.Tensor] = {}  # id(accumulator) -> its Hessian
+        out: dict[str, torch.Tensor] = {}
+        for n in names:
+            if n not in accumulators:
+                raise ValueError(f"linear {n} of layer {self.index} was not called on the calibration tokens")
+            acc = accumulators[n]
+            if id(acc) not in made:
+                made[id(acc)] = acc.hessian()
+            out[n] = made[id(acc)]
+        return out
 
     def advance(self, layer: nn.Module) -> None:
         """Replace the hidden states by ``layer``'s outputs: the feed of the next layer."""
