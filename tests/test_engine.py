@@ -197,7 +197,7 @@ def test_streamed_scores_equal_a_whole_model_forward(shared_gguf, wiki_valid, tm
 PEAK_RSS = ("import sys; from lsaq.cli import main; rc = main(sys.argv[1:]); "
             "print('peak_kib', next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]); "
             "sys.exit(rc)")
-# Of the whole model's float32 bytes: streamed, 1.02 GiB of 2.43 (0.42) here; loading it whole needs more than
+# Of the whole model's float32 bytes: streamed, 0.83 GiB of 2.42 (0.34) here; loading it whole needs more than
 # the float32 bytes themselves (> 1.0). The margin is for thread pools and allocators on other machines.
 STREAM_FRACTION = 0.6
 
