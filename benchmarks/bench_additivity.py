@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lsaq.importance.calibration import CalibrationSet, tokenize_windows
+from lsaq.calibration.sets import CalibrationSet, tokenize_windows
 from lsaq.importance.cost import measure_layer_loss
 from lsaq.importance.sensitivity import quantized_layer
 from lsaq.importance.similarity import spearman

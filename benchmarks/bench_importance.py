@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from lsaq.importance.calibration import load_calibration
+from lsaq.calibration.sets import load_calibration
 from lsaq.importance.scoring import score_samples
 from lsaq.models.loading import load_model
 from lsaq.models.parts import decoder_parts

@@ -18,7 +18,7 @@ import argparse
 import math
 import time
 
-from lsaq.importance.calibration import load_calibration
+from lsaq.calibration.sets import load_calibration
 from lsaq.importance.cost import measure_layer_loss
 from lsaq.importance.similarity import spearman
 from lsaq.models.families import model_shape

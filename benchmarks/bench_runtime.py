@@ -82,7 +82,7 @@ def _one(args: argparse.Namespace) -> dict:
 
 def _build_artifacts(args: argparse.Namespace, workdir: Path) -> list[str]:
     """Write the INT8 / INT4 / mixed artifacts; return quantization throughput lines."""
-    from lsaq.importance.calibration import load_calibration
+    from lsaq.calibration.sets import load_calibration
     from lsaq.importance.scoring import score_importance
     from lsaq.models.families import model_shape
     from lsaq.models.identity import ModelRef

@@ -39,7 +39,7 @@ import torch
 from lsaq import __version__
 from lsaq.eval.harness import evaluate_tasks
 from lsaq.eval.perplexity import default_ppl_source, read_eval_text, tokenize_eval_windows, window_nll
-from lsaq.importance.calibration import CalibrationSet, load_calibration
+from lsaq.calibration.sets import CalibrationSet, load_calibration
 from lsaq.importance.cost import LayerLoss, measure_layer_loss
 from lsaq.importance.record import LayerImportance
 from lsaq.importance.scoring import score_importance

@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     # stage functions
-    "calibrate": "lsaq.importance.calibration",
+    "calibrate": "lsaq.calibration.sets",
     "score": "lsaq.importance.stage",
     "measure": "lsaq.importance.stage",
     "resolve_device": "lsaq.planning.stage",
@@ -36,7 +36,7 @@ _EXPORTS = {
     "list_builds": "lsaq.store.stage",
     "download": "lsaq.store.stage",
     # records and options that cross stage boundaries
-    "CalibrationInfo": "lsaq.importance.calibration",
+    "CalibrationInfo": "lsaq.calibration.sets",
     "LayerImportance": "lsaq.importance.scoring",
     "LayerLoss": "lsaq.importance.cost",
     "Method": "lsaq.methods",

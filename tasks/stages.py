@@ -30,7 +30,7 @@ from prefect.runtime import task_run
 
 import lsaq
 from lsaq.eval.stage import EvalOptions
-from lsaq.importance.calibration import load_calibration_dir
+from lsaq.calibration.sets import load_calibration_dir
 from lsaq.importance.cost import LayerLoss
 from lsaq.importance.record import LayerImportance
 from lsaq.models.families import model_shape
@@ -68,7 +68,7 @@ from tasks.records import (
 )
 from tasks.storage import IO_RETRIES, IO_RETRY_DELAY_S, backend, cache_policy, io_failure, result_storage
 
-CALIB_FILES = ("calibration.json", "tokens.safetensors")  # the record last: lsaq.importance.calibration's names
+CALIB_FILES = ("calibration.json", "tokens.safetensors")  # the record last: lsaq.calibration.sets's names
 IMPORTANCE_FILE = "importance.json"
 LOSS_FILE = "loss.json"
 MEASURED_LOSS = "measured-loss"  # the score task's "method" for strategy 'measured': lsaq.measure's layer loss

@@ -165,7 +165,7 @@ def test_a_damaged_shard_or_index_is_named(checkpoints, tmp_path):
 def test_streamed_scores_equal_a_whole_model_forward(shared_gguf, wiki_valid, tmp_path):
     """Cosine and jaccard from ``score`` (the checkpoint streamed one layer at a time) against the same measures
     taken by hooks on one whole-model forward of the shared model (float32 both)."""
-    from lsaq.importance.calibration import calibrate, load_calibration_dir
+    from lsaq.calibration.sets import calibrate, load_calibration_dir
     from lsaq.importance.similarity import cosine, jaccard, topk_indices
     from lsaq.importance.stage import score
     from lsaq.methods import DEFAULT_K
@@ -247,7 +247,7 @@ def test_a_checkpoint_missing_a_layer_tensor_is_refused_before_any_layer_runs(ch
 def test_a_large_head_stays_16_bit_and_cosine_reads_no_head(tmp_path, monkeypatch):
     import lsaq.engine.skeleton as skeleton_module
     import lsaq.importance.scoring as scoring
-    from lsaq.importance.calibration import CalibrationSet
+    from lsaq.calibration.sets import CalibrationSet
     from lsaq.importance.scoring import score_samples
 
     model = tiny_family_model("llama", layers=3, tie_word_embeddings=False)

@@ -161,7 +161,7 @@ def report_tokenizer(model_dir: Path):
 
 
 def test_fidelity_alone_defaults_to_local_wikitext_else_generated(isolated, tmp_path, loads, monkeypatch):
-    from lsaq.importance.calibration import generate_calibration
+    from lsaq.calibration.sets import generate_calibration
     from lsaq.models.loading import load_model
 
     model_dir, art, _, empty = isolated

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from lsaq.importance.calibration import CalibrationSet
+from lsaq.calibration.sets import CalibrationSet
 from lsaq.importance.scoring import score_samples
 from lsaq.models.families import SUPPORTED_MODEL_TYPES, model_shape
 from lsaq.models.identity import ModelRef

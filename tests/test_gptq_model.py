@@ -11,7 +11,7 @@ import torch
 from conftest import plan_with_precisions, tiny_llama_dir, tiny_plan
 from safetensors import safe_open
 
-from lsaq.importance.calibration import calibrate, load_calibration_dir, tokenize_windows
+from lsaq.calibration.sets import calibrate, load_calibration_dir, tokenize_windows
 from lsaq.models.loading import load_model
 from lsaq.planning.memory import WeightPolicy
 from lsaq.precision import Precision

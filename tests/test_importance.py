@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lsaq.cli import main
-from lsaq.importance.calibration import CalibrationSet, load_calibration
+from lsaq.calibration.sets import CalibrationSet, load_calibration
 from lsaq.importance.record import LayerImportance
 from lsaq.importance.scoring import score_importance, score_samples
 from lsaq.importance.similarity import spearman
@@ -151,7 +151,7 @@ def test_offline_hub_id_is_a_clear_error(monkeypatch):
 
 
 def test_calibration_jsonl_joins_text_fields_and_names_bad_lines(tmp_path):
-    from lsaq.importance.calibration import read_text
+    from lsaq.calibration.sets import read_text
 
     good = tmp_path / "calib.jsonl"
     good.write_text('{"text": "first"}\n\n{"text": "second", "id": 2}\n')

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from lsaq.importance.calibration import KINDS, CalibrationInfo
+from lsaq.calibration.sets import KINDS, CalibrationInfo
 from lsaq.importance.cost import LayerLoss
 from lsaq.models.configs import load_config
 from lsaq.models.families import model_shape

@@ -11,7 +11,7 @@ import torch
 from conftest import kl_noise, logit_noise
 from test_importance import tiny_model
 
-from lsaq.importance.calibration import CalibrationSet
+from lsaq.calibration.sets import CalibrationSet
 from lsaq.importance.cost import LayerLoss, measure_layer_loss
 from lsaq.importance.sensitivity import Probe, probe_samples, sensitivity_samples
 from lsaq.models.identity import ModelInfo

@@ -274,7 +274,7 @@ def test_cli_plan_from_shipped_config(tmp_path, capsys):
 
 
 def test_cli_plan_with_importance_record_and_budget(tmp_path, capsys):
-    from lsaq.importance.calibration import CalibrationInfo
+    from lsaq.calibration.sets import CalibrationInfo
     from lsaq.importance.record import LayerImportance
     from lsaq.models.identity import ModelInfo
 

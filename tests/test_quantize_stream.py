@@ -67,7 +67,7 @@ def test_a_sharded_source_gives_the_same_tensors(tmp_path):
 def test_streamed_gptq_writes_the_whole_models_bytes(model_type, tmp_path):
     from conftest import tiny_family_model, tiny_tokenizer
 
-    from lsaq.importance.calibration import CalibrationSet, calibrate, load_calibration_dir
+    from lsaq.calibration.sets import CalibrationSet, calibrate, load_calibration_dir
 
     src = tmp_path / "src"
     model = tiny_family_model(model_type, layers=4, mixed=model_type == "qwen3", vocab_size=128)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import kl_noise, logit_noise
 from test_importance import FAMILIES, TINY, tiny_model
 
-from lsaq.importance.calibration import CalibrationSet
+from lsaq.calibration.sets import CalibrationSet
 from lsaq.importance.record import LayerImportance
 from lsaq.importance.scoring import score_importance
 from lsaq.importance.sensitivity import quantized_layer, sensitivity_samples

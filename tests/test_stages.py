@@ -10,7 +10,7 @@ from test_calibration import tiny_model_dir, word_text
 
 import lsaq
 from lsaq.eval.report import EvalReport
-from lsaq.importance.calibration import CalibrationInfo
+from lsaq.calibration.sets import CalibrationInfo
 from lsaq.importance.record import LayerImportance
 from lsaq.models.families import model_shape
 from lsaq.planning.planner import Plan, budget_for

@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from lsaq.importance.calibration import calibrate
+    from lsaq.calibration.sets import calibrate
 
     info = calibrate(args.model, args.out, source=args.calib, samples=args.samples, seq_len=args.seq_len,
                      seed=args.seed, revision=args.revision)

@@ -12,7 +12,7 @@ Sources:
   of the Hugging Face ``wikitext-2-raw-v1`` dataset (one row per line, newline kept, whitespace-only lines
   become ``""``), then joined with ``"\\n\\n"`` as GPTQ joins ``load_dataset(...)["text"]``, so local and hub
   runs tokenize the same string;
-* any other ``.txt``/``.jsonl`` file, read by :func:`lsaq.importance.calibration.read_text` (``.txt`` as one text,
+* any other ``.txt``/``.jsonl`` file, read by :func:`lsaq.calibration.sets.read_text` (``.txt`` as one text,
   ``.jsonl`` ``text`` fields joined with ``"\\n\\n"``);
 * a Hugging Face dataset ``NAME[:CONFIG[:SPLIT]]`` (split defaults to ``test``; needs the hub). All rows are
   joined with ``"\\n\\n"``, empty ones included, as GPTQ does.
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lsaq.eval.options import DEFAULT_SEQ_LEN
-from lsaq.importance.calibration import hub_unreachable, read_text
+from lsaq.calibration.sets import hub_unreachable, read_text
 from lsaq.paths import shared_dir
 from lsaq.records import file_sha256, sha256_hex
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from lsaq import __version__
-from lsaq.importance.calibration import CalibrationInfo
+from lsaq.calibration.sets import CalibrationInfo
 from lsaq.models.identity import ModelInfo
 from lsaq.precision import Precision
 from lsaq.records import atomic_write_json, canonical_json, decode_record, read_record, sha256_hex
@@ -27,7 +27,7 @@ from lsaq.records import atomic_write_json, canonical_json, decode_record, read_
 if TYPE_CHECKING:
     from torch import nn
 
-    from lsaq.importance.calibration import CalibrationSet
+    from lsaq.calibration.sets import CalibrationSet
 
 SCHEMA, VERSION = "lsaq.layer_loss", 1
 DEFAULT_PROBES = ("int8", "int4")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lsaq import __version__
-from lsaq.importance.calibration import CalibrationInfo
+from lsaq.calibration.sets import CalibrationInfo
 from lsaq.methods import ranking
 from lsaq.models.identity import ModelInfo
 from lsaq.records import atomic_write_json, canonical_json, decode_record, read_record, sha256_hex

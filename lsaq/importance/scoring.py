@@ -27,7 +27,7 @@ from torch import nn
 from lsaq.engine.calls import record_calls
 from lsaq.engine.skeleton import Layers, Resident
 from lsaq.engine.walk import walk
-from lsaq.importance.calibration import CalibrationSet
+from lsaq.calibration.sets import CalibrationSet
 from lsaq.importance.record import LayerImportance
 from lsaq.importance.similarity import cosine, jaccard, topk_indices
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, SENSITIVITY_PROBE, Method

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsaq.importance.calibration import CalibrationSet
+from lsaq.calibration.sets import CalibrationSet
 from lsaq.importance.similarity import kl_divergence
 from lsaq.methods import SENSITIVITY_PROBE
 from lsaq.models.parts import DecoderParts, decoder_parts, layer_output

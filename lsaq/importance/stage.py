@@ -3,7 +3,7 @@
 :func:`score` walks the model's decoder layers one at a time from its checkpoint (the whole model for the
 sensitivity probes), draws (or reads) the calibration set, scores every decoder layer with one method and writes
 the :class:`~lsaq.importance.scoring.LayerImportance` record. The calibration stage itself is
-:func:`lsaq.importance.calibration.calibrate`; ``score`` takes its output directory or draws the set on the fly.
+:func:`lsaq.calibration.sets.calibrate`; ``score`` takes its output directory or draws the set on the fly.
 :func:`measure` is its sibling for the ``measured`` strategy: each layer's loss at each precision
 (:class:`~lsaq.importance.cost.LayerLoss`), from the same model and calibration inputs.
 """
@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from lsaq.importance.calibration import (
+from lsaq.calibration.sets import (
     check_calibration_dir,
     check_calibration_source,
     load_calibration,
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from lsaq.engine.skeleton import Skeleton
-    from lsaq.importance.calibration import CalibrationSet
+    from lsaq.calibration.sets import CalibrationSet
     from lsaq.models.identity import ModelInfo
     from lsaq.models.loading import LoadedModel
 
@@ -117,7 +117,7 @@ def score(
     ``sensitivity`` (measured KL with one layer INT4). The calibration set is ``calibration`` (a directory written
     by :func:`lsaq.calibrate`) or else ``samples`` windows of ``seq_len`` tokens drawn with ``seed`` from
     ``source`` (a text/JSONL file, a dataset name, ``generated``, or None: the default order, see
-    :func:`lsaq.importance.calibration.load_calibration`). ``out``: write the record there, atomically.
+    :func:`lsaq.calibration.sets.load_calibration`). ``out``: write the record there, atomically.
     ``cosine`` and ``jaccard`` walk the checkpoint one decoder layer at a time (:mod:`lsaq.engine`: resident memory
     is the embedding, the final norm, the LM head, one layer and the hidden states), ``progress`` called with 1
     after each layer; ``sensitivity`` loads the whole model, ``progress`` called with the sequences of each batch.

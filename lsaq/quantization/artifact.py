@@ -68,7 +68,7 @@ from lsaq.records import atomic_dir, atomic_write_json, file_sha256, read_record
 
 if TYPE_CHECKING:
     from lsaq.engine.skeleton import Skeleton
-    from lsaq.importance.calibration import CalibrationSet
+    from lsaq.calibration.sets import CalibrationSet
 
 __all__ = ["MANIFEST", "PLAN", "WEIGHTS", "WEIGHTS_INDEX", "REQUIRED", "ArtifactError", "quantization_config", "runtimes_for_plan",
            "write_artifact", "write_streamed_artifact", "verify_artifact", "load_quantized", "resident_bytes"]

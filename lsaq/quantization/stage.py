@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from lsaq.importance.calibration import check_calibration_dir, load_calibration_for
+from lsaq.calibration.sets import check_calibration_dir, load_calibration_for
 from lsaq.models.identity import ModelRef
 from lsaq.engine.checkpoint import Checkpoint
 from lsaq.engine.skeleton import Skeleton

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 from urllib.parse import urlparse
 
-from lsaq.importance.generated import SAMPLE_BATCH, SAMPLER, sample_sequences, start_token
+from lsaq.calibration.generated import SAMPLE_BATCH, SAMPLER, sample_sequences, start_token
 from lsaq.models.weights import check_weights_file
 from lsaq.paths import cache_dir, shared_dir
 from lsaq.records import (
