@@ -25,7 +25,7 @@ import re
 import struct
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -70,8 +70,9 @@ if TYPE_CHECKING:
     from lsaq.engine.skeleton import Skeleton
     from lsaq.calibration.sets import CalibrationSet
 
-__all__ = ["MANIFEST", "PLAN", "WEIGHTS", "WEIGHTS_INDEX", "REQUIRED", "ArtifactError", "quantization_config", "runtimes_for_plan",
-           "write_artifact", "write_streamed_artifact", "verify_artifact", "load_quantized", "resident_bytes"]
+__all__ = ["MANIFEST", "PLAN", "WEIGHTS", "WEIGHTS_INDEX", "REQUIRED", "ArtifactError", "quantization_config",
+           "runtimes_for_plan", "write_artifact", "write_streamed_artifact", "verify_artifact", "load_quantized",
+           "resident_bytes"]
 
 
 class ArtifactError(ValueError):
@@ -161,7 +162,7 @@ def write_artifact(
     model = quantize_model(loaded.model, loaded.info, plan, progress=progress, quantizer=quantizer,
                            calibration=calibration.tokens if calibration is not None else None)
     tensors = artifact_state_dict(model, dtype)
-    return _write(out_dir, lambda: iter(tensors.items()), loaded.info, plan, loaded.tokenizer,
+    return _write(out_dir, tensors.items(), loaded.info, plan, loaded.tokenizer,
                   getattr(model, "generation_config", None), quantizer, calibration, max_shard_bytes)
 
 
@@ -198,14 +199,14 @@ def write_streamed_artifact(skeleton: Skeleton, info: ModelInfo, tokenizer: Any,
             quantize_embeddings(skeleton.model, plan, dtype)
             yield from artifact_state_dict(skeleton.model, dtype, skip=skeleton.layer_prefix + ".").items()
 
-    return _write(out_dir, tensors, info, plan, tokenizer, generation_config, quantizer, calibration,
+    return _write(out_dir, tensors(), info, plan, tokenizer, generation_config, quantizer, calibration,
                   max_shard_bytes)
 
 
-def _write(out_dir: str | Path, tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]], info: ModelInfo,
+def _write(out_dir: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], info: ModelInfo,
            plan: Plan, tokenizer: Any, generation_config: Any, quantizer: Quantizer,
            calibration: CalibrationSet | None, max_shard_bytes: int) -> Path:
-    """Write the artifact directory atomically: the weights shard by shard as ``tensors()`` yields them, each
+    """Write the artifact directory atomically: the weights shard by shard as ``tensors`` yields them, each
     checked against the plan's byte model on arrival (all of them at the end), then config, plan, tokenizer and
     manifest."""
     dtype_name = str(storage_dtype(info.dtype)).removeprefix("torch.")
@@ -220,7 +221,7 @@ def _write(out_dir: str | Path, tensors: Callable[[], Iterator[tuple[str, torch.
         # keys would make the same artifact's bytes differ (the plan id is in lsaq_plan.json and the manifest).
         writer = ShardWriter(tmp, max_shard_bytes, metadata={"format": "pt"})
         stored: dict[str, int] = {}
-        for name, t in tensors():
+        for name, t in tensors:
             stored[name] = t.numel() * t.element_size()
             if predicted.get(name) != stored[name]:
                 _differs(stored, predicted, name)

@@ -87,7 +87,6 @@ def quantize(
         path = write_streamed_artifact(skeleton, info, load_tokenizer(located), plan, out, quantizer=quantizer,
                                        calibration=calib, progress=progress, max_shard_bytes=shard_bytes,
                                        generation_config=generation_config(located.load_dir, skeleton.model))
-        del skeleton, calib
     artifact = replace(Artifact.load(path), peak_host_bytes=peak.host_bytes)
     log.info("quantized %s into %s (%s, %s; %d tensor bytes, %s) in %.1fs, peak host memory %s", info.id, path,
              plan.mix, quantizer.value, artifact.tensor_bytes, artifact.dtype, time.perf_counter() - start,
@@ -102,5 +101,5 @@ def check_shard_size(value: int | str | None) -> int:
         return DEFAULT_MAX_SHARD_BYTES
     size = parse_bytes(value, what="max shard size")
     if size < MIN_SHARD_BYTES:
-        raise ValueError(f"max shard size: {value!r} is below the smallest allowed, 1 MB (1000000 bytes)")
+        raise ValueError(f"max shard size: {value!r} is below the smallest allowed, 1 MB ({MIN_SHARD_BYTES} bytes)")
     return size
