@@ -49,7 +49,8 @@ def peak_rss_mib() -> float:
 def _one(args: argparse.Namespace) -> dict:
     """Measure one configuration in this process; print a JSON line."""
     from lsaq.models.loading import load_model
-    from lsaq.quantization.artifact import load_quantized, resident_bytes
+    from lsaq.quantization.artifact import resident_bytes
+    from lsaq.quantization.reader import load_quantized
 
     start = time.perf_counter()
     weights, act = CONFIGS[args.one]

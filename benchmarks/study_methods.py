@@ -55,7 +55,8 @@ from lsaq.planning.memory import layer_linear_bytes
 from lsaq.planning.planner import Plan, PlanOptions, Strategy, budget_for, make_plan
 from lsaq.planning.stage import plan as plan_record
 from lsaq.precision import Precision
-from lsaq.quantization.artifact import load_quantized, write_artifact
+from lsaq.quantization.artifact import write_artifact
+from lsaq.quantization.reader import load_quantized
 from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.quantization.sequential import float_input_gptq
 from lsaq.records import atomic_write_bytes, atomic_write_json

@@ -22,7 +22,8 @@ from lsaq.eval.options import EvalOptions
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
 from lsaq.models.weights import check_model_spec
 from lsaq.paths import cache_dir
-from lsaq.planning.memory import AUTO_GROUP, WeightPolicy
+from lsaq.planning.memory import WeightPolicy
+from lsaq.precision import AUTO_GROUP
 from lsaq.planning.planner import PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest, check_group_request, resolve_device
 from lsaq.precision import Quantizer

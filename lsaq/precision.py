@@ -1,4 +1,5 @@
-"""The precision vocabulary: what a decoder layer can be stored at, and how its integer codes are chosen."""
+"""The precision vocabulary: what a decoder layer can be stored at, how its integer codes are chosen, and the INT4
+group sizes a plan may use."""
 
 from __future__ import annotations
 
@@ -40,3 +41,33 @@ class Quantizer(Choice):
     @classmethod
     def noun(cls) -> tuple[str, str]:
         return "quantizer", "quantizers"
+
+
+# The INT4 group sizes a plan considers (the largest that divides every width, lsaq.planning.memory), largest first
+GROUP_SIZES = (128, 64, 32, 16)
+
+
+def check_group_size(group_size: int | None) -> int | None:
+    """``None`` (per-channel) or a positive int; ``ValueError`` otherwise."""
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group size must be a positive integer or None (per-channel), got {group_size!r}")
+    return group_size
+
+
+AUTO_GROUP = "auto"  # group size: weigh INT4 per-channel against grouped by measured loss (lsaq.planning.stage)
+
+
+def parse_group_size(value: int | str | None) -> int | str | None:
+    """None (per-channel), a positive int (also as text) or ``"auto"``; ``ValueError`` naming the value otherwise."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return check_group_size(value)
+    text = str(value).strip().lower()
+    if text == AUTO_GROUP:
+        return AUTO_GROUP
+    try:
+        return check_group_size(int(text))
+    except ValueError:
+        raise ValueError(f"group size must be a positive integer, {AUTO_GROUP!r} or None (per-channel), "
+                         f"got {value!r}") from None

@@ -37,13 +37,12 @@ from lsaq.models.families import model_shape
 from lsaq.models.identity import ModelRef
 from lsaq.models.loading import locate_model
 from lsaq.planning.devices import LOCAL
-from lsaq.planning.memory import AUTO_GROUP, parse_group_size
 from lsaq.planning.planner import PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest
 from lsaq.quantization.artifact import verify_artifact
 from lsaq.quantization.record import MANIFEST as ARTIFACT_MANIFEST
 from lsaq.quantization.record import Artifact
-from lsaq.precision import Quantizer
+from lsaq.precision import AUTO_GROUP, Quantizer, parse_group_size
 from lsaq.store.keys import (
     artifact_prefix,
     calibration_prefix,

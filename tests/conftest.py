@@ -274,3 +274,29 @@ def shard_checkpoint(model: torch.nn.Module, path: Path, *, layers_per_shard: in
         weight_map.update({n: file for n in groups[key]})
     (path / "model.safetensors.index.json").write_text(json_.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
+
+
+# ----------------------------------------------------------------------------- peak memory of lsaq commands
+
+# 12 Llama layers of width 2048 (651M parameters: 2.42 GiB in float32, 1.3 GB of bf16 shards): the checkpoint the
+# memory tests stream, larger than what one layer at a time holds.
+WIDE_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048, intermediate_size=5632,
+                  num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16, vocab_size=8192,
+                  max_position_embeddings=512, tie_word_embeddings=False)
+WIDE_PARAMS = 12 * (2048 * 2048 * 4 + 3 * 2048 * 5632) + 2 * 8192 * 2048
+# Runs lsaq's CLI and prints the process's own peak RSS in KiB as the last line (VmHWM: getrusage's ru_maxrss
+# would include pytest's memory at fork time, which Linux carries across exec).
+PEAK_RSS = ("import sys; from lsaq.cli import main; rc = main(sys.argv[1:]); "
+            "print('peak_kib', next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]); "
+            "sys.exit(rc)")
+
+
+def lsaq_peak_rss(argv: list[str], timeout: int = 900) -> tuple[str, int]:
+    """``lsaq ARGV`` in its own process: ``(its stdout, its peak RSS in bytes)``; fails the test if it fails."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, int(proc.stdout.strip().splitlines()[-1].split()[1]) * 1024

@@ -20,7 +20,8 @@ from lsaq.planning.memory import WeightPolicy
 from lsaq.planning.planner import Plan, make_plan
 from lsaq.precision import Precision
 from lsaq.quantization.apply import PlanMismatchError
-from lsaq.quantization.artifact import ArtifactError, load_quantized, resident_bytes, verify_artifact, write_artifact
+from lsaq.quantization.artifact import ArtifactError, resident_bytes, verify_artifact, write_artifact
+from lsaq.quantization.reader import load_quantized
 from lsaq.quantization.record import MANIFEST, Artifact
 from lsaq.quantization.stage import plan_model_source, quantize
 

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from lsaq.models.loading import load_model
 from lsaq.precision import Precision
-from lsaq.quantization.artifact import load_quantized
+from lsaq.quantization.reader import load_quantized
 from lsaq.quantization.stage import quantize
 
 FP16, INT8, INT4 = Precision.FP16, Precision.INT8, Precision.INT4

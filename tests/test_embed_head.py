@@ -16,7 +16,8 @@ from lsaq.models.loading import load_model
 from lsaq.planning.memory import WeightPolicy, weight_tensor_bytes
 from lsaq.planning.planner import Plan
 from lsaq.precision import Precision
-from lsaq.quantization.artifact import PLAN, WEIGHTS, load_quantized
+from lsaq.quantization.artifact import PLAN, WEIGHTS
+from lsaq.quantization.reader import load_quantized
 from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.quantization.qembedding import QuantizedEmbedding
 from lsaq.quantization.qlinear import Int4Linear, Int8Linear

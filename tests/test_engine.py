@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import shard_checkpoint, tiny_family_model
+from conftest import WIDE_LLAMA, WIDE_PARAMS, lsaq_peak_rss, shard_checkpoint, tiny_family_model
 
 from lsaq.engine.calls import record_calls
 from lsaq.engine.checkpoint import Checkpoint
@@ -26,7 +24,6 @@ from lsaq.models.families import SUPPORTED_MODEL_TYPES
 from lsaq.models.parts import decoder_parts
 from lsaq.quantization.sequential import LayerFeed
 
-ROOT = Path(__file__).resolve().parents[1]
 MIXED = ("gemma2", "gemma3_text", "qwen3")  # configured with alternating sliding and full attention
 
 
@@ -192,11 +189,6 @@ def test_streamed_scores_equal_a_whole_model_forward(shared_gguf, wiki_valid, tm
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0, err_msg=method)
 
 
-# Runs lsaq's CLI and prints the process's own peak RSS in KiB as the last line (VmHWM: getrusage's ru_maxrss
-# would include pytest's memory at fork time, which Linux carries across exec).
-PEAK_RSS = ("import sys; from lsaq.cli import main; rc = main(sys.argv[1:]); "
-            "print('peak_kib', next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]); "
-            "sys.exit(rc)")
 # Of the whole model's float32 bytes: streamed, 0.83 GiB of 2.42 (0.34) here; loading it whole needs more than
 # the float32 bytes themselves (> 1.0). The margin is for thread pools and allocators on other machines.
 STREAM_FRACTION = 0.6
@@ -209,19 +201,13 @@ def test_scoring_a_sharded_checkpoint_holds_one_layer(tmp_path):
     the embedding and head in float32, one layer, the hidden states)."""
     from lsaq.engine.synthetic import write_random_checkpoint
 
-    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048, intermediate_size=5632,
-                  num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16, vocab_size=8192,
-                  max_position_embeddings=256, tie_word_embeddings=False)
-    model = write_random_checkpoint(config, tmp_path / "model")
-    params = sum(2048 * 2048 * 4 + 3 * 2048 * 5632 for _ in range(12)) + 2 * 8192 * 2048
+    model = write_random_checkpoint(WIDE_LLAMA, tmp_path / "model")
+    params = WIDE_PARAMS
     assert len(list(model.glob("*.safetensors"))) == 13
     text = tmp_path / "text.txt"  # the character tokenizer: 32 tokens are 32 characters
     text.write_text("The quick brown fox jumps over the lazy dog. " * 10)
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, "score", "--model", str(model), "--method", "jaccard",
-                           "--calib", str(text), "--samples", "2", "--seq-len", "32", "--out",
-                           str(tmp_path / "imp.json")], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    peak = int(proc.stdout.strip().splitlines()[-1].split()[1]) * 1024
+    _, peak = lsaq_peak_rss(["score", "--model", str(model), "--method", "jaccard", "--calib", str(text),
+                             "--samples", "2", "--seq-len", "32", "--out", str(tmp_path / "imp.json")])
     assert peak < STREAM_FRACTION * params * 4, \
         f"peak RSS {peak / 2**30:.2f} GiB, float32 model {params * 4 / 2**30:.2f} GiB"
     record = json.loads((tmp_path / "imp.json").read_text())
@@ -246,7 +232,7 @@ def test_a_checkpoint_missing_a_layer_tensor_is_refused_before_any_layer_runs(ch
 
 def test_a_large_head_stays_16_bit_and_cosine_reads_no_head(tmp_path, monkeypatch):
     import lsaq.engine.skeleton as skeleton_module
-    import lsaq.importance.scoring as scoring
+    import lsaq.models.parts as parts_module
     from lsaq.calibration.sets import CalibrationSet
     from lsaq.importance.scoring import score_samples
 
@@ -257,7 +243,7 @@ def test_a_large_head_stays_16_bit_and_cosine_reads_no_head(tmp_path, monkeypatc
     whole = Skeleton.build(checkpoint)
     assert whole.parts.lm_head.weight.dtype == torch.float32
     monkeypatch.setattr(skeleton_module, "HEAD_LIMIT", 0)
-    monkeypatch.setattr(scoring, "VOCAB_SLICE", 7)  # 96 rows: 14 slices, the last one short
+    monkeypatch.setattr(parts_module, "VOCAB_SLICE", 7)  # 96 rows: 14 slices, the last one short
     large = Skeleton.build(checkpoint)
     assert large.parts.lm_head.weight.dtype == torch.bfloat16 and large.parts.embed.weight.dtype == torch.float32
     np.testing.assert_array_equal(score_samples(large, calib, "jaccard", 5), score_samples(whole, calib, "jaccard", 5))

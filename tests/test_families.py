@@ -39,7 +39,8 @@ from lsaq.models.shapes import ModelShape
 from lsaq.planning.devices import DeviceProfile, MemoryKind
 from lsaq.planning.planner import Plan, PlanOptions, Strategy, budget_for, make_plan
 from lsaq.precision import Precision
-from lsaq.quantization.artifact import load_quantized, verify_artifact, write_artifact
+from lsaq.quantization.artifact import verify_artifact, write_artifact
+from lsaq.quantization.reader import load_quantized
 from lsaq.quantization.primitives import QuantizedWeight
 
 VOCAB = 128

@@ -15,7 +15,8 @@ from lsaq.calibration.sets import calibrate, load_calibration_dir, tokenize_wind
 from lsaq.models.loading import load_model
 from lsaq.planning.memory import WeightPolicy
 from lsaq.precision import Precision
-from lsaq.quantization.artifact import load_quantized, verify_artifact
+from lsaq.quantization.artifact import verify_artifact
+from lsaq.quantization.reader import load_quantized
 from lsaq.quantization.record import Artifact
 from lsaq.quantization.stage import quantize
 

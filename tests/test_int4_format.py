@@ -14,7 +14,8 @@ from lsaq.models.configs import load_config
 from lsaq.models.families import model_shape
 from lsaq.models.identity import ModelInfo
 from lsaq.planning.devices import DeviceProfile, MemoryKind
-from lsaq.planning.memory import WeightPolicy, check_group_divides, fitting_group_size, group_widths, parse_group_size
+from lsaq.planning.memory import WeightPolicy, check_group_divides, fitting_group_size, group_widths
+from lsaq.precision import parse_group_size
 from lsaq.planning.planner import InfeasiblePlanError, PlanOptions, Strategy, budget_for, make_plan
 from lsaq.planning.stage import plan
 from lsaq.precision import Precision

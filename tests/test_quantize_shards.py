@@ -5,22 +5,20 @@ with the one-file artifact's logits, is verified shard by shard, and round-trips
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_plan
+from conftest import WIDE_LLAMA, WIDE_PARAMS, lsaq_peak_rss, tiny_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lsaq.engine.writer import ShardWriter
 from lsaq.precision import Precision
-from lsaq.quantization.artifact import ArtifactError, load_quantized, verify_artifact
+from lsaq.quantization.artifact import ArtifactError, verify_artifact
+from lsaq.quantization.reader import load_quantized
 from lsaq.quantization.stage import quantize
 
-ROOT = Path(__file__).resolve().parents[1]
 FP16, INT8, INT4 = Precision.FP16, Precision.INT8, Precision.INT4
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool]
@@ -207,9 +205,6 @@ def test_a_sharded_build_round_trips_through_a_store(backend, builds, tmp_path, 
 # shards alike: the import of torch and transformers, the embedding and head in float32, one float layer; the shard
 # being written is on disk). Loading the model whole needs more than 1.0.
 QUANTIZE_FRACTION = 0.6
-PEAK_RSS = ("import sys; from lsaq.cli import main; rc = main(sys.argv[1:]); "
-            "print('peak_kib', next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]); "
-            "sys.exit(rc)")
 
 
 @pytest.mark.slow
@@ -221,20 +216,15 @@ def test_quantizing_a_sharded_checkpoint_holds_one_layer(tmp_path):
     from lsaq.engine.synthetic import write_random_checkpoint
     from lsaq.models.loading import locate_model, model_info
 
-    config = dict(SMALL, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12, num_attention_heads=16,
-                  num_key_value_heads=16, vocab_size=8192)
-    model = write_random_checkpoint(config, tmp_path / "model")
-    params = sum(2048 * 2048 * 4 + 3 * 2048 * 5632 for _ in range(12)) + 2 * 8192 * 2048
+    model = write_random_checkpoint(WIDE_LLAMA, tmp_path / "model")
+    params = WIDE_PARAMS
     located = locate_model(str(model))
     info = model_info(located, Skeleton.build(Checkpoint.open(located.load_dir)).model)
     tiny_plan(info, [INT4] * 12).save(tmp_path / "plan.json")
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, "quantize", "--plan", str(tmp_path / "plan.json"),
-                           "--model", str(model), "--out", str(tmp_path / "art"), "--max-shard-size", "100MB"],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    peak = int(proc.stdout.strip().splitlines()[-1].split()[1]) * 1024
+    stdout, peak = lsaq_peak_rss(["quantize", "--plan", str(tmp_path / "plan.json"), "--model", str(model), "--out",
+                                  str(tmp_path / "art"), "--max-shard-size", "100MB"])
     assert peak < QUANTIZE_FRACTION * params * 4, \
         f"peak RSS {peak / 2**30:.2f} GiB, float32 model {params * 4 / 2**30:.2f} GiB"
     assert len(list((tmp_path / "art").glob("model-*.safetensors"))) >= 4
-    assert "peak host memory" in proc.stdout
+    assert "peak host memory" in stdout
     verify_artifact(tmp_path / "art")

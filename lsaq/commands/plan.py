@@ -77,7 +77,8 @@ def run_devices(args: argparse.Namespace) -> int:
 
 
 def build_options(args: argparse.Namespace):
-    from lsaq.planning.memory import AUTO_GROUP, WeightPolicy, parse_group_size
+    from lsaq.planning.memory import WeightPolicy
+    from lsaq.precision import AUTO_GROUP, parse_group_size
     from lsaq.planning.planner import PlanOptions
 
     allowed = tuple(s.strip() for s in args.allowed.split(",") if s.strip())
@@ -88,7 +89,7 @@ def build_options(args: argparse.Namespace):
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from lsaq.planning.memory import AUTO_GROUP, parse_group_size
+    from lsaq.precision import AUTO_GROUP, parse_group_size
     from lsaq.planning.stage import DeviceRequest, compare_strategies, plan
 
     options = build_options(args)  # bad option values fail before any file is read

@@ -66,7 +66,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import psutil
     import torch
 
-    from lsaq.quantization.artifact import load_quantized
+    from lsaq.quantization.reader import load_quantized
 
     dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
     if args.dtype not in dtypes:

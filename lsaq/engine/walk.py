@@ -4,10 +4,15 @@ arguments, hand ``(i, layer, inputs, outputs)`` to the stage's visitor, release 
 Memory: the skeleton (embedding, final norm, LM head), one layer, and two copies of the hidden states
 (``2 x N x T x H`` floats: 2 x 8 x 512 x 4096 x 4 B = 128 MiB for a 7B at 8 x 512 tokens). Cost: each layer's
 weights are read once and each layer runs once per batch.
+
+:func:`walk_branches` walks several streams of hidden states together (a float model beside its quantized build,
+each with its own layers): layer i of every distinct layer source is loaded once, every branch runs through its
+own, and all are released before layer i + 1 is loaded.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -18,6 +23,14 @@ from lsaq.engine.skeleton import Layers
 
 # (layer index, the loaded layer, its input hidden states per batch, its outputs per batch), each [B, T, H]
 Visitor = Callable[[int, nn.Module, Sequence[torch.Tensor], Sequence[torch.Tensor]], None]
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One stream of hidden states through ``layers``, each layer called as ``calls`` recorded it."""
+
+    layers: Layers
+    calls: LayerCalls
 
 
 def walk(layers: Layers, calls: LayerCalls, visit: Visitor) -> list[torch.Tensor]:
@@ -32,4 +45,28 @@ def walk(layers: Layers, calls: LayerCalls, visit: Visitor) -> list[torch.Tensor
             finally:
                 layers.release(i)
             hidden = out
+    return hidden
+
+
+def walk_branches(branches: Sequence[Branch]) -> list[list[torch.Tensor]]:
+    """Walk ``branches`` together, one layer index at a time (see the module doc); returns each branch's last
+    layer outputs per batch, ``[B, T, H]`` each. Memory: one layer per distinct layer source, two copies of each
+    branch's hidden states. ``ValueError`` when the branches' depths differ."""
+    depths = {b.calls.num_layers for b in branches}
+    if len(depths) != 1:
+        raise ValueError(f"branches of different depths cannot walk together: {sorted(depths)} layers")
+    sources = list({id(b.layers): b.layers for b in branches}.values())
+    hidden = [list(b.calls.inputs) for b in branches]
+    with torch.inference_mode():
+        for i in range(depths.pop()):
+            loaded: dict[int, nn.Module] = {}
+            try:
+                for source in sources:
+                    loaded[id(source)] = source.load(i)
+                hidden = [[call(loaded[id(b.layers)], h) for call, h in zip(b.calls.calls[i], hs)]
+                          for b, hs in zip(branches, hidden)]
+            finally:
+                for source in sources:
+                    if id(source) in loaded:
+                        source.release(i)
     return hidden

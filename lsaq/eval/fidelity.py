@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lsaq.engine.logits import branch_logits
+from lsaq.engine.skeleton import Layers
 from lsaq.importance.similarity import kl_divergence
 
 # Positions per forward pass when batch_size is not given: both models' logits for a batch exist at once,
@@ -132,19 +134,53 @@ def fidelity(
     finally:
         reference.train(modes[0])
         candidate.train(modes[1])
-    kl_all = torch.cat(kls).numpy()  # [N*T] float64
-    agree_all = torch.cat(agrees)
+    return _result(torch.cat(kls), torch.cat(agrees), windows, source, source_hash, start)
+
+
+def stream_fidelity(
+    reference: Layers,
+    candidate: Layers,
+    windows: torch.Tensor,
+    *,
+    source: str,
+    source_hash: str,
+    batch_size: int | None = None,
+    chunk: int = CHUNK,
+    progress: Callable[[int], None] | None = None,
+) -> FidelityResult:
+    """:func:`fidelity` of two models walked one decoder layer at a time side by side
+    (:func:`lsaq.engine.logits.branch_logits`: a float checkpoint's :class:`~lsaq.engine.skeleton.Skeleton` and its
+    build's :class:`~lsaq.quantization.reader.ArtifactLayers`), so neither model is ever held whole. Same
+    statistics as :func:`fidelity` within float rounding; ``progress(n)`` after each pass of n windows."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 when given, got {batch_size}")
+    if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 1:
+        raise ValueError(f"windows must have shape [N>=1, T>=1], got {tuple(windows.shape)}")
+    n, t = windows.shape
+    kl = torch.empty(n * t, dtype=torch.float64)
+    agree = torch.empty(n * t, dtype=torch.bool)
+    start = time.perf_counter()
+    for first, (ref, cand) in branch_logits([reference, candidate], windows, chunk=chunk, progress=progress,
+                                            batch_size=batch_size or max(1, AUTO_BATCH_TOKENS // t)):
+        kl[first:first + ref.shape[0]], agree[first:first + ref.shape[0]] = position_stats(ref, cand, chunk)
+    return _result(kl, agree, windows, source, source_hash, start)
+
+
+def _result(kl: torch.Tensor, agree: torch.Tensor, windows: torch.Tensor, source: str, source_hash: str,
+            start: float) -> FidelityResult:
+    """The record of per-position ``kl`` ``[N*T]`` float64 and ``agree`` ``[N*T]`` bool over ``windows`` [N, T]."""
+    kl_all = kl.numpy()
     return FidelityResult(
         kl_mean=float(kl_all.mean()),
         kl_p99=float(np.percentile(kl_all, PERCENTILE)),
-        top1_agreement=float(agree_all.double().mean()),
+        top1_agreement=float(agree.double().mean()),
         positions=int(kl_all.shape[0]),
-        windows=n,
-        seq_len=t,
+        windows=windows.shape[0],
+        seq_len=windows.shape[1],
         source=source,
         source_hash=source_hash,
         seconds=time.perf_counter() - start,
     )
 
 
-__all__ = ["AUTO_BATCH_TOKENS", "CHUNK", "FidelityResult", "fidelity", "position_stats"]
+__all__ = ["AUTO_BATCH_TOKENS", "CHUNK", "FidelityResult", "fidelity", "position_stats", "stream_fidelity"]

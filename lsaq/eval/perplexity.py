@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lsaq.engine.logits import branch_logits
+from lsaq.engine.skeleton import Layers
 from lsaq.eval.options import DEFAULT_SEQ_LEN
 from lsaq.calibration.sets import hub_unreachable, read_text
 from lsaq.paths import shared_dir
@@ -122,9 +124,9 @@ def _read_hf_split(name: str) -> tuple[str, str]:
     return text, sha256_hex(text.encode())
 
 
-def model_max_length(model: nn.Module) -> int | None:
+def model_max_length(model: nn.Module | Layers) -> int | None:
     """The longest sequence the model's positions allow (``max_position_embeddings`` and kin), if it says."""
-    config = getattr(model, "config", None)
+    config = getattr(model, "config", None) if isinstance(model, nn.Module) else model.parts.base.config
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
@@ -172,8 +174,24 @@ def window_nll(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def stream_window_nll(layers: Layers, windows: torch.Tensor, batch_size: int,
+                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """:func:`window_nll` of a model walked one decoder layer at a time (:func:`lsaq.engine.logits.branch_logits`):
+    ``windows [N, L]`` -> ``[N]`` float64, each position's NLL in at least fp32, summed in float64."""
+    n, length = windows.shape
+    sums = torch.zeros(n, dtype=torch.float64)
+    for first, (logits,) in branch_logits([layers], windows, batch_size=batch_size, progress=progress):
+        pos = torch.arange(first, first + logits.shape[0])  # flat positions of this chunk of [c, V] logits
+        row, col = pos // length, pos % length
+        scored = col < length - 1  # a window's last position has no target inside it
+        targets = windows[row, (col + 1).clamp(max=length - 1)]
+        nll = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
+        sums.index_add_(0, row[scored], nll[scored].double())
+    return sums
+
+
 def perplexity(
-    model: nn.Module,
+    model: nn.Module | Layers,
     tokenizer: Any,
     source: str,
     seq_len: int = DEFAULT_SEQ_LEN,
@@ -181,11 +199,12 @@ def perplexity(
     batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on ``source`` with non-overlapping windows of ``seq_len`` tokens.
+    """Perplexity of ``model`` on ``source`` with non-overlapping windows of ``seq_len`` tokens: a model in memory,
+    or :class:`~lsaq.engine.skeleton.Layers` walked one decoder layer at a time (never held whole).
 
     ``seq_len`` is capped at the model's maximum length. ``max_windows`` scores only the first N windows (quick
     runs). ``batch_size`` windows go through each forward pass (default: about 4096 tokens per batch).
-    ``progress(n)`` is called after each batch with the number of windows it scored.
+    ``progress(n)`` is called after each batch (each pass of a walk) with the number of windows it scored.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (one context token and one predicted token), got {seq_len}")
@@ -201,18 +220,21 @@ def perplexity(
     windows = windows[:max_windows] if max_windows is not None else windows
     batch_size = batch_size or max(1, AUTO_BATCH_TOKENS // seq_len)
 
-    was_training = model.training
-    model.eval()
-    total = 0.0
     start = time.perf_counter()
-    try:
-        for i in range(0, windows.shape[0], batch_size):
-            batch = windows[i : i + batch_size]  # [b, L]
-            total += float(window_nll(model, batch).sum())
-            if progress is not None:
-                progress(batch.shape[0])
-    finally:
-        model.train(was_training)
+    if not isinstance(model, nn.Module):
+        total = float(stream_window_nll(model, windows, batch_size, progress).sum())
+    else:
+        was_training = model.training
+        model.eval()
+        total = 0.0
+        try:
+            for i in range(0, windows.shape[0], batch_size):
+                batch = windows[i : i + batch_size]  # [b, L]
+                total += float(window_nll(model, batch).sum())
+                if progress is not None:
+                    progress(batch.shape[0])
+        finally:
+            model.train(was_training)
     seconds = time.perf_counter() - start
 
     tokens = windows.shape[0] * (seq_len - 1)

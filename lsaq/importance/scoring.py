@@ -32,41 +32,25 @@ from lsaq.importance.record import LayerImportance
 from lsaq.importance.similarity import cosine, jaccard, topk_indices
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, SENSITIVITY_PROBE, Method
 from lsaq.models.identity import ModelInfo
-from lsaq.models.parts import decoder_parts
-
-
-VOCAB_SLICE = 16384  # rows of a 16-bit head upcast at once: 16384 x 4096 x 4 B = 256 MiB for a 7B-width model
+from lsaq.models.parts import DecoderParts, decoder_parts
 
 
 class _Lens:
     """Top-k token ids of hidden states through the logit lens, chunked over positions with one buffer."""
 
-    def __init__(self, final_norm: nn.Module, lm_head: nn.Module, k: int, chunk: int):
-        self.norm, self.head, self.k, self.chunk = final_norm, lm_head, k, chunk
-        weight = getattr(lm_head, "weight", None)
-        self.linear = isinstance(lm_head, nn.Linear) and weight is not None
-        self.buffer: torch.Tensor | None = None
+    def __init__(self, parts: DecoderParts, k: int, chunk: int):
+        self.parts, self.k, self.chunk = parts, k, chunk
+        self.buffer: torch.Tensor | None = None  # [chunk, V] logits, reused
 
     def topk(self, h: torch.Tensor) -> torch.Tensor:
         """``h``: ``[B, T, H]`` -> ``[B, T, k]`` token ids."""
         flat = h.reshape(-1, h.shape[-1])
         out = torch.empty(flat.shape[0], self.k, dtype=torch.int64)
         for s in range(0, flat.shape[0], self.chunk):
-            z = self.norm(flat[s : s + self.chunk])
-            if self.linear:
-                w = self.head.weight  # [V, H]
-                if self.buffer is None or self.buffer.shape[0] < z.shape[0]:
-                    self.buffer = torch.empty(z.shape[0], w.shape[0], dtype=z.dtype)
-                logits = self.buffer[: z.shape[0]]  # [chunk, V], reused memory
-                if w.dtype == z.dtype:
-                    torch.mm(z, w.t(), out=logits)
-                else:  # a head kept in 16 bits (a streamed skeleton's large head): upcast a slice at a time
-                    for v in range(0, w.shape[0], VOCAB_SLICE):
-                        logits[:, v:v + VOCAB_SLICE] = z @ w[v:v + VOCAB_SLICE].to(z.dtype).t()
-                if self.head.bias is not None:
-                    logits += self.head.bias
-            else:
-                logits = self.head(z)
+            z = self.parts.final_norm(flat[s : s + self.chunk])  # [c, H]
+            if self.buffer is None or self.buffer.shape[0] < z.shape[0]:
+                self.buffer = torch.empty(z.shape[0], self.parts.lm_head.weight.shape[0], dtype=z.dtype)
+            logits = self.parts.project(z, out=self.buffer[: z.shape[0]])  # [c, V]
             out[s : s + z.shape[0]] = topk_indices(logits, self.k)
         return out.view(*h.shape[:-1], self.k)
 
@@ -100,7 +84,7 @@ def score_samples(
     vocab = parts.lm_head.weight.shape[0]
     if method is Method.JACCARD and not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, {vocab}] (the vocabulary size), got k={k}")
-    lens = _Lens(parts.final_norm, parts.lm_head, k, chunk)
+    lens = _Lens(parts, k, chunk)
 
     def represent(h: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> top-k ids [B, T, k], or the hidden state
         return lens.topk(h) if method is Method.JACCARD else h

@@ -27,7 +27,8 @@ from lsaq.importance.sensitivity import Probe
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
 from lsaq.models.families import model_shape
 from lsaq.models.loading import load_model, load_tokenizer, locate_model, model_info
-from lsaq.planning.memory import AUTO_GROUP, fitting_group_size, parse_group_size
+from lsaq.planning.memory import fitting_group_size
+from lsaq.precision import AUTO_GROUP, parse_group_size
 from lsaq.precision import Precision
 from lsaq.precision import Quantizer
 

@@ -10,6 +10,8 @@ from torch import nn
 
 from lsaq.models.families import family
 
+VOCAB_SLICE = 16384  # rows of a 16-bit head upcast at once: 16384 x 4096 x 4 B = 256 MiB for a 7B-width model
+
 
 @dataclass(frozen=True)
 class DecoderParts:
@@ -23,10 +25,26 @@ class DecoderParts:
     logit_divisor: float = 1.0  # granite: logits / config.logits_scaling
     softcap: float | None = None  # gemma2/3: cap * tanh(logits / cap), config.final_logit_softcapping
 
+    def project(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM head's output ``[P, V]`` for normed hidden states ``z`` ``[P, H]`` (written into ``out`` when
+        given). A linear head stored in another dtype than ``z`` (a streamed skeleton keeps a large head in 16
+        bits) is upcast :data:`VOCAB_SLICE` rows at a time, so no full-precision copy of it exists."""
+        w = getattr(self.lm_head, "weight", None)
+        if not isinstance(self.lm_head, nn.Linear) or w is None or w.dtype == z.dtype:
+            logits = self.lm_head(z)
+            return logits if out is None else out.copy_(logits)
+        out = torch.empty(z.shape[0], w.shape[0], dtype=z.dtype) if out is None else out
+        for v in range(0, w.shape[0], VOCAB_SLICE):
+            torch.mm(z, w[v:v + VOCAB_SLICE].to(z.dtype).t(), out=out[:, v:v + VOCAB_SLICE])
+        if self.lm_head.bias is not None:
+            out += self.lm_head.bias.to(z.dtype)
+        return out
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The model's next-token logits ``[..., V]`` of last-layer hidden states ``h`` ``[..., H]``: final norm,
         LM head, and the family's own scaling of the head's output (what ``model(...).logits`` holds)."""
-        logits = self.lm_head(self.final_norm(h))
+        z = self.final_norm(h)
+        logits = self.project(z.reshape(-1, z.shape[-1])).view(*z.shape[:-1], -1)
         if self.logit_divisor != 1.0:
             logits = logits / self.logit_divisor
         if self.softcap is not None:

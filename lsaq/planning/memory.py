@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 from lsaq.models.shapes import HEAD_WEIGHT, ModelShape, TensorShape
-from lsaq.precision import Precision
+from lsaq.precision import GROUP_SIZES, Precision, check_group_size
 
 FP16_BYTES = 2
 SHAPE_TENSOR_BYTES = 16  # weight_shape: int64 [2]
@@ -39,18 +39,6 @@ SHAPE_TENSOR_BYTES = 16  # weight_shape: int64 [2]
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def check_group_size(group_size: int | None) -> int | None:
-    """``None`` (per-channel) or a positive int; ``ValueError`` otherwise."""
-    if group_size is None:
-        return None
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group size must be a positive integer or None (per-channel), got {group_size!r}")
-    return group_size
-
-
-GROUP_SIZES = (128, 64, 32, 16)  # the INT4 group sizes :func:`fitting_group_size` considers, largest first
 
 
 def group_widths(shape: ModelShape) -> tuple[int, ...]:
@@ -81,21 +69,6 @@ def fitting_group_size(shape: ModelShape, largest: int = GROUP_SIZES[0]) -> int 
     return next((g for g in GROUP_SIZES if g <= largest and all(w % g == 0 for w in widths)), None)
 
 
-AUTO_GROUP = "auto"  # group size: weigh INT4 per-channel against grouped by measured loss (lsaq.planning.stage)
-
-
-def parse_group_size(value: int | str | None) -> int | str | None:
-    """None (per-channel), a positive int (also as text) or ``"auto"``; ``ValueError`` naming the value otherwise."""
-    if value is None or isinstance(value, int) and not isinstance(value, bool):
-        return check_group_size(value)
-    text = str(value).strip().lower()
-    if text == AUTO_GROUP:
-        return AUTO_GROUP
-    try:
-        return check_group_size(int(text))
-    except ValueError:
-        raise ValueError(f"group size must be a positive integer, {AUTO_GROUP!r} or None (per-channel), "
-                         f"got {value!r}") from None
 
 
 def linear_tensor_bytes(

@@ -28,7 +28,8 @@ from lsaq.models.identity import ModelInfo, ModelRef
 from lsaq.models.shapes import ModelShape
 from lsaq.planning.detect import detect_local, wait_for_memory
 from lsaq.planning.devices import LOCAL, DeviceProfile, budget_profile, list_devices
-from lsaq.planning.memory import AUTO_GROUP, fitting_group_size, parse_group_size
+from lsaq.planning.memory import fitting_group_size
+from lsaq.precision import AUTO_GROUP, parse_group_size
 from lsaq.planning.planner import InfeasiblePlanError, Plan, PlanOptions, Strategy, budget_for, make_plan
 from lsaq.precision import Precision
 from lsaq.records import canonical_json, sha256_hex
@@ -240,7 +241,7 @@ def plan(
 
 
 def check_group_request(group_size: int | str | None, strategy: Strategy | str) -> int | str | None:
-    """The parsed group size (:func:`~lsaq.planning.memory.parse_group_size`). ``"auto"`` weighs the INT4 formats
+    """The parsed group size (:func:`~lsaq.precision.parse_group_size`). ``"auto"`` weighs the INT4 formats
     by measured loss, so it stays ``"auto"`` for strategy ``measured`` only; with any other strategy, which has
     nothing to weigh them by, it is None (per-channel, the format the rankings were studied with)."""
     group_size = parse_group_size(group_size)

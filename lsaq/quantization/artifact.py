@@ -15,7 +15,8 @@ declared dtype, and ``config.json`` declares it, so a default ``from_pretrained(
 
 Stock ``transformers`` (with ``compressed-tensors`` installed) loads it with ``from_pretrained(dir)`` unless it
 holds a form they cannot load (:func:`runtimes_for_plan`: an INT4 embedding, group-wise INT4);
-:func:`load_quantized` loads every artifact onto lsaq's packed kernels. The directory is written atomically.
+:func:`lsaq.quantization.reader.load_quantized` loads every artifact onto lsaq's packed kernels. The directory is
+written atomically.
 """
 
 from __future__ import annotations
@@ -23,20 +24,16 @@ from __future__ import annotations
 import json
 import re
 import struct
-from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
-from safetensors import safe_open
 
 from lsaq import __version__
-from lsaq.engine.checkpoint import Checkpoint, read_index
+from lsaq.engine.checkpoint import read_index
 from lsaq.engine.writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from lsaq.models.identity import ModelInfo, ModelRef
 from lsaq.models.loading import LoadedModel, storage_dtype
-from lsaq.models.parts import decoder_parts
-from lsaq.models.shapes import HEAD_WEIGHT
 from lsaq.planning.memory import head_tensor, weight_tensor_bytes
 from lsaq.planning.planner import Plan
 from lsaq.precision import Precision
@@ -46,10 +43,7 @@ from lsaq.quantization.apply import (
     quantize_layer,
     quantize_embeddings,
     quantize_model,
-    quantized_linear,
 )
-from lsaq.quantization.primitives import QuantizedWeight
-from lsaq.quantization.qembedding import QuantizedEmbedding
 from lsaq.quantization.record import (
     LSAQ_RUNTIME,
     MANIFEST,
@@ -71,7 +65,7 @@ if TYPE_CHECKING:
     from lsaq.calibration.sets import CalibrationSet
 
 __all__ = ["MANIFEST", "PLAN", "WEIGHTS", "WEIGHTS_INDEX", "REQUIRED", "ArtifactError", "quantization_config",
-           "runtimes_for_plan", "write_artifact", "write_streamed_artifact", "verify_artifact", "load_quantized",
+           "runtimes_for_plan", "write_artifact", "write_streamed_artifact", "verify_artifact",
            "resident_bytes"]
 
 
@@ -311,81 +305,6 @@ def verify_artifact(path: str | Path, *, checksums: bool = True) -> dict[str, An
             if file_sha256(path / name) != meta["sha256"]:
                 raise ArtifactError(f"{path / name}: sha256 differs from the manifest (corrupted file)")
     return manifest
-
-
-def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, checksums: bool = True) -> LoadedModel:
-    """Load an artifact onto lsaq's packed runtime: INT8/INT4 layers (and a quantized LM head) stay packed, a
-    quantized embedding stays packed and dequantizes the rows it looks up
-    (:class:`~lsaq.quantization.qembedding.QuantizedEmbedding`); float parts and activations in ``dtype``."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    manifest = verify_artifact(path, checksums=checksums)
-    plan = Plan.load(path / PLAN)
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # lsaq swaps modules itself; stock loading keeps it
-    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    parts = decoder_parts(model)
-    policy = plan.options.policy
-    group_size = policy.group_size
-
-    def group(precision: Precision) -> int | None:
-        return group_size if precision is Precision.INT4 else None
-
-    try:
-        weight_map = Checkpoint.open(path).weight_map  # tensor name -> the shard holding it
-    except ValueError as e:
-        raise ArtifactError(str(e)) from e
-    with ExitStack() as stack:
-        files = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in sorted(set(weight_map.values()))}
-        names = set(weight_map)
-        taken: set[str] = set()
-
-        def take(name: str) -> torch.Tensor:
-            if name not in names:
-                raise ArtifactError(f"{path}: tensor {name} is missing from its weights")
-            taken.add(name)
-            return files[weight_map[name]].get_tensor(name)
-
-        for i, precision in enumerate(plan.precisions):
-            for lin in plan.shape.layer_linears:
-                if precision is Precision.FP16:
-                    continue
-                full = plan.shape.layer_name(i, lin.name)
-                stored = {s: take(f"{full}.{s}") for s in _suffixes(precision, group(precision))}
-                qw = QuantizedWeight.from_compressed_tensors(stored, group(precision))
-                bias = take(f"{full}.bias") if lin.bias else None
-                parts.layers[i].set_submodule(lin.name, quantized_linear(qw, bias))
-        if policy.embed is not Precision.FP16:
-            name = _module(plan.shape.embed.name)
-            stored = {s: take(f"{name}.{s}") for s in _suffixes(policy.embed, group(policy.embed))}
-            qw = QuantizedWeight.from_compressed_tensors(stored, group(policy.embed))
-            model.set_input_embeddings(QuantizedEmbedding.from_quantized(qw, dtype, like=model.get_input_embeddings()))
-        head = head_tensor(plan.shape, policy)
-        if head is not None and policy.head_precision is not Precision.FP16:
-            p = policy.head_precision
-            stored = {s: take(f"{_module(head.name)}.{s}") for s in _suffixes(p, group(p))}
-            model.set_output_embeddings(quantized_linear(QuantizedWeight.from_compressed_tensors(stored, group(p))))
-        rest = {n: take(n).to(dtype) for n in sorted(names - taken)}
-    result = model.load_state_dict(rest, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not (k == HEAD_WEIGHT and config.tie_word_embeddings)]
-    if missing or result.unexpected_keys:
-        raise ArtifactError(f"{path}: tensors do not match the model (missing {missing[:5]}, "
-                            f"unexpected {result.unexpected_keys[:5]})")
-    model.tie_weights()
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    info = ModelInfo.from_json(manifest["model"] | {"config": config.to_dict()})
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
-
-
-def _suffixes(precision: Precision, group_size: int | None) -> tuple[str, ...]:
-    if precision is Precision.INT8:
-        return ("weight", "weight_scale")
-    return ("weight_packed", "weight_scale", "weight_shape") + (("weight_zero_point",) if group_size else ())
 
 
 def resident_bytes(model: torch.nn.Module) -> int:

@@ -46,7 +46,6 @@ INT8_QMIN, INT8_QMAX = -128, 127
 INT4_QMIN, INT4_QMAX = -8, 7
 INT4_UMAX = 15
 INT4_OFFSET = 8  # signed code + 8 = unsigned nibble
-DEFAULT_GROUP_SIZE = 128  # the default when group-wise INT4 is chosen (quantize_int4 defaults to per-channel)
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal): floor for fp16 scales
 # Floor of the scales per dtype. bf16: its smallest normal (2^-126); its subnormals would make W / scale a
 # subnormal fp32 division, slow on some CPUs and flushed to zero under DAZ.

@@ -27,7 +27,7 @@ WEIGHTS = "model.safetensors"  # the weights of a one-shard artifact
 WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded artifact's index (transformers' names)
 REQUIRED = ("config.json", PLAN, MANIFEST)  # and the weights: WEIGHTS or WEIGHTS_INDEX with its shards
 SCHEMA, VERSION = "lsaq.quantization.artifact", 3
-# Runtimes that load an artifact: lsaq's own (lsaq.quantization.artifact.load_quantized) always; stock
+# Runtimes that load an artifact: lsaq's own (lsaq.quantization.reader.load_quantized) always; stock
 # transformers + compressed-tensors unless it holds a tensor form they cannot load (see runtimes_for_plan).
 LSAQ_RUNTIME, STOCK_RUNTIME = "lsaq", "transformers"
 STORAGE_DTYPES = ("bfloat16", "float16")

@@ -1,0 +1,195 @@
+"""An artifact read back onto lsaq's packed runtime, whole or one decoder layer at a time.
+
+:class:`ArtifactLayers` is the artifact's model with its decoder layers on the meta device and everything else
+real: the embedding (a quantized one stays packed and dequantizes the rows it looks up,
+:class:`~lsaq.quantization.qembedding.QuantizedEmbedding`), the final norm and the LM head (packed when the plan
+quantizes it). :meth:`ArtifactLayers.load` builds decoder layer i from the artifact's tensors (INT8/INT4 linears
+packed, float parts in the compute dtype) and :meth:`ArtifactLayers.release` drops it again, so an evaluation walks
+a build beside its float model (:mod:`lsaq.engine.walk`) holding one layer of each. :func:`load_quantized` loads
+every layer and keeps them: the whole quantized model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lsaq.engine.checkpoint import Checkpoint
+from lsaq.models.families import family
+from lsaq.models.identity import ModelInfo
+from lsaq.models.loading import LoadedModel
+from lsaq.models.parts import DecoderParts, decoder_parts
+from lsaq.models.shapes import HEAD_WEIGHT
+from lsaq.planning.memory import head_tensor
+from lsaq.planning.planner import Plan
+from lsaq.precision import Precision
+from lsaq.quantization.apply import quantized_linear
+from lsaq.quantization.artifact import PLAN, ArtifactError, verify_artifact
+from lsaq.quantization.primitives import QuantizedWeight
+from lsaq.quantization.qembedding import QuantizedEmbedding
+from lsaq.resources import trim_heap
+
+__all__ = ["ArtifactLayers", "load_quantized"]
+
+
+def stored_suffixes(precision: Precision, group_size: int | None) -> tuple[str, ...]:
+    """The compressed-tensors names a quantized weight is stored under (``q_proj.weight_packed``, ...)."""
+    if precision is Precision.INT8:
+        return ("weight", "weight_scale")
+    return ("weight_packed", "weight_scale", "weight_shape") + (("weight_zero_point",) if group_size else ())
+
+
+@dataclass
+class ArtifactLayers:
+    """The model of an artifact directory, its decoder layers read one at a time (see the module doc)."""
+
+    path: Path
+    model: nn.Module
+    parts: DecoderParts
+    plan: Plan
+    info: ModelInfo
+    dtype: torch.dtype
+    checkpoint: Checkpoint = field(repr=False)
+    layer_prefix: str  # "model.layers"
+    templates: list[nn.Module] = field(repr=False)  # per layer: a pristine copy on the meta device
+
+    @classmethod
+    def open(cls, path: str | Path, *, dtype: torch.dtype = torch.bfloat16, checksums: bool = True) -> "ArtifactLayers":
+        """The artifact in ``path`` with its embedding, final norm and head in place, activations in ``dtype``.
+
+        Every file is checked first (sizes, headers, ``checksums``: sha256) and every layer's tensor names against
+        the plan, so a damaged or inconsistent artifact is named (:class:`ArtifactError`) before any layer runs."""
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = Path(path)
+        manifest = verify_artifact(path, checksums=checksums)
+        plan = Plan.load(path / PLAN)
+        config = AutoConfig.from_pretrained(path)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # lsaq swaps modules itself; stock loading keeps it
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.eval()
+        parts = decoder_parts(model)
+        templates = [copy.deepcopy(layer) for layer in parts.layers]
+        try:
+            checkpoint = Checkpoint.open(path)
+        except ValueError as e:
+            raise ArtifactError(str(e)) from e
+        prefix = family(config.model_type).layer_prefix
+        info = ModelInfo.from_json(manifest["model"] | {"config": config.to_dict()})
+        layers = cls(path, model, parts, plan, info, dtype, checkpoint, prefix, templates)
+        layers._check_layer_names()
+        layers._load_outside()
+        return layers
+
+    def group(self, precision: Precision) -> int | None:
+        """The group size of ``precision``'s codes: the policy's for INT4, none for INT8."""
+        return self.plan.options.policy.group_size if precision is Precision.INT4 else None
+
+    def _layer_names(self, index: int) -> dict[str, str]:
+        """Layer ``index``'s artifact tensors: name within the layer -> name in the artifact."""
+        start = f"{self.layer_prefix}.{index}."
+        return {n[len(start):]: n for n in self.checkpoint.names(start)}
+
+    def _check_layer_names(self) -> None:
+        """Every layer holds exactly the tensors its precision in the plan gives it."""
+        if len(self.plan.precisions) != len(self.templates):
+            raise ArtifactError(f"{self.path}: the plan has {len(self.plan.precisions)} layers, the config "
+                                f"{len(self.templates)}")
+        for index, (precision, template) in enumerate(zip(self.plan.precisions, self.templates)):
+            expected = set(template.state_dict())
+            if precision is not Precision.FP16:
+                for lin in self.plan.shape.layer_linears:
+                    expected.discard(f"{lin.name}.weight")
+                    expected |= {f"{lin.name}.{s}" for s in stored_suffixes(precision, self.group(precision))}
+            held = set(self._layer_names(index))
+            if held != expected:
+                missing, extra = sorted(expected - held), sorted(held - expected)
+                what = "is missing from its weights" if missing else "is not part of the plan's model"
+                name = missing[0] if missing else extra[0]
+                raise ArtifactError(f"{self.path}: tensor {self.layer_prefix}.{index}.{name} {what}")
+        start = self.layer_prefix + "."
+        for name in self.checkpoint.names(start):
+            index = name[len(start):].partition(".")[0]
+            if not index.isdigit() or int(index) >= len(self.templates):
+                raise ArtifactError(f"{self.path}: tensor {name} is not in one of the plan's "
+                                    f"{len(self.templates)} layers")
+
+    def _load_outside(self) -> None:
+        """Embedding, final norm and LM head (packed where the plan quantizes them), and every other tensor outside
+        the decoder layers, in place."""
+        policy, shape = self.plan.options.policy, self.plan.shape
+        outside = set(self.checkpoint.names()) - {n for n in self.checkpoint.names(self.layer_prefix + ".")}
+        taken: set[str] = set()
+
+        def quantized(module: str, precision: Precision) -> QuantizedWeight:
+            names = [f"{module}.{s}" for s in stored_suffixes(precision, self.group(precision))]
+            missing = [n for n in names if n not in outside]
+            if missing:
+                raise ArtifactError(f"{self.path}: tensor {missing[0]} is missing from its weights")
+            taken.update(names)
+            stored = {n.rsplit(".", 1)[1]: t for n, t in self.checkpoint.read(names).items()}
+            return QuantizedWeight.from_compressed_tensors(stored, self.group(precision))
+
+        if policy.embed is not Precision.FP16:
+            qw = quantized(shape.embed.name.removesuffix(".weight"), policy.embed)
+            like = self.model.get_input_embeddings()
+            self.model.set_input_embeddings(QuantizedEmbedding.from_quantized(qw, self.dtype, like=like))
+        head = head_tensor(shape, policy)
+        if head is not None and policy.head_precision is not Precision.FP16:
+            qw = quantized(head.name.removesuffix(".weight"), policy.head_precision)
+            self.model.set_output_embeddings(quantized_linear(qw))
+        rest = {n: t.to(self.dtype) for n, t in self.checkpoint.read(sorted(outside - taken)).items()}
+        result = self.model.load_state_dict(rest, strict=False, assign=True)
+        layer_keys = self.layer_prefix + "."
+        missing = [k for k in result.missing_keys if not k.startswith(layer_keys)
+                   and not (k == HEAD_WEIGHT and self.model.config.tie_word_embeddings)]
+        if missing or result.unexpected_keys:
+            raise ArtifactError(f"{self.path}: tensors do not match the model (missing {missing[:5]}, "
+                                f"unexpected {result.unexpected_keys[:5]})")
+        self.model.tie_weights()
+        self.parts = decoder_parts(self.model)
+
+    def load(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` built from the artifact: its INT8/INT4 linears packed, the rest in ``dtype``."""
+        layer = self.parts.layers[index]
+        names = self._layer_names(index)
+        tensors = self.checkpoint.read(list(names.values()))  # as stored: codes, 16-bit scales and floats
+        by_name = {rel: tensors[full] for rel, full in names.items()}
+        precision = self.plan.precisions[index]
+        if precision is not Precision.FP16:
+            for lin in self.plan.shape.layer_linears:
+                stored = {s: by_name.pop(f"{lin.name}.{s}") for s in stored_suffixes(precision, self.group(precision))}
+                bias = by_name.pop(f"{lin.name}.bias") if lin.bias else None
+                qw = QuantizedWeight.from_compressed_tensors(stored, self.group(precision))
+                layer.set_submodule(lin.name, quantized_linear(qw, bias))
+        layer.load_state_dict({n: t.to(self.dtype) for n, t in by_name.items()}, strict=False, assign=True)
+        empty = next((n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta), None)
+        if empty is not None:  # names were checked on opening: a module the plan's shape does not know
+            raise ArtifactError(f"{self.path}: nothing in the artifact fills {self.layer_prefix}.{index}.{empty}")
+        return layer
+
+    def release(self, index: int) -> None:
+        """Put layer ``index`` back on the meta device as it was built (its packed modules swapped out again) and
+        return its memory to the system; a caller still holding the old module holds no memory."""
+        self.parts.layers[index].to("meta")
+        self.parts.layers[index] = copy.deepcopy(self.templates[index])
+        trim_heap()
+
+
+def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, checksums: bool = True) -> LoadedModel:
+    """Load an artifact onto lsaq's packed runtime, every layer resident: INT8/INT4 layers (and a quantized LM
+    head) stay packed, a quantized embedding stays packed and dequantizes the rows it looks up; float parts and
+    activations in ``dtype``."""
+    from transformers import AutoTokenizer
+
+    layers = ArtifactLayers.open(path, dtype=dtype, checksums=checksums)
+    for i in range(len(layers.templates)):
+        layers.load(i)
+    return LoadedModel(model=layers.model, tokenizer=AutoTokenizer.from_pretrained(path), info=layers.info)
