@@ -77,7 +77,7 @@ def main() -> int:
     record = measure_layer_loss(model, loaded.info, calib, ("int8", "int4"), quantizer=args.quantizer)
     bank = None
     if args.quantizer == "gptq":  # the codes the record measured, for whole plans
-        bank = float_input_gptq(model, parts, calib.tokens, [(Precision.INT8, None), (Precision.INT4, None)])
+        bank = float_input_gptq(parts, calib.tokens, [(Precision.INT8, None), (Precision.INT4, None)])
     print(f"layer loss: {record.num_layers} layers x {len(record.probes)} probes on {args.samples} x {args.seq_len} "
           f"tokens in {record.seconds:.1f}s; one float forward pass {record.forward_seconds:.2f}s; "
           f"ratio {record.cost_ratio:.1f} forward passes")

@@ -8,11 +8,13 @@ cosine and jaccard methods on that calibration set, and ``lsaq quantize`` of an 
 round to nearest, and with GPTQ on the same calibration set at depths up to ``--gptq-layers`` (2: about two
 minutes per layer here); ``lsaq eval`` of the round-to-nearest build: its fidelity to the float checkpoint (one
 512-token window of the calibration text, both models walked side by side) and the perplexity of the float
-checkpoint (one 512-token window). Reported per stage: wall time, time per layer, and the process's peak resident
-memory (its ``VmHWM``).
+checkpoint (one 512-token window); ``lsaq measure`` (the measured loss, INT8 and INT4 probes, one walk carrying a
+branch per layer and probe) at depths up to ``--measure-layers`` (8). Reported per stage: wall time, time per
+layer, and the process's peak resident memory (its ``VmHWM``).
 
 Targets: peak RSS at 32 layers / at 2 layers <= 1.25 for every stage (memory does not grow with depth), and
-within 4 GiB at 32 layers (a whole float32 7B is 27 GB), 6 GiB for evaluation; GPTQ within 4 GiB at 2 layers.
+within 4 GiB at 32 layers (a whole float32 7B is 27 GB), 6 GiB for evaluation and the measured loss; GPTQ within
+4 GiB at 2 layers.
 
     .venv/bin/python benchmarks/bench_scale.py [--layers 2 8 32] [--config llama-2-7b] [--dir /big/tmp]
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
-RATIO_TARGET, PEAK_TARGET_GIB = 1.25, {"eval fidelity": 6.0, "eval perplexity": 6.0}
+RATIO_TARGET, PEAK_TARGET_GIB = 1.25, {"eval fidelity": 6.0, "eval perplexity": 6.0, "measure": 6.0}
 DEFAULT_PEAK_TARGET_GIB = 4.0
 # Runs lsaq's CLI and prints the process's peak RSS in KiB as the last line: VmHWM of its own memory map
 # (getrusage's ru_maxrss would also count this process's memory at fork time, which Linux carries across exec).
@@ -76,6 +78,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="scratch folder (default: the system's temporary folder)")
     ap.add_argument("--gptq-layers", type=int, default=2,
                     help="run GPTQ only at depths up to this (about two minutes per layer here)")
+    ap.add_argument("--measure-layers", type=int, default=8,
+                    help="run the measured loss only at depths up to this (its layer runs grow as L^2)")
     args = ap.parse_args()
     config = json.loads(resources.files("lsaq").joinpath(f"data/configs/{args.config}.json").read_text())
     rows: list[tuple[int, float, str, float, float]] = []
@@ -108,6 +112,8 @@ def main() -> None:
                 "eval fidelity": ["eval", str(art), "--baseline-model", str(model), *window, "--fidelity-windows",
                                   "1", "--fidelity-seq-len", "512"],
                 "eval perplexity": ["eval", str(model), "--ppl", *window, "--max-windows", "1"],
+                **({"measure": ["measure", "--model", str(model), "--calib-dir", str(calib), "--probes", "int8,int4",
+                                "--out", str(scratch / "loss.json")]} if layers <= args.measure_layers else {}),
             }
             for name, argv in runs.items():
                 wall, peak = stage(argv)
@@ -137,6 +143,9 @@ def main() -> None:
             print(f"{name}: peak RSS {deep} / {shallow} layers = {ratio:.2f} (target <= {RATIO_TARGET}); "
                   f"{peaks[deep]:.2f} GiB at {deep} layers (target <= {target} GiB): "
                   f"{'met' if within else 'MISSED'}")
+        elif name == "measure":  # run at shallow depths only; its layer runs grow as L^2, its loads as L
+            print(f"{name}: peak RSS {deep} / {shallow} layers = {ratio:.2f} (target <= {RATIO_TARGET}); "
+                  f"{peaks[deep]:.2f} GiB at {deep} layers (target <= {target} GiB): {'met' if within else 'MISSED'}")
         else:  # run at shallow depths only (GPTQ): its time per layer extrapolated to the deepest
             print(f"{name}: {peaks[deep]:.2f} GiB at {deep} layers (target <= {target} GiB): "
                   f"{'met' if within else 'MISSED'}; {walls[deep] / deep:.0f} s per layer, about "

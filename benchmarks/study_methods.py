@@ -157,7 +157,7 @@ class WeightBank:
                         self.bank["rtn", i, name, p, g] = QuantizedWeight.quantize(w, p, g).dequantize(torch.float32)
         self.seconds["rtn"] = time.perf_counter() - start
         start = time.perf_counter()
-        gptq = float_input_gptq(loaded.model, parts, calib.tokens, specs)
+        gptq = float_input_gptq(parts, calib.tokens, specs)
         for i, per_spec in enumerate(gptq):
             for (p, g), weights in per_spec.items():
                 for name, qw in weights.items():

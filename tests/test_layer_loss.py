@@ -85,7 +85,12 @@ def test_probe_labels_parse_and_bad_ones_are_named():
 
 def test_gptq_probes_measure_gptq_codes_from_the_float_activations(measured, tmp_path):
     """With ``quantizer="gptq"`` each probe swaps in the codes GPTQ chooses from the float model's activations
-    (brute force here: Hessians hooked on a plain float pass), and the record says so."""
+    (brute force here: Hessians hooked on a plain float pass, then whole forward passes with one layer's codes
+    swapped in), and the record says so."""
+    import torch.nn.functional as F
+
+    from lsaq.importance.sensitivity import quantized_layer
+    from lsaq.models.parts import decoder_parts
     from lsaq.quantization.gptq import HessianAccumulator, gptq_quantize
 
     model, calib, rtn = measured
@@ -100,11 +105,16 @@ def test_gptq_probes_measure_gptq_codes_from_the_float_activations(measured, tmp
         h.remove()
     for k, label in enumerate(PROBES):
         probe = Probe.parse(label)
-        bank = [{probe: {n.split(f"layers.{i}.")[1]: gptq_quantize(m.weight, acc[n].hessian(), probe.precision,
-                                                                   probe.group_size, act_order=True)
-                         for n, m in linears.items() if f"layers.{i}." in n}} for i in range(3)]
-        alone = probe_samples(model, calib, [probe], batch_size=3, bank=bank)[0]
-        want = alone.mean(0)  # [L]
+        want = []
+        for i, layer in enumerate(decoder_parts(model).layers):  # brute force: whole passes, layer i GPTQ'd
+            codes = {n.split(f"layers.{i}.")[1]: gptq_quantize(m.weight, acc[n].hessian(), probe.precision,
+                                                               probe.group_size, act_order=True)
+                     for n, m in linears.items() if f"layers.{i}." in n}
+            with torch.inference_mode(), quantized_layer(layer, probe.precision, probe.group_size, codes):
+                quant = F.log_softmax(model(input_ids=calib.tokens, use_cache=False).logits.double(), -1)
+            ref = F.log_softmax(logits.double(), -1)
+            want.append(float((ref.exp() * (ref - quant)).sum(-1).mean()))
+        want = np.array(want)  # [L]
         np.testing.assert_allclose([row[k] for row in record.loss], want, rtol=0,
                                    atol=kl_tolerance(want, logits, model).max())
     record.save(tmp_path / "gptq.json")
@@ -123,10 +133,10 @@ def test_a_kl_stride_scores_every_nth_position_only(measured):
 
     model, calib, full = measured
     probe = Probe.parse("int4")
-    np.testing.assert_array_equal(probe_samples(model, calib, [probe], batch_size=3, stride=1)[0].mean(0),
+    np.testing.assert_array_equal(probe_samples(model, calib, [probe], batch_size=3, stride=1).scores[0].mean(0),
                                   [row[1] for row in full.loss])
     stride = 5  # 12 tokens: positions 4 and 9
-    got = probe_samples(model, calib, [probe], batch_size=3, stride=stride)[0]  # [N, L]
+    got = probe_samples(model, calib, [probe], batch_size=3, stride=stride).scores[0]  # [N, L]
     with torch.inference_mode():
         ref = F.log_softmax(model(input_ids=calib.tokens).logits[:, stride - 1::stride].double(), -1)
         for i, layer in enumerate(decoder_parts(model).layers):

@@ -78,12 +78,8 @@ def run(args: argparse.Namespace) -> int:
     bars: list[tqdm] = []  # opened at the first scored batch, so it does not sit under loading and calibration
 
     def progress(n: int) -> None:
-        if not bars:
-            if args.method == "sensitivity":  # batches of sequences; a calibration dir has its own size
-                total, unit = (args.samples if args.calib_dir is None else None), "seq"
-            else:  # one walk over the decoder layers
-                total, unit = None, "layer"
-            bars.append(tqdm(total=total, desc=f"{args.method} scoring", unit=unit, file=sys.stderr))
+        if not bars:  # one walk over the decoder layers
+            bars.append(tqdm(total=None, desc=f"{args.method} scoring", unit="layer", file=sys.stderr))
         bars[0].update(n)
 
     try:

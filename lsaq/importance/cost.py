@@ -8,13 +8,14 @@ minimises the summed cost under the device's byte budget (:func:`lsaq.planning.s
 
 :class:`LayerLoss` is the versioned JSON record (schema ``lsaq.layer_loss``). It also keeps what the measurement
 cost: ``seconds``, and ``forward_seconds`` (one float forward pass over the same tokens, timed in the same run), so
-``cost_ratio`` says how many forward passes the measurement was worth.
+``cost_ratio`` says how many forward passes the measurement was worth, and ``cost`` (layer loads, layer runs,
+hidden-state bytes written to disk).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -26,6 +27,8 @@ from lsaq.records import atomic_write_json, canonical_json, decode_record, read_
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from lsaq.engine.skeleton import Layers
 
     from lsaq.calibration.sets import CalibrationSet
 
@@ -47,6 +50,8 @@ class LayerLoss:
     lsaq_version: str = __version__
     quantizer: str = "rtn"  # how each probe's codes were chosen: rtn, or gptq on the calibration set's activations
     stride: int = 1  # KL taken at every stride-th position (lsaq.importance.sensitivity.probe_samples)
+    # what the measurement took: layer_loads, layer_runs, hidden_bytes_on_disk (ProbeRun.cost); not in the id
+    cost: dict[str, int] = field(default_factory=dict, compare=False)
 
     @property
     def num_layers(self) -> int:
@@ -92,7 +97,7 @@ class LayerLoss:
                 "calibration": self.calibration.to_json(), "quantizer": self.quantizer, "stride": self.stride,
                 "probes": list(self.probes),
                 "loss": [list(r) for r in self.loss], "std": [list(r) for r in self.std], "seconds": self.seconds,
-                "forward_seconds": self.forward_seconds, "lsaq_version": self.lsaq_version}
+                "forward_seconds": self.forward_seconds, "cost": dict(self.cost), "lsaq_version": self.lsaq_version}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "LayerLoss":
@@ -100,7 +105,8 @@ class LayerLoss:
                    probes=tuple(obj["probes"]), loss=tuple(tuple(float(v) for v in r) for r in obj["loss"]),
                    std=tuple(tuple(float(v) for v in r) for r in obj["std"]), seconds=float(obj["seconds"]),
                    forward_seconds=float(obj["forward_seconds"]), lsaq_version=obj.get("lsaq_version", "?"),
-                   quantizer=obj.get("quantizer", "rtn"), stride=int(obj.get("stride", 1)))
+                   quantizer=obj.get("quantizer", "rtn"), stride=int(obj.get("stride", 1)),
+                   cost={k: int(v) for k, v in obj.get("cost", {}).items()})
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(Path(path), self.to_json())
@@ -112,7 +118,7 @@ class LayerLoss:
 
 
 def measure_layer_loss(
-    model: "nn.Module",
+    model: "nn.Module | Layers",
     info: ModelInfo,
     calib: "CalibrationSet",
     probes: Sequence[str] = DEFAULT_PROBES,
@@ -120,43 +126,44 @@ def measure_layer_loss(
     quantizer: str = "rtn",
     batch_size: int = 4,
     stride: int = 1,
+    budget: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> LayerLoss:
-    """Measure ``loss[layer][probe]`` of ``model`` on ``calib`` (see the module docstring); also times one float
-    forward pass over the same tokens for :attr:`LayerLoss.cost_ratio`.
+    """Measure ``loss[layer][probe]`` of ``model`` (in memory, or a :class:`~lsaq.engine.skeleton.Skeleton` read
+    one layer at a time) on ``calib`` (see the module docstring) in one walk over its decoder layers
+    (:func:`lsaq.importance.sensitivity.probe_samples`: L layer loads, the probe branches' hidden states in memory
+    within ``budget`` bytes, else on disk); also times one float walk over the same tokens for
+    :attr:`LayerLoss.cost_ratio`. The record's ``cost`` gives the layer loads and runs.
 
     ``quantizer="gptq"``: each probe's codes are GPTQ's, from the Hessian of the float model's activations on the
-    same calibration tokens (:func:`lsaq.quantization.sequential.float_input_gptq`; its time is included).
+    same calibration tokens at that layer (its time is included).
     ``stride``: KL at every ``stride``-th position only (fewer LM-head projections; see ``probe_samples``)."""
     import numpy as np
     import torch
 
+    from lsaq.engine.calls import record_calls
+    from lsaq.engine.skeleton import Resident
+    from lsaq.engine.spill import DEFAULT_BUDGET
+    from lsaq.engine.walk import walk
     from lsaq.importance.sensitivity import Probe, probe_samples
     from lsaq.models.parts import decoder_parts
     from lsaq.precision import Quantizer
-    from lsaq.quantization.sequential import float_input_gptq
 
     quantizer = Quantizer.parse(quantizer).value
     parsed = [Probe.parse(p) for p in probes]
     labels = tuple(p.label for p in parsed)
     if len(set(labels)) != len(labels):
         raise ValueError(f"a probe is named twice in {list(probes)}")
-    start = time.perf_counter()
-    with torch.inference_mode():  # the baseline: one float forward pass, same tokens and batches
-        for s in range(0, calib.samples, batch_size):
-            model(input_ids=calib.tokens[s:s + batch_size], use_cache=False)
+    layers = Resident(decoder_parts(model)) if isinstance(model, torch.nn.Module) else model
+    start = time.perf_counter()  # the baseline: one float walk, same tokens and batches
+    walk(layers, record_calls(layers.parts, calib.tokens, batch_size), lambda *_: None)
     forward = time.perf_counter() - start
     start = time.perf_counter()
-    bank = None
-    if quantizer == Quantizer.GPTQ.value:
-        specs = float_input_gptq(decoder_parts(model), calib.tokens,
-                                 [(p.precision, p.group_size) for p in parsed])
-        bank = [{p: layer[p.precision, p.group_size] for p in parsed} for layer in specs]
-    samples = probe_samples(model, calib, parsed, batch_size=batch_size, progress=progress, bank=bank,
-                            stride=stride)  # [P, N, L]
+    run = probe_samples(layers, calib, parsed, batch_size=batch_size, progress=progress, quantizer=quantizer,
+                        stride=stride, budget=DEFAULT_BUDGET if budget is None else budget)
     seconds = time.perf_counter() - start
-    mean, std = samples.mean(axis=1).T, samples.std(axis=1).T  # [L, P]
+    mean, std = run.scores.mean(axis=1).T, run.scores.std(axis=1).T  # [L, P]
     return LayerLoss(model=info, calibration=calib.info(), probes=labels,
                      loss=tuple(tuple(float(v) for v in row) for row in np.asarray(mean)),
                      std=tuple(tuple(float(v) for v in row) for row in np.asarray(std)),
-                     seconds=seconds, forward_seconds=forward, quantizer=quantizer, stride=stride)
+                     seconds=seconds, forward_seconds=forward, quantizer=quantizer, stride=stride, cost=run.cost())

@@ -69,15 +69,13 @@ def score_samples(
     (:func:`lsaq.engine.walk.walk`): ``model`` in memory, or a :class:`~lsaq.engine.skeleton.Skeleton` whose layers
     are read one at a time. ``progress`` is called with 1 after each layer.
 
-    ``sensitivity`` (a model in memory only) is delegated to :func:`lsaq.importance.sensitivity.sensitivity_samples`
-    (per-channel INT4 probe; ``progress`` then counts sequences).
+    ``sensitivity`` is delegated to :func:`lsaq.importance.sensitivity.sensitivity_samples` (per-channel INT4
+    probe, its own walk).
     """
     method = Method.parse(method)
     if method is Method.SENSITIVITY:
         from lsaq.importance.sensitivity import sensitivity_samples
 
-        if not isinstance(model, nn.Module):
-            raise ValueError("sensitivity scoring needs the whole model in memory, not a layer stream")
         return sensitivity_samples(model, calib, batch_size=batch_size, chunk=chunk, progress=progress)
     layers = Resident(decoder_parts(model)) if isinstance(model, nn.Module) else model
     parts = layers.parts

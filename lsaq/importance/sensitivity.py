@@ -6,28 +6,36 @@ distribution with only layer ``i``'s linears quantized (per-channel INT4 by defa
 planner uses) and every other layer float. It is the ground truth that the cheap proxies (``jaccard``,
 ``cosine``) try to predict, and it is usable by the planner as an importance itself (non-negative, in nats).
 
-Cost: one float forward pass per batch that records every layer's input and call arguments, then for each layer
-``i`` a replay of layers ``i..L-1`` from the recorded input (about ``L/2`` extra forward passes in total) and one
-LM-head projection. The replay calls each layer with exactly the arguments the model passed it (rotary
-embeddings, masks), so it works for any family :func:`lsaq.models.loading.decoder_parts` supports.
+Measured in one walk over the decoder layers (:mod:`lsaq.engine`, the model in memory or read one layer at a
+time from its checkpoint): at layer ``i`` the float hidden states also go through layer ``i`` quantized, one new
+branch per probe, and every branch is carried forward by the float layers after it, each layer called with its own
+recorded arguments (rotary embeddings, masks), so any family :func:`lsaq.models.parts.decoder_parts` supports
+works. Each layer is loaded once; it runs ``1 + P x (i + 1)`` times per batch (about ``P x L / 2`` forward passes in
+all) and the LM head once per branch and position (:func:`probe_samples`).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from lsaq.calibration.sets import CalibrationSet
+from lsaq.engine.calls import record_calls
+from lsaq.engine.skeleton import Layers, Resident
+from lsaq.engine.spill import DEFAULT_BUDGET, HiddenStore
+from lsaq.engine.walk import walk
 from lsaq.importance.similarity import kl_divergence
 from lsaq.methods import SENSITIVITY_PROBE
-from lsaq.models.parts import DecoderParts, decoder_parts, layer_output
-from lsaq.precision import Precision
+from lsaq.models.parts import DecoderParts, decoder_parts
+from lsaq.precision import Precision, Quantizer
+from lsaq.quantization.gptq import gptq_quantize
 from lsaq.quantization.primitives import QuantizedWeight
+from lsaq.quantization.sequential import input_hessians
 
 
 @contextmanager
@@ -51,23 +59,6 @@ def quantized_layer(layer: nn.Module, precision: Precision, group_size: int | No
     finally:
         for module, w in saved:
             module.weight.data = w
-
-
-def _head_logits(parts: DecoderParts, h: torch.Tensor) -> torch.Tensor:
-    """``h`` ``[P, H]`` (last layer output) -> next-token logits ``[P, V]``, fp32 (fp64 for a float64 model)."""
-    logits = parts.logits(h)
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def _kl_per_sample(parts: DecoderParts, ref: torch.Tensor, h: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean over positions of KL(ref || lens(h)) per sample, float64 ``[B]``. ``ref``: ``[B, T, V]`` logits of
-    the float model; ``h``: ``[B, T, H]``."""
-    b, t = h.shape[:2]
-    flat_h, flat_ref = h.reshape(b * t, -1), ref.view(b * t, -1)
-    kl = torch.empty(b * t, dtype=torch.float64)
-    for s in range(0, b * t, chunk):
-        kl[s : s + chunk] = kl_divergence(flat_ref[s : s + chunk], _head_logits(parts, flat_h[s : s + chunk]))
-    return kl.view(b, t).mean(-1)
 
 
 @dataclass(frozen=True)
@@ -103,8 +94,26 @@ class Probe:
             raise ValueError(f"unknown probe {label!r} ({e}); valid: int8, int4, int4-g<group size>") from None
 
 
+
+@dataclass(frozen=True)
+class ProbeRun:
+    """What :func:`probe_samples` measured and what it cost. ``scores[probe, sample, layer]``: mean KL (nats) of
+    the float model's next-token distributions to those with only ``layer`` quantized as ``probe``.
+    ``layer_loads``: decoder layers read (one walk: L); ``layer_runs``: decoder-layer calls on a batch;
+    ``hidden_bytes_on_disk``: probe hidden states that did not fit the memory budget."""
+
+    scores: np.ndarray  # [P, N, L] float64
+    layer_loads: int
+    layer_runs: int
+    hidden_bytes_on_disk: int
+
+    def cost(self) -> dict[str, int]:
+        return {"layer_loads": self.layer_loads, "layer_runs": self.layer_runs,
+                "hidden_bytes_on_disk": self.hidden_bytes_on_disk}
+
+
 def sensitivity_samples(
-    model: nn.Module,
+    model: nn.Module | Layers,
     calib: CalibrationSet,
     *,
     precision: Precision | str = SENSITIVITY_PROBE,
@@ -115,86 +124,101 @@ def sensitivity_samples(
 ) -> np.ndarray:
     """Per-sample, per-layer sensitivity ``[N, num_layers]`` (float64, nats), see the module docstring."""
     probe = Probe(Precision.parse(precision), group_size)
-    return probe_samples(model, calib, [probe], batch_size=batch_size, chunk=chunk, progress=progress)[0]
+    return probe_samples(model, calib, [probe], batch_size=batch_size, chunk=chunk, progress=progress).scores[0]
 
 
 def probe_samples(
-    model: nn.Module,
+    model: nn.Module | Layers,
     calib: CalibrationSet,
     probes: Sequence[Probe],
     *,
     batch_size: int = 4,
     chunk: int = 1024,
     progress: Callable[[int], None] | None = None,
-    bank: Sequence[Mapping[Probe, Mapping[str, QuantizedWeight]]] | None = None,
+    quantizer: Quantizer | str = Quantizer.RTN,
     stride: int = 1,
-) -> np.ndarray:
-    """Per-probe, per-sample, per-layer KL to the float model ``[P, N, num_layers]`` (float64, nats): for each
-    probe and layer, only that layer quantized that way. Every probe shares one float pass per batch (the reference
-    logits and every layer's recorded input). ``bank[layer][probe][linear name]``: codes chosen by
-    another quantizer (:func:`lsaq.quantization.sequential.float_input_gptq`); None rounds to nearest.
+    budget: int = DEFAULT_BUDGET,
+) -> ProbeRun:
+    """Per-probe, per-sample, per-layer KL to the float model (:class:`ProbeRun`): for each probe and layer, only
+    that layer quantized that way, in one walk over the decoder layers (a model in memory, or a
+    :class:`~lsaq.engine.skeleton.Skeleton` read one layer at a time; ``progress(1)`` after each layer).
+
+    At layer i the float hidden states go through the float layer, and through layer i quantized by each probe:
+    one new branch per probe, which every later float layer then carries forward. So each layer is loaded once
+    (``L`` loads) and run ``batches x (1 + P x (i + 1))`` times at layer i: ``batches x (L + P x L(L+1)/2)``
+    layer runs in all, the float pass's included (``quantizer="gptq"``: plus one run per layer and batch for the
+    Hessian). The branches' hidden states (``P x (i + 1)`` copies of ``[N, T, H]`` after layer i) stay in memory
+    within ``budget`` bytes, the rest on disk (:class:`~lsaq.engine.spill.HiddenStore`). At the end, each
+    branch's and the float model's logits are compared a ``chunk`` of positions at a time.
+
+    ``quantizer``: ``rtn`` rounds each probe to nearest; ``gptq`` chooses its codes with the Hessian of the float
+    inputs of that layer (the float model's activations: only that layer is quantized).
     ``stride``: the KL is taken at every ``stride``-th position only (the last of each run of ``stride``), which
-    divides the LM-head projections (``[positions, vocab]`` per layer and probe) by ``stride``; every position still
-    flows through the replayed layers, so attention sees the whole context."""
+    divides the LM-head projections by ``stride``; every position still flows through the layers, so attention
+    sees the whole context."""
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
     if not probes:
         raise ValueError("give at least one probe (int8, int4, int4-g<size>)")
-    parts = decoder_parts(model)
-    layers = list(parts.layers)
-    n, n_layers = calib.samples, len(layers)
-    scores = np.zeros((len(probes), n, n_layers), dtype=np.float64)
-    calls: list[tuple[tuple, dict] | None] = [None] * n_layers
-    last: dict[str, torch.Tensor] = {}
+    gptq = Quantizer.parse(quantizer) is Quantizer.GPTQ
+    layers = Resident(decoder_parts(model)) if isinstance(model, nn.Module) else model
+    parts = layers.parts
+    calls = record_calls(parts, calib.tokens, batch_size)
+    n_layers, batches = calls.num_layers, len(calls.inputs)
+    runs = [batches * n_layers]  # the float pass
+    with HiddenStore(budget) as store:
 
-    def record(index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls[index] = (args, dict(kwargs))
+        def visit(i: int, layer: nn.Module, inputs: Sequence[torch.Tensor], _outputs: Sequence[torch.Tensor]) -> None:
+            for start, k in [key for key in _branches(store, i)]:  # the branches of layers < i: float layer i
+                for b, call in enumerate(calls.calls[i]):
+                    store.put((start, k, b, i), call(layer, store.take((start, k, b, i - 1))))
+            runs[0] += batches * len(probes) * i
+            names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+            hessians = input_hessians(layer, names, calls.calls[i], inputs, i) if gptq else {}
+            runs[0] += batches if gptq else 0
+            for k, probe in enumerate(probes):  # new branches: layer i quantized, on the float inputs
+                codes = {n: gptq_quantize(layer.get_submodule(n).weight, h, probe.precision, probe.group_size,
+                                          act_order=True) for n, h in hessians.items()} if gptq else None
+                with quantized_layer(layer, probe.precision, probe.group_size, codes):
+                    for b, (call, h) in enumerate(zip(calls.calls[i], inputs)):
+                        store.put((i, k, b, i), call(layer, h))
+            runs[0] += batches * len(probes)
+            if progress is not None:
+                progress(1)
 
-        return hook
+        final = walk(layers, calls, visit)  # the float model's last hidden states, per batch
+        scores = _branch_kl(parts, final, store, len(probes), n_layers, stride, chunk)
+        spilled = store.spilled
+    return ProbeRun(scores, n_layers, runs[0], spilled)
 
-    def keep_last(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        last["h"] = layer_output(output)
 
-    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles.append(layers[-1].register_forward_hook(keep_last, with_kwargs=True))
-    try:
-        with torch.inference_mode():
-            for s in range(0, n, batch_size):
-                ids = calib.tokens[s : s + batch_size]  # [B, T]
-                parts.base(input_ids=ids, use_cache=False)
-                kept = last["h"][:, stride - 1 :: stride]  # [B, T', H], T' = T // stride positions scored
-                b, t = kept.shape[:2]
-                ref = torch.cat([_head_logits(parts, c) for c in kept.reshape(b * t, -1).split(chunk)]).view(b, t, -1)
-                recorded = list(calls)
-                for i in range(n_layers):
-                    for k, probe in enumerate(probes):
-                        weights = bank[i][probe] if bank is not None else None
-                        with quantized_layer(layers[i], probe.precision, probe.group_size, weights):
-                            h = _replay(layers, recorded, i)[:, stride - 1 :: stride]
-                        scores[k, s : s + b, i] = _kl_per_sample(parts, ref, h, chunk).numpy()
-                del ref
-                if progress is not None:
-                    progress(b)
-    finally:
-        for handle in handles:
-            handle.remove()
+def _branches(store: HiddenStore, layer: int) -> list[tuple[int, int]]:
+    """The ``(start layer, probe)`` of every branch whose hidden states reached ``layer - 1``."""
+    keys = [*store.memory, *store.files]
+    return sorted({(start, k) for start, k, b, at in keys if at == layer - 1})
+
+
+def _branch_kl(parts: DecoderParts, final: Sequence[torch.Tensor], store: HiddenStore, n_probes: int,
+               n_layers: int, stride: int, chunk: int) -> np.ndarray:
+    """``[P, N, L]``: per sample, the mean over its scored positions of KL(float || branch) of every branch."""
+    scores = np.zeros((n_probes, sum(h.shape[0] for h in final), n_layers), dtype=np.float64)
+    first = 0
+    with torch.inference_mode():
+        for b, h in enumerate(final):
+            kept = h[:, stride - 1 :: stride]  # [B, T', H]
+            size, t = kept.shape[:2]
+            ref = [_logits(parts, c) for c in kept.reshape(size * t, -1).split(chunk)]  # [c, V] each
+            for start in range(n_layers):
+                for k in range(n_probes):
+                    branch = store.take((start, k, b, n_layers - 1))[:, stride - 1 :: stride]
+                    flat = branch.reshape(size * t, -1)
+                    kl = torch.cat([kl_divergence(r, _logits(parts, c)) for r, c in zip(ref, flat.split(chunk))])
+                    scores[k, first:first + size, start] = kl.view(size, t).mean(-1).numpy()
+            first += size
     return scores
 
 
-def _replay(layers: list[nn.Module], recorded: list[tuple[tuple, dict] | None], start: int) -> torch.Tensor:
-    """Run layers ``start..`` from layer ``start``'s recorded input, each with its recorded other arguments."""
-    h: torch.Tensor | None = None
-    for j in range(start, len(layers)):
-        entry = recorded[j]
-        assert entry is not None, f"layer {j} was not called in the float pass"
-        args, kwargs = entry
-        if h is None:  # the recorded input of the first replayed layer
-            h = args[0] if args else kwargs["hidden_states"]
-        if args:
-            out = layers[j](h, *args[1:], **kwargs)
-        else:
-            out = layers[j](**{**kwargs, "hidden_states": h})
-        h = layer_output(out)
-    assert h is not None
-    return h
+def _logits(parts: DecoderParts, h: torch.Tensor) -> torch.Tensor:
+    """``h`` ``[P, H]`` (last layer output) -> next-token logits ``[P, V]``, fp32 (fp64 for a float64 model)."""
+    logits = parts.logits(h)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -1,8 +1,8 @@
 """The score stage: per-layer importance of a model on a calibration set, as a versioned record.
 
-:func:`score` walks the model's decoder layers one at a time from its checkpoint (the whole model for the
-sensitivity probes), draws (or reads) the calibration set, scores every decoder layer with one method and writes
-the :class:`~lsaq.importance.scoring.LayerImportance` record. The calibration stage itself is
+:func:`score` walks the model's decoder layers one at a time from its checkpoint, draws (or reads) the calibration
+set, scores every decoder layer with one method and writes the :class:`~lsaq.importance.scoring.LayerImportance`
+record. The calibration stage itself is
 :func:`lsaq.calibration.sets.calibrate`; ``score`` takes its output directory or draws the set on the fly.
 :func:`measure` is its sibling for the ``measured`` strategy: each layer's loss at each precision
 (:class:`~lsaq.importance.cost.LayerLoss`), from the same model and calibration inputs.
@@ -58,18 +58,6 @@ def _check_calibration_args(calibration: str | Path | None, source: str | None) 
     check_calibration_source(source)
 
 
-def _model_and_calibration(model: str | None, calibration: str | Path | None, source: str | None, samples: int,
-                           seq_len: int, seed: int, revision: str | None,
-                           trust_remote_code: bool) -> "tuple[LoadedModel, CalibrationSet]":
-    """The loaded model and its calibration set: the directory ``calibration``, else drawn from ``source``."""
-    _check_calibration_args(calibration, source)
-    loaded = load_model(model, revision=revision, trust_remote_code=trust_remote_code)
-    if calibration is not None:
-        return loaded, load_calibration_for(calibration, loaded.info)
-    return loaded, load_calibration(loaded.tokenizer, source, samples=samples, seq_len=seq_len, seed=seed,
-                                    model=loaded)
-
-
 def _stream_and_calibration(model: str | None, calibration: str | Path | None, source: str | None, samples: int,
                             seq_len: int, seed: int, revision: str | None, trust_remote_code: bool,
                             head: bool) -> "tuple[Skeleton | nn.Module, ModelInfo, CalibrationSet]":
@@ -119,19 +107,15 @@ def score(
     by :func:`lsaq.calibrate`) or else ``samples`` windows of ``seq_len`` tokens drawn with ``seed`` from
     ``source`` (a text/JSONL file, a dataset name, ``generated``, or None: the default order, see
     :func:`lsaq.calibration.sets.load_calibration`). ``out``: write the record there, atomically.
-    ``cosine`` and ``jaccard`` walk the checkpoint one decoder layer at a time (:mod:`lsaq.engine`: resident memory
-    is the embedding, the final norm, the LM head, one layer and the hidden states), ``progress`` called with 1
-    after each layer; ``sensitivity`` loads the whole model, ``progress`` called with the sequences of each batch.
+    Every method walks the checkpoint one decoder layer at a time (:mod:`lsaq.engine`: resident memory is the
+    embedding, the final norm, the LM head, one layer and the hidden states; ``sensitivity`` also each probe
+    branch's hidden states, :func:`lsaq.importance.sensitivity.probe_samples`), ``progress`` called with 1 after
+    each layer.
     """
     method = Method.parse(method)  # bad choices fail before anything is loaded
     _positive(k=k, samples=samples, seq_len=seq_len, batch_size=batch_size)
-    if method is Method.SENSITIVITY:  # probes replay the layers after each one: the whole model in memory
-        loaded, calib = _model_and_calibration(model, calibration, source, samples, seq_len, seed, revision,
-                                               trust_remote_code)
-        layers, info = loaded.model, loaded.info
-    else:
-        layers, info, calib = _stream_and_calibration(model, calibration, source, samples, seq_len, seed, revision,
-                                                      trust_remote_code, head=method is Method.JACCARD)
+    layers, info, calib = _stream_and_calibration(model, calibration, source, samples, seq_len, seed, revision,
+                                                  trust_remote_code, head=method is not Method.COSINE)
     record = score_importance(layers, info, calib, method, k, batch_size=batch_size, progress=progress)
     if out is not None:
         record.save(out)
@@ -171,17 +155,17 @@ def measure(
     for probe in probes:
         Probe.parse(probe)  # bad probes fail before anything is loaded
     _positive(samples=samples, seq_len=seq_len, batch_size=batch_size, stride=stride)
-    loaded, calib = _model_and_calibration(model, calibration, source, samples, seq_len, seed, revision,
-                                           trust_remote_code)
+    layers, info, calib = _stream_and_calibration(model, calibration, source, samples, seq_len, seed, revision,
+                                                  trust_remote_code, head=True)
     if group_size == AUTO_GROUP:
-        group_size = fitting_group_size(model_shape(loaded.info.config))
+        group_size = fitting_group_size(model_shape(info.config))
     grouped = Probe(Precision.INT4, group_size).label if group_size is not None else None
     if grouped is not None and grouped not in {Probe.parse(p).label for p in probes}:
         probes = (*probes, grouped)
-    record = measure_layer_loss(loaded.model, loaded.info, calib, probes, quantizer=quantizer, batch_size=batch_size,
+    record = measure_layer_loss(layers, info, calib, probes, quantizer=quantizer, batch_size=batch_size,
                                 stride=stride, progress=progress)
     if out is not None:
         record.save(out)
     log.info("measured %d layers x %s of %s in %.1fs (%.1f forward passes)", record.num_layers,
-             "/".join(record.probes), loaded.info.id, record.seconds, record.cost_ratio)
+             "/".join(record.probes), info.id, record.seconds, record.cost_ratio)
     return record

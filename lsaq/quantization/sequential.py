@@ -21,7 +21,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from lsaq.engine.calls import LayerCalls, record_calls
+from lsaq.engine.calls import Call, LayerCalls, record_calls
+from lsaq.engine.skeleton import Resident
+from lsaq.engine.walk import walk
 from lsaq.models.parts import DecoderParts
 from lsaq.precision import Precision, Quantizer
 from lsaq.quantization.gptq import HessianAccumulator, gptq_quantize
@@ -64,48 +66,57 @@ class LayerFeed:
             return [call(layer, h) for call, h in zip(self.calls.calls[self.index], self.hidden)]
 
     def hessians(self, layer: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-        """GPTQ's Hessian ``2/n X^T X [in, in]`` of each named linear of ``layer``, over every calibration token.
-
-        Linears called on the very same input tensor one after the other (q/k/v, gate/up) share one sum and one
-        Hessian tensor: the same values as separate ones, a third (a half) of the memory."""
-        # fp32 sums, or fp64 for a float64 layer (whose activations fp32 would round)
-        wide = any(p.dtype == torch.float64 for p in layer.parameters())
-        dtype = torch.float64 if wide else torch.float32
-        accumulators: dict[str, HessianAccumulator] = {}
-        last: list[Any] = [None, None]  # (input, accumulator) of the latest linear called
-
-        def pre_hook(name: str) -> Callable[..., None]:
-            def add(_module: nn.Module, args: tuple[Any, ...]) -> None:
-                x, same = args[0], args[0] is last[0]
-                if name not in accumulators:  # decided on the first call
-                    accumulators[name] = last[1] if same else HessianAccumulator(x.shape[-1], dtype)
-                if not (same and accumulators[name] is last[1]):
-                    accumulators[name].add(x)
-                last[:] = [x, accumulators[name]]
-            return add
-
-        hooks = [layer.get_submodule(n).register_forward_pre_hook(pre_hook(n)) for n in names]
-        try:
-            self.run(layer)
-        finally:
-            for h in hooks:
-                h.remove()
-            last.clear()
-        made: dict[int, torch.Tensor] = {}  # id(accumulator) -> its Hessian
-        out: dict[str, torch.Tensor] = {}
-        for n in names:
-            if n not in accumulators:
-                raise ValueError(f"linear {n} of layer {self.index} was not called on the calibration tokens")
-            acc = accumulators[n]
-            if id(acc) not in made:
-                made[id(acc)] = acc.hessian()
-            out[n] = made[id(acc)]
-        return out
+        """:func:`input_hessians` of the current layer on the feed's inputs."""
+        return input_hessians(layer, names, self.calls.calls[self.index], self.hidden, self.index)
 
     def advance(self, layer: nn.Module) -> None:
         """Replace the hidden states by ``layer``'s outputs: the feed of the next layer."""
         self.hidden = self.run(layer)
         self.index += 1
+
+
+def input_hessians(layer: nn.Module, names: list[str], calls: Sequence[Call], inputs: Sequence[torch.Tensor],
+                   index: int = 0) -> dict[str, torch.Tensor]:
+    """GPTQ's Hessian ``2/n X^T X [in, in]`` of each named linear of ``layer`` (decoder layer ``index``), over every
+    token of ``inputs`` (per batch ``[B, T, H]``, the layer called as ``calls`` recorded it).
+
+    Linears called on the very same input tensor one after the other (q/k/v, gate/up) share one sum and one
+    Hessian tensor: the same values as separate ones, a third (a half) of the memory."""
+    # fp32 sums, or fp64 for a float64 layer (whose activations fp32 would round)
+    wide = any(p.dtype == torch.float64 for p in layer.parameters())
+    dtype = torch.float64 if wide else torch.float32
+    accumulators: dict[str, HessianAccumulator] = {}
+    last: list[Any] = [None, None]  # (input, accumulator) of the latest linear called
+
+    def pre_hook(name: str) -> Callable[..., None]:
+        def add(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            x, same = args[0], args[0] is last[0]
+            if name not in accumulators:  # decided on the first call
+                accumulators[name] = last[1] if same else HessianAccumulator(x.shape[-1], dtype)
+            if not (same and accumulators[name] is last[1]):
+                accumulators[name].add(x)
+            last[:] = [x, accumulators[name]]
+        return add
+
+    hooks = [layer.get_submodule(n).register_forward_pre_hook(pre_hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            for call, h in zip(calls, inputs):
+                call(layer, h)
+    finally:
+        for h in hooks:
+            h.remove()
+        last.clear()
+    made: dict[int, torch.Tensor] = {}  # id(accumulator) -> its Hessian
+    out: dict[str, torch.Tensor] = {}
+    for n in names:
+        if n not in accumulators:
+            raise ValueError(f"linear {n} of layer {index} was not called on the calibration tokens")
+        acc = accumulators[n]
+        if id(acc) not in made:
+            made[id(acc)] = acc.hessian()
+        out[n] = made[id(acc)]
+    return out
 
 
 Spec = tuple[Precision, "int | None"]  # (precision, INT4 group size or None)
@@ -124,20 +135,19 @@ def float_input_gptq(
 
     That is the quantized layer a one-layer measurement needs (only that layer quantized, so its inputs are float;
     :func:`lsaq.importance.cost.measure_layer_loss`). A whole model quantized for real streams quantized inputs
-    instead (:func:`lsaq.quantization.apply.quantize_model`). Memory: the feed, one layer's Hessians, and the packed
-    bank (INT8 + INT4 codes: 3/4 of the model's fp16 bytes).
+    instead (:func:`lsaq.quantization.apply.quantize_model`). One walk over the layers (:mod:`lsaq.engine`); memory:
+    the hidden states, one layer's Hessians, and the packed bank (INT8 + INT4 codes: 3/4 of the model's fp16 bytes).
     """
-    feed = LayerFeed.capture(parts, tokens)
+    calls = record_calls(parts, tokens, CALIBRATION_BATCH)
     bank: list[dict[Spec, dict[str, QuantizedWeight]]] = []
-    with torch.inference_mode():
-        for i, layer in enumerate(parts.layers):
-            names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-            hessians = feed.hessians(layer, names)
-            bank.append({spec: {n: gptq_quantize(layer.get_submodule(n).weight, hessians[n], spec[0], spec[1],
-                                                 act_order=act_order) for n in names} for spec in specs})
-            del hessians
-            if i + 1 < len(parts.layers):
-                feed.advance(layer)  # the float layer: the next layer's float inputs
-            if progress is not None:
-                progress(i)
+
+    def visit(i: int, layer: nn.Module, inputs: Sequence[torch.Tensor], _outputs: Sequence[torch.Tensor]) -> None:
+        names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+        hessians = input_hessians(layer, names, calls.calls[i], inputs, i)
+        bank.append({spec: {n: gptq_quantize(layer.get_submodule(n).weight, hessians[n], spec[0], spec[1],
+                                             act_order=act_order) for n in names} for spec in specs})
+        if progress is not None:
+            progress(i)
+
+    walk(Resident(parts), calls, visit)  # the float layers: each layer's float inputs
     return bank
