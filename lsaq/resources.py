@@ -78,3 +78,17 @@ def _libc() -> "ctypes.CDLL | None":
         return libc if hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+
+
+def available_memory() -> int:
+    """Bytes of system memory that can be given to this process now without swapping (psutil's ``available``)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def memory_shortfall(needed: int) -> int | None:
+    """None when ``needed`` bytes fit in the memory available now, else the bytes available (for the message of a
+    whole-model step that is refused before it starts)."""
+    available = available_memory()
+    return available if needed > available else None

@@ -1,7 +1,7 @@
 """The layer-streaming engine: a checkpoint read one module at a time, the skeleton, every layer's own call, the walk.
 
 Streamed hidden states equal a whole-model forward for every registered family (mixed sliding and full attention
-included); GPTQ's feed equals them layer by layer; a damaged shard or index is named; scoring streams a sharded
+included); the walk's steps on a model in memory equal them too; a damaged shard or index is named; scoring streams a sharded
 checkpoint in a fraction of the whole model's memory.
 """
 
@@ -19,10 +19,9 @@ from conftest import WIDE_LLAMA, WIDE_PARAMS, lsaq_peak_rss, shard_checkpoint, t
 from lsaq.engine.calls import record_calls
 from lsaq.engine.checkpoint import Checkpoint
 from lsaq.engine.skeleton import Resident, Skeleton
-from lsaq.engine.walk import walk
+from lsaq.engine.walk import walk, walk_steps
 from lsaq.models.families import SUPPORTED_MODEL_TYPES
 from lsaq.models.parts import decoder_parts
-from lsaq.quantization.sequential import LayerFeed
 
 MIXED = ("gemma2", "gemma3_text", "qwen3")  # configured with alternating sliding and full attention
 
@@ -76,11 +75,10 @@ def test_the_stream_gives_the_whole_models_hidden_states(model_type, checkpoints
     for i, expected in enumerate(ref):
         torch.testing.assert_close(got[i], expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
     assert all(p.is_meta for layer in skeleton.parts.layers for p in layer.parameters())  # every layer released
-    # GPTQ's feed, on the model in memory: each layer's inputs are the whole model's, layer by layer
-    feed = LayerFeed.capture(decoder_parts(wide), ids, batch_size=3)
-    for i, layer in enumerate(decoder_parts(wide).layers):
-        feed.advance(layer)
-        torch.testing.assert_close(torch.cat(feed.hidden), ref[i], rtol=1e-12, atol=1e-12 * float(ref[i].abs().max()))
+    # the walk's steps on the model in memory, batches of 3: each layer's outputs are the whole model's
+    resident = decoder_parts(wide)
+    for i, _layer, _inputs, out in walk_steps(Resident(resident), record_calls(resident, ids, batch_size=3)):
+        torch.testing.assert_close(torch.cat(out), ref[i], rtol=1e-12, atol=1e-12 * float(ref[i].abs().max()))
 
 
 @pytest.mark.parametrize("model_type", MIXED)

@@ -167,7 +167,7 @@ def test_tasks_that_cannot_fit_are_refused_before_any_work(monkeypatch, tmp_path
 
     shard_checkpoint(tiny_family_model("llama", layers=2), tmp_path / "m")
     char_tokenizer().save_pretrained(tmp_path / "m")
-    monkeypatch.setattr(stage, "system_memory", lambda: (2**30, 1000))
+    monkeypatch.setattr("lsaq.resources.available_memory", lambda: 1000)
     ran: list[str] = []
     monkeypatch.setattr(stage, "perplexity", lambda *a, **k: ran.append("ppl"))
     monkeypatch.setattr(stage, "evaluate_tasks", lambda *a, **k: ran.append("tasks"))

@@ -176,23 +176,26 @@ def test_linears_on_one_input_share_one_hessian(model_type):
 
     from lsaq.models.parts import decoder_parts
     from lsaq.quantization.gptq import HessianAccumulator
-    from lsaq.quantization.sequential import LayerFeed
+    from lsaq.engine.calls import record_calls
+    from lsaq.quantization.sequential import input_hessians
 
     model = tiny_family_model(model_type, layers=2)
     parts = decoder_parts(model)
     ids = torch.randint(3, 96, (5, 12), generator=torch.Generator().manual_seed(0))
-    feed = LayerFeed.capture(parts, ids, batch_size=2)
+    calls = record_calls(parts, ids, batch_size=2)
     layer = parts.layers[0]
     names = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
     separate = {n: HessianAccumulator(layer.get_submodule(n).in_features) for n in names}
     hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda _m, a, acc=separate[n]: acc.add(a[0]))
              for n in names]
     try:
-        feed.run(layer)
+        with torch.inference_mode():
+            for call, h in zip(calls.calls[0], calls.inputs):
+                call(layer, h)
     finally:
         for h in hooks:
             h.remove()
-    shared = feed.hessians(layer, names)
+    shared = input_hessians(layer, names, calls.calls[0], calls.inputs)
     attn, mlp = "self_attn.", "mlp."
     assert shared[attn + "q_proj"] is shared[attn + "k_proj"] is shared[attn + "v_proj"]
     assert shared[mlp + "gate_proj"] is shared[mlp + "up_proj"]

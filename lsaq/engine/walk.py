@@ -13,7 +13,7 @@ own, and all are released before layer i + 1 is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -33,19 +33,49 @@ class Branch:
     calls: LayerCalls
 
 
+# (layer index, the loaded layer, its inputs per batch): change the layer before it runs (quantize it in place)
+Prepare = Callable[[int, nn.Module, Sequence[torch.Tensor]], None]
+Step = tuple[int, nn.Module, list[torch.Tensor], list[torch.Tensor]]
+
+
+def layer_steps(layers: Layers, num_layers: int) -> Iterator[tuple[int, nn.Module]]:
+    """Yield ``(i, layer i loaded)`` in order, each released once the caller asks for the next (or stops): for
+    stages that change each layer without running it (round-to-nearest quantization)."""
+    for i in range(num_layers):
+        layer = layers.load(i)
+        try:
+            yield i, layer
+        finally:
+            layers.release(i)
+
+
+def load_every(layers: Layers, num_layers: int) -> None:
+    """Load every decoder layer and keep it: the whole model in memory (what a runtime that is not a walk needs)."""
+    for i in range(num_layers):
+        layers.load(i)
+
+
+def walk_steps(layers: Layers, calls: LayerCalls, prepare: Prepare | None = None) -> Iterator[Step]:
+    """The walk as an iterator: yield ``(i, layer, inputs, outputs)`` per layer, the layer still loaded.
+    ``prepare(i, layer, inputs)`` runs first and may change the layer in place (GPTQ quantizes it from the
+    Hessians of its inputs), so the outputs, the next layer's inputs, are the changed layer's."""
+    hidden = list(calls.inputs)
+    for i, layer in layer_steps(layers, calls.num_layers):
+        with torch.inference_mode():
+            if prepare is not None:
+                prepare(i, layer, hidden)
+            out = [call(layer, h) for call, h in zip(calls.calls[i], hidden)]
+        yield i, layer, hidden, out
+        hidden = out
+
+
 def walk(layers: Layers, calls: LayerCalls, visit: Visitor) -> list[torch.Tensor]:
     """Walk every decoder layer in order (see the module doc); returns the last layer's outputs per batch."""
-    hidden = list(calls.inputs)
-    with torch.inference_mode():
-        for i in range(calls.num_layers):
-            layer = layers.load(i)
-            try:
-                out = [call(layer, h) for call, h in zip(calls.calls[i], hidden)]
-                visit(i, layer, hidden, out)
-            finally:
-                layers.release(i)
-            hidden = out
-    return hidden
+    out = list(calls.inputs)
+    for i, layer, inputs, out in walk_steps(layers, calls):
+        with torch.inference_mode():
+            visit(i, layer, inputs, out)
+    return out
 
 
 def walk_branches(branches: Sequence[Branch]) -> list[list[torch.Tensor]]:

@@ -47,9 +47,9 @@ from lsaq.eval.report import EvalReport, ModelEval, build_report, markdown_path,
 from lsaq.models.identity import ModelInfo
 from lsaq.models.loading import LoadedModel
 from lsaq.models.weights import is_hub_id
-from lsaq.planning.detect import system_memory
 from lsaq.planning.planner import Plan
 from lsaq.records import atomic_write_json
+from lsaq.resources import memory_shortfall
 from lsaq.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,8 @@ class EvalModel:
     def check_fits(self, purpose: str) -> None:
         """``OptionError`` when the whole model would not fit in the memory available now (``purpose`` names what
         needs it)."""
-        _, available = system_memory()
-        if self.whole_bytes > available:
+        available = memory_shortfall(self.whole_bytes)
+        if available is not None:
             raise OptionError(f"{purpose} need the whole model in memory: {self.info.id} takes about "
                               f"{format_bytes(self.whole_bytes)}, {format_bytes(available)} is available here; "
                               "measure perplexity and fidelity alone (they stream one layer at a time), or use a "

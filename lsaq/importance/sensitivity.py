@@ -169,7 +169,7 @@ def probe_samples(
     with HiddenStore(budget) as store:
 
         def visit(i: int, layer: nn.Module, inputs: Sequence[torch.Tensor], _outputs: Sequence[torch.Tensor]) -> None:
-            for start, k in [key for key in _branches(store, i)]:  # the branches of layers < i: float layer i
+            for start, k in _branches(store, i):  # the branches of layers < i: float layer i
                 for b, call in enumerate(calls.calls[i]):
                     store.put((start, k, b, i), call(layer, store.take((start, k, b, i - 1))))
             runs[0] += batches * len(probes) * i

@@ -19,6 +19,7 @@ from lsaq.calibration.sets import (
     check_calibration_source,
     load_calibration,
     load_calibration_for,
+    whole_model_loader,
 )
 from lsaq.importance.cost import DEFAULT_PROBES, LayerLoss, measure_layer_loss
 from lsaq.importance.record import LayerImportance
@@ -26,7 +27,7 @@ from lsaq.importance.scoring import score_importance
 from lsaq.importance.sensitivity import Probe
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
 from lsaq.models.families import model_shape
-from lsaq.models.loading import load_model, load_tokenizer, locate_model, model_info
+from lsaq.models.loading import load_tokenizer, locate_model, model_info
 from lsaq.planning.memory import fitting_group_size
 from lsaq.precision import AUTO_GROUP, parse_group_size
 from lsaq.precision import Precision
@@ -74,9 +75,10 @@ def _stream_and_calibration(model: str | None, calibration: str | Path | None, s
     if calibration is not None:
         return skeleton, info, load_calibration_for(calibration, info)
     whole: list[LoadedModel] = []
+    loader = whole_model_loader(model, revision=revision, trust_remote_code=trust_remote_code)
 
-    def load() -> "LoadedModel":
-        whole.append(load_model(model, revision=revision, trust_remote_code=trust_remote_code))
+    def load() -> "LoadedModel":  # called only when the text is generated
+        whole.append(loader())
         return whole[0]
 
     calib = load_calibration(load_tokenizer(located, trust_remote_code), source, samples=samples, seq_len=seq_len,

@@ -12,11 +12,14 @@ Every 16-bit tensor (FP16 layers, norms, float embedding/head, biases, quantizat
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from lsaq.engine.calls import record_calls
+from lsaq.engine.skeleton import Layers, Resident
+from lsaq.engine.walk import layer_steps, walk_steps
 from lsaq.models.families import model_shape
 from lsaq.models.identity import ModelInfo
 from lsaq.models.loading import storage_dtype
@@ -29,7 +32,7 @@ from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.quantization.qembedding import QuantizedEmbedding
 from lsaq.quantization.qlinear import Int4Linear, Int8Linear
 from lsaq.precision import Quantizer
-from lsaq.quantization.sequential import LayerFeed, check_quantizer
+from lsaq.quantization.sequential import CALIBRATION_BATCH, check_quantizer, input_hessians
 
 QUANTIZED_MODULES = (Int8Linear, Int4Linear, QuantizedEmbedding)
 
@@ -103,27 +106,63 @@ def quantize_embeddings(model: nn.Module, plan: Plan, dtype: torch.dtype) -> Non
 
 
 def quantize_layer(layer: nn.Module, precision: Precision, names: list[str], group_size: int | None,
-                   dtype: torch.dtype, feed: LayerFeed | None = None, last: bool = True) -> None:
+                   dtype: torch.dtype, hessians: dict[str, torch.Tensor] | None = None, cast: bool = True) -> None:
     """Quantize one float decoder layer in place: its linears ``names`` at ``precision`` become packed modules
-    (INT4 in groups of ``group_size``), everything else is cast to ``dtype``. With ``feed`` (GPTQ) the codes
-    come from the Hessians of the feed's current inputs, and unless ``last`` the feed then advances through the
-    quantized layer (the next layer's inputs); without it they are rounded to nearest."""
+    (INT4 in groups of ``group_size``), and unless not ``cast`` everything else is cast to ``dtype``
+    (:func:`cast_layer`). With ``hessians`` (GPTQ: each linear's input Hessian, :func:`~lsaq.quantization.
+    sequential.input_hessians`) the codes come from them, each Hessian dropped once its linear is quantized;
+    without, weights are rounded to nearest."""
     quantized = precision is not Precision.FP16
-    calibrated = feed is not None and quantized
-    hessians = feed.hessians(layer, names) if calibrated else {}  # each popped once used: freed linear by linear
+    hessians = hessians if quantized and hessians is not None else None
     for name in names if quantized else ():  # FP16 linears are cast with the layer's other parameters
         float_linear = layer.get_submodule(name)
         g = group_size if precision is Precision.INT4 else None
         w = float_linear.weight
-        qw = (gptq_quantize(w, hessians.pop(name), precision, g, dtype, act_order=True) if calibrated
+        qw = (gptq_quantize(w, hessians.pop(name), precision, g, dtype, act_order=True) if hessians is not None
               else QuantizedWeight.quantize(w, precision, g, dtype))
         bias = float_linear.bias.detach().to(dtype) if float_linear.bias is not None else None
         _set_submodule(layer, name, quantized_linear(qw, bias))
         del float_linear, w  # the float weight goes with the last reference
-    if feed is not None and not last:  # the next layer's inputs, through this one quantized
-        feed.advance(layer)
-    for p in layer.parameters():  # norms (and FP16 linears) of the layer
+    if cast:
+        cast_layer(layer, dtype)
+
+
+def cast_layer(layer: nn.Module, dtype: torch.dtype) -> None:
+    """Cast a layer's float parameters (norms, FP16 linears) to ``dtype``, in place."""
+    for p in layer.parameters():
         p.data = p.data.to(dtype)
+
+
+def quantize_layers(layers: Layers, plan: Plan, dtype: torch.dtype, calibration: torch.Tensor | None = None,
+                    progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, nn.Module]]:
+    """Quantize every decoder layer of ``layers`` following ``plan``, one at a time (:mod:`lsaq.engine`): yield
+    ``(i, layer i quantized)`` while it is loaded. ``calibration`` (token ids ``[N, T]``): GPTQ, each layer's codes
+    from the Hessians of the hidden states the already-quantized layers produce (the walk runs each layer once
+    quantized, its float parts still in float: those are the next layer's inputs); else round to nearest, and
+    no layer runs."""
+    names = [lin.name for lin in plan.shape.layer_linears]
+    group = plan.options.policy.group_size
+    if calibration is None:
+        for i, layer in layer_steps(layers, plan.shape.num_layers):
+            with torch.inference_mode():
+                quantize_layer(layer, plan.precisions[i], names, group, dtype)
+            yield i, layer
+            if progress is not None:
+                progress(i)
+        return
+    calls = record_calls(layers.parts, calibration, CALIBRATION_BATCH)
+
+    def prepare(i: int, layer: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+        quantized = plan.precisions[i] is not Precision.FP16
+        hessians = input_hessians(layer, names, calls.calls[i], inputs, i) if quantized else None
+        quantize_layer(layer, plan.precisions[i], names, group, dtype, hessians, cast=False)
+
+    for i, layer, _inputs, _outputs in walk_steps(layers, calls, prepare):
+        with torch.inference_mode():
+            cast_layer(layer, dtype)
+        yield i, layer
+        if progress is not None:
+            progress(i)
 
 
 def quantize_model(
@@ -139,9 +178,8 @@ def quantize_model(
 
     ``quantizer``: ``rtn`` rounds each weight to nearest; ``gptq`` chooses the codes with GPTQ's error feedback on
     the activations of the calibration token ids ``calibration [N, L]``, streamed layer by layer
-    (:mod:`lsaq.quantization.sequential`), columns in activation order (on the default model, all-INT4: KL to the
-    float model 0.72x RTN's with it, 0.77x without; tests/test_gptq_model.py). Both give the same tensors, shapes
-    and bytes.
+    (:func:`quantize_layers`), columns in activation order (on the default model, all-INT4: KL to the float model
+    0.72x RTN's with it, 0.77x without; tests/test_gptq_model.py). Both give the same tensors, shapes and bytes.
 
     INT8/INT4 layers get packed modules (:mod:`lsaq.quantization.qlinear`); the embedding and LM head are
     quantized when the plan's policy says so (:func:`quantize_embeddings`); FP16 layers and everything else
@@ -153,14 +191,9 @@ def quantize_model(
     check_plan(plan, info, parts)
     check_quantizer(quantizer, calibration, what="calibration token ids")
     dtype = storage_dtype(info.dtype)
-    group = plan.options.policy.group_size
-    names = [lin.name for lin in plan.shape.layer_linears]
-    feed = LayerFeed.capture(parts, calibration) if calibration is not None else None
+    for _ in quantize_layers(Resident(parts), plan, dtype, calibration, progress):
+        pass
     with torch.inference_mode():
-        for i, (layer, precision) in enumerate(zip(parts.layers, plan.precisions)):
-            quantize_layer(layer, precision, names, group, dtype, feed, last=i + 1 == len(parts.layers))
-            if progress is not None:
-                progress(i)
         quantize_embeddings(model, plan, dtype)
         for p in model.parameters():
             p.data = p.data.to(dtype)

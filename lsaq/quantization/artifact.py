@@ -40,8 +40,8 @@ from lsaq.precision import Precision
 from lsaq.quantization.apply import (
     artifact_state_dict,
     check_plan,
-    quantize_layer,
     quantize_embeddings,
+    quantize_layers,
     quantize_model,
 )
 from lsaq.quantization.record import (
@@ -57,7 +57,7 @@ from lsaq.quantization.record import (
     Artifact,
 )
 from lsaq.precision import Quantizer
-from lsaq.quantization.sequential import LayerFeed, check_quantizer
+from lsaq.quantization.sequential import check_quantizer
 from lsaq.records import atomic_dir, atomic_write_json, file_sha256, read_record
 
 if TYPE_CHECKING:
@@ -174,24 +174,15 @@ def write_streamed_artifact(skeleton: Skeleton, info: ModelInfo, tokenizer: Any,
     parts = skeleton.parts
     check_plan(plan, info, parts)
     check_quantizer(quantizer, calibration, what="a calibration set")
-    names = [lin.name for lin in plan.shape.layer_linears]
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        feed = LayerFeed.capture(parts, calibration.tokens) if calibration is not None else None
+        tokens = calibration.tokens if calibration is not None else None
+        for i, layer in quantize_layers(skeleton, plan, dtype, tokens, progress):
+            prefix = f"{skeleton.layer_prefix}.{i}."
+            yield from ((prefix + n, t) for n, t in artifact_state_dict(layer, dtype).items())
         with torch.inference_mode():
-            for i, precision in enumerate(plan.precisions):
-                layer = skeleton.load(i)
-                try:
-                    quantize_layer(layer, precision, names, plan.options.policy.group_size, dtype, feed,
-                                   last=i + 1 == len(plan.precisions))
-                    prefix = f"{skeleton.layer_prefix}.{i}."
-                    yield from ((prefix + n, t) for n, t in artifact_state_dict(layer, dtype).items())
-                finally:
-                    skeleton.release(i)
-                if progress is not None:
-                    progress(i)
             quantize_embeddings(skeleton.model, plan, dtype)
-            yield from artifact_state_dict(skeleton.model, dtype, skip=skeleton.layer_prefix + ".").items()
+        yield from artifact_state_dict(skeleton.model, dtype, skip=skeleton.layer_prefix + ".").items()
 
     return _write(out_dir, tensors(), info, plan, tokenizer, generation_config, quantizer, calibration,
                   max_shard_bytes)

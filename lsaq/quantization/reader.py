@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lsaq.engine.checkpoint import Checkpoint
+from lsaq.engine.walk import load_every
 from lsaq.models.families import family
 from lsaq.models.identity import ModelInfo
 from lsaq.models.loading import LoadedModel
@@ -190,6 +191,5 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, che
     from transformers import AutoTokenizer
 
     layers = ArtifactLayers.open(path, dtype=dtype, checksums=checksums)
-    for i in range(len(layers.templates)):
-        layers.load(i)
+    load_every(layers, len(layers.templates))
     return LoadedModel(model=layers.model, tokenizer=AutoTokenizer.from_pretrained(path), info=layers.info)

@@ -1,12 +1,12 @@
-"""Calibrated quantization, streamed layer by layer: the inputs of decoder layer i come from layers 0..i-1 already
-quantized, so each layer's error compensation (GPTQ, :mod:`lsaq.quantization.gptq`) sees the activations the
-quantized model will really produce.
+"""Calibrated quantization's inputs: the Hessians of a decoder layer's linears on the calibration activations that
+reach it.
 
-:class:`LayerFeed` holds the calibration activations entering the current decoder layer, per batch, and every
-layer's own call arguments, recorded once by running the decoder stack's embedding, masks and rotary tables on the
-calibration tokens (:func:`lsaq.engine.calls.record_calls`). For each layer it measures every linear's input
-Hessian (:meth:`LayerFeed.hessians`), and once the layer is quantized it runs the layer to produce the next
-layer's inputs (:meth:`LayerFeed.advance`). Memory: the model, the feed (``N x L x hidden`` floats, e.g.
+A walk of the engine (:mod:`lsaq.engine.walk`) brings each layer its inputs, per batch, and its own recorded call
+arguments (:func:`lsaq.engine.calls.record_calls`); :func:`input_hessians` runs the layer on them with hooks on its
+linears. Sequential GPTQ (:func:`lsaq.quantization.apply.quantize_layers`) quantizes each layer from the Hessians
+of the hidden states the already-quantized layers produce, so its error compensation sees the activations the
+quantized model will really produce; :func:`float_input_gptq` takes them from the float model instead (one layer
+quantized at a time, for the measured loss). Memory: the hidden states (``N x T x hidden`` floats, e.g.
 32 x 512 x 576 x 4 B = 38 MB for SmolLM2-135M) and one layer's Hessians (``in x in`` each).
 
 All linears of a layer are measured from the same inputs (no "true sequential" re-measurement inside a layer).
@@ -14,14 +14,13 @@ All linears of a layer are measured from the same inputs (no "true sequential" r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from lsaq.engine.calls import Call, LayerCalls, record_calls
+from lsaq.engine.calls import Call, record_calls
 from lsaq.engine.skeleton import Resident
 from lsaq.engine.walk import walk
 from lsaq.models.parts import DecoderParts
@@ -42,37 +41,6 @@ def check_quantizer(quantizer: "Quantizer | str", calibration: Any, what: str = 
         given = calibration if isinstance(calibration, (str, Path)) else type(calibration).__name__
         raise ValueError(f"quantizer {quantizer.value!r} takes no calibration (got {given})")
     return quantizer
-
-
-@dataclass
-class LayerFeed:
-    """The calibration inputs of the current decoder layer ``index``: ``hidden[b]`` ``[batch, L, hidden]`` for
-    batch ``b``, and every layer's own recorded call (:class:`~lsaq.engine.calls.LayerCalls`: masks and rotary
-    tables differ between layers where a family mixes attention types)."""
-
-    calls: LayerCalls
-    hidden: list[torch.Tensor]
-    index: int = 0
-
-    @classmethod
-    def capture(cls, parts: DecoderParts, tokens: torch.Tensor, batch_size: int = CALIBRATION_BATCH) -> "LayerFeed":
-        """The feed of layer 0 for the token ids ``tokens [N, L]`` (int64), in batches."""
-        calls = record_calls(parts, tokens, batch_size)
-        return cls(calls, list(calls.inputs))
-
-    def run(self, layer: nn.Module) -> list[torch.Tensor]:
-        """``layer``'s (the current layer's) output hidden states ``[batch, L, hidden]`` for every batch."""
-        with torch.inference_mode():
-            return [call(layer, h) for call, h in zip(self.calls.calls[self.index], self.hidden)]
-
-    def hessians(self, layer: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-        """:func:`input_hessians` of the current layer on the feed's inputs."""
-        return input_hessians(layer, names, self.calls.calls[self.index], self.hidden, self.index)
-
-    def advance(self, layer: nn.Module) -> None:
-        """Replace the hidden states by ``layer``'s outputs: the feed of the next layer."""
-        self.hidden = self.run(layer)
-        self.index += 1
 
 
 def input_hessians(layer: nn.Module, names: list[str], calls: Sequence[Call], inputs: Sequence[torch.Tensor],
