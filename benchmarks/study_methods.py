@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from lsaq import __version__
+from lsaq.version import __version__
 from lsaq.eval.harness import evaluate_tasks
 from lsaq.eval.perplexity import default_ppl_source, read_eval_text, tokenize_eval_windows, window_nll
 from lsaq.calibration.sets import CalibrationSet, load_calibration

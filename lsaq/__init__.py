@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from lsaq.version import __version__
 
 # public name -> module that defines it
 _EXPORTS = {

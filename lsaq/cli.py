@@ -8,8 +8,9 @@ import logging
 import pkgutil
 import sys
 
-from lsaq import __version__, commands
+import lsaq.commands as commands
 from lsaq.records import RecordError
+from lsaq.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from lsaq import __version__
+from lsaq.version import __version__
 from lsaq.eval.stage import EvalOptions
 from lsaq.models.default import default_model_path
 from lsaq.models.weights import is_hub_id, weight_files

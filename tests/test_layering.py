@@ -102,6 +102,15 @@ def test_no_import_cycles():
     assert not cycles, f"import cycles: {cycles}"
 
 
+def test_no_module_reaches_back_up_to_the_package_above_it():
+    """``lsaq/__init__`` only re-exports the stages (lazily); a module of lsaq imports what it needs from the
+    module that defines it (``lsaq.version`` for the version), never from a package above it."""
+    found = [f"{m}:{line} imports {n} from {t}" for m, p in MODULES.items() for t, names, line in imports(p)
+             for n in names if m.startswith(t + ".") and m != t and not (ROOT / t.replace(".", "/") / n).exists()
+             and not (ROOT / t.replace(".", "/") / f"{n}.py").exists()]
+    assert not found, found
+
+
 def test_no_private_names_across_modules():
     found = [f"{m}:{line} imports {n} from {t}" for m, p in MODULES.items() for t, names, line in imports(p)
              if t.startswith("lsaq") for n in names if n.startswith("_") and n != "__version__"]

@@ -295,7 +295,7 @@ def generated_cache_path(model: nn.Module, source_hash: str, *, samples: int, se
     matmuls round differently), the compute dtype and device, and the torch and lsaq versions."""
     import torch
 
-    from lsaq import __version__
+    from lsaq.version import __version__
 
     param = next(model.parameters(), None)
     key = canonical_json({"source": source_hash, "samples": samples, "seq_len": seq_len, "batch": batch_size,
@@ -407,7 +407,7 @@ def calibrate(
     """
     from safetensors.torch import save_file
 
-    from lsaq import __version__
+    from lsaq.version import __version__
     from lsaq.models.identity import ModelRef
     from lsaq.models.loading import empty_model, load_tokenizer, locate_model, model_info
 

@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_measure(args: argparse.Namespace) -> int:
     from lsaq.importance.stage import measure
+    from lsaq.units import format_bytes
 
     rec = measure(args.model, args.out, probes=[p for p in args.probes.split(",") if p], quantizer=args.quantizer,
                   group_size=args.group_size, stride=args.kl_stride, source=args.calib,
@@ -105,8 +106,10 @@ def run_measure(args: argparse.Namespace) -> int:
     print("layer  " + "  ".join(f"{p:>10}" for p in rec.probes))
     for i, row in enumerate(rec.loss):
         print(f"{i:5d}  " + "  ".join(f"{v:10.3e}" for v in row))
+    cost = rec.cost
     print(f"wrote {args.out} ({rec.num_layers} layers x {len(rec.probes)} probes in {rec.seconds:.1f}s = "
-          f"{rec.cost_ratio:.1f} forward passes)")
+          f"{rec.cost_ratio:.1f} forward passes; {cost.get('layer_loads')} layer loads, {cost.get('layer_runs')} "
+          f"layer runs, {format_bytes(cost.get('hidden_bytes_on_disk', 0))} of hidden states on disk)")
     return 0
 
 

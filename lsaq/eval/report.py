@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from lsaq import __version__
+from lsaq.version import __version__
 from lsaq.eval.fidelity import FidelityResult
 from lsaq.models.identity import ModelRef
 from lsaq.planning.planner import Plan

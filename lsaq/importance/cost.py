@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from lsaq import __version__
+from lsaq.version import __version__
 from lsaq.calibration.sets import CalibrationInfo
 from lsaq.models.identity import ModelInfo
 from lsaq.precision import Precision

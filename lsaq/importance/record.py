@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lsaq import __version__
+from lsaq.version import __version__
 from lsaq.calibration.sets import CalibrationInfo
 from lsaq.methods import ranking
 from lsaq.models.identity import ModelInfo

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from lsaq import __version__
+from lsaq.version import __version__
 from lsaq.choices import Choice
 from lsaq.methods import UNIFORM_IMPORTANCE, ImportanceRef, ranking
 from lsaq.models.identity import ModelRef

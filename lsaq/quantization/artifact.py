@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 
-from lsaq import __version__
+from lsaq.version import __version__
 from lsaq.engine.checkpoint import read_index
 from lsaq.engine.writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from lsaq.models.identity import ModelInfo, ModelRef

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from lsaq import __version__
+from lsaq.version import __version__
 from lsaq.models.identity import ModelRef
 from lsaq.records import decode_record, read_record
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from lsaq import __version__
+from lsaq.version import __version__
 from lsaq.models.identity import ModelRef
 from lsaq.records import RecordError, canonical_json, decode_record, parse_record, sha256_hex
 from lsaq.store.keys import build_prefix, latest_key, validate_key
