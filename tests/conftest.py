@@ -300,3 +300,77 @@ def lsaq_peak_rss(argv: list[str], timeout: int = 900) -> tuple[str, int]:
                           timeout=timeout, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout, int(proc.stdout.strip().splitlines()[-1].split()[1]) * 1024
+
+
+# ------------------------------------------------------------------------------ NVML and RAM at their boundary
+
+
+def _pynvml_module(gpus, init_error=None, broken=()):
+    """A stand-in pynvml module: ``gpus`` = [(name, total bytes, free bytes)], GPU ``i`` has UUID ``GPU-0000i``."""
+    import types
+
+    m = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    def init():
+        if init_error:
+            raise NVMLError(init_error)
+
+    def mem(h):
+        if h in broken:
+            raise NVMLError("Not Supported")
+        name, total, free = gpus[h]
+        return types.SimpleNamespace(total=total, free=free, used=total - free)
+
+    m.NVMLError = NVMLError
+    m.nvmlInit, m.nvmlShutdown = init, lambda: None
+    m.nvmlSystemGetDriverVersion = lambda: b"550.54"
+    m.nvmlDeviceGetCount = lambda: len(gpus)
+    m.nvmlDeviceGetHandleByIndex = lambda i: i
+    m.nvmlDeviceGetMemoryInfo = mem
+    m.nvmlDeviceGetName = lambda h: gpus[h][0].encode()
+    m.nvmlDeviceGetUUID = lambda h: f"GPU-0000{h}"
+    return m
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    """``fake_nvml(gpus, init_error=None, broken=())`` installs a stand-in pynvml (see :func:`_pynvml_module`;
+    ``broken``: GPU indices whose memory NVML cannot report) for the test."""
+    import sys
+
+    def install(gpus, init_error=None, broken=()):
+        monkeypatch.setitem(sys.modules, "pynvml", _pynvml_module(gpus, init_error, broken))
+
+    return install
+
+
+@pytest.fixture
+def fake_ram(monkeypatch):
+    """32 GiB of system RAM, 20 GiB available, not a Jetson, no CUDA_VISIBLE_DEVICES."""
+    from lsaq.planning import detect as detect_mod
+
+    gib = 1024**3
+    monkeypatch.setattr(detect_mod, "system_memory", lambda: (32 * gib, 20 * gib))
+    monkeypatch.setattr(detect_mod, "_TEGRA_RELEASE", detect_mod.Path("/nonexistent/nv_tegra_release"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+class FakeClock:
+    """A monotonic clock that only moves when ``sleep`` is called: ``clock()`` and ``clock.sleep(seconds)``."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.t += s
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import types
 
 import pytest
 
@@ -129,41 +128,6 @@ def test_catalog_requires_sources():
 # ---------------------------------------------------------------------------------------- detection
 
 
-@pytest.fixture
-def fake_ram(monkeypatch):
-    monkeypatch.setattr(detect_mod, "system_memory", lambda: (32 * GIB, 20 * GIB))
-    monkeypatch.setattr(detect_mod, "_TEGRA_RELEASE", detect_mod.Path("/nonexistent/nv_tegra_release"))
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-
-
-def _fake_pynvml(gpus, init_error=None, broken=()):
-    """A stand-in pynvml module: gpus = [(name, total, free)]."""
-    m = types.ModuleType("pynvml")
-
-    class NVMLError(Exception):
-        pass
-
-    def init():
-        if init_error:
-            raise NVMLError(init_error)
-
-    def mem(h):
-        if h in broken:
-            raise NVMLError("Not Supported")
-        name, total, free = gpus[h]
-        return types.SimpleNamespace(total=total, free=free, used=total - free)
-
-    m.NVMLError = NVMLError
-    m.nvmlInit, m.nvmlShutdown = init, lambda: None
-    m.nvmlSystemGetDriverVersion = lambda: b"550.54"
-    m.nvmlDeviceGetCount = lambda: len(gpus)
-    m.nvmlDeviceGetHandleByIndex = lambda i: i
-    m.nvmlDeviceGetMemoryInfo = mem
-    m.nvmlDeviceGetName = lambda h: gpus[h][0].encode()
-    m.nvmlDeviceGetUUID = lambda h: f"GPU-0000{h}"
-    return m
-
-
 def test_no_nvml_module_falls_back_to_system_ram(monkeypatch, fake_ram, caplog):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import raises ImportError
     with caplog.at_level(logging.WARNING):
@@ -173,24 +137,24 @@ def test_no_nvml_module_falls_back_to_system_ram(monkeypatch, fake_ram, caplog):
     assert "no usable NVIDIA GPU" in caplog.text and "not installed" in caplog.text
 
 
-def test_nvml_init_failure_falls_back(monkeypatch, fake_ram, caplog):
-    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([], init_error="Driver Not Loaded"))
+def test_nvml_init_failure_falls_back(monkeypatch, fake_ram, caplog, fake_nvml):
+    fake_nvml([], init_error="Driver Not Loaded")
     with caplog.at_level(logging.WARNING):
         p = detect_local()
     assert p.kind is MemoryKind.SYSTEM and "Driver Not Loaded" in caplog.text and "Driver Not Loaded" in p.origin
 
 
-def test_nvml_no_gpus_and_jetson_is_unified(monkeypatch, fake_ram, tmp_path):
-    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([]))
+def test_nvml_no_gpus_and_jetson_is_unified(monkeypatch, fake_ram, tmp_path, fake_nvml):
+    fake_nvml([])
     tegra = tmp_path / "nv_tegra_release"
     tegra.write_text("R36")
     monkeypatch.setattr(detect_mod, "_TEGRA_RELEASE", tegra)
     assert detect_local().kind is MemoryKind.UNIFIED
 
 
-def test_picks_gpu_with_most_free_memory(monkeypatch, fake_ram):
+def test_picks_gpu_with_most_free_memory(monkeypatch, fake_ram, fake_nvml):
     gpus = [("A", 24 * GIB, 2 * GIB), ("B", 12 * GIB, 10 * GIB), ("C", 80 * GIB, 70 * GIB)]
-    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(gpus, broken=(2,)))  # C cannot report: skipped
+    fake_nvml(gpus, broken=(2,))  # C cannot report: skipped
     d = detect()
     assert [g.index for g in d.gpus] == [0, 1] and "skipped GPU 2" in d.nvml_status
     p = detect_local(d)
@@ -198,9 +162,9 @@ def test_picks_gpu_with_most_free_memory(monkeypatch, fake_ram):
     assert "GPU 1" in p.origin and "B" in p.notes
 
 
-def test_cuda_visible_devices(monkeypatch, fake_ram):
+def test_cuda_visible_devices(monkeypatch, fake_ram, fake_nvml):
     gpus = [("A", 24 * GIB, 2 * GIB), ("B", 12 * GIB, 10 * GIB)]
-    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(gpus))
+    fake_nvml(gpus)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert detect_local().memory == 2 * GIB
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-00001")
@@ -227,37 +191,23 @@ def test_local_resolves_live(monkeypatch, fake_ram):
 # ------------------------------------------------------------------------------------------ waiting
 
 
-class FakeClock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, s: float) -> None:
-        self.t += s
-
-
 def _probe(free_values):
     it = iter(free_values)
     return lambda: DeviceProfile("local", next(it), MemoryKind.DEDICATED, 0, notes="fake")
 
 
-def test_wait_for_memory_proceeds_when_free():
-    clock = FakeClock()
+def test_wait_for_memory_proceeds_when_free(clock):
     p = wait_for_memory(5 * GIB, 60, poll_s=2, probe=_probe([1 * GIB, 3 * GIB, 6 * GIB]), clock=clock, sleep=clock.sleep)
     assert p.memory == 6 * GIB and clock.t == 4
 
 
-def test_wait_for_memory_times_out_clearly():
-    clock = FakeClock()
+def test_wait_for_memory_times_out_clearly(clock):
     with pytest.raises(MemoryWaitTimeout, match=r"waited 5s for 5.00 GiB.*most seen was 3.00 GiB"):
         wait_for_memory(5 * GIB, 5, poll_s=2, probe=_probe([1 * GIB, 3 * GIB, 2 * GIB, 1 * GIB]), clock=clock, sleep=clock.sleep)
     assert clock.t == 5
 
 
-def test_wait_zero_timeout_checks_once():
-    clock = FakeClock()
+def test_wait_zero_timeout_checks_once(clock):
     assert wait_for_memory(1, 0, probe=_probe([2]), clock=clock, sleep=clock.sleep).memory == 2
 
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from lsaq.commands.score import compute_device_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("quantize", help="quantize a model following a plan into a per-device artifact directory")
@@ -20,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-shard-size", default=None, metavar="SIZE",
                    help="tensor bytes per weights file, e.g. 5GB (default: transformers' 50GB); past it the weights "
                         "go into model-0000i-of-0000N.safetensors shards with model.safetensors.index.json")
+    compute_device_arg(q)
     q.set_defaults(func=run_quantize)
 
     g = sub.add_parser("generate", help="greedy generation from an artifact on lsaq's packed runtime")
@@ -47,7 +50,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     try:
         art = quantize(plan, args.out, model=args.model, quantizer=args.quantizer, calibration=args.calibration,
-                       max_shard_size=args.max_shard_size, progress=step)
+                       max_shard_size=args.max_shard_size, compute_device=args.compute_device, progress=step)
     finally:
         for bar in bars:
             bar.close()

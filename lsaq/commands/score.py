@@ -22,7 +22,15 @@ def model_and_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    compute_device_arg(p)
     p.add_argument("--out", required=True, help="output JSON path")
+
+
+def compute_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--compute-device``, for every command that runs the model."""
+    p.add_argument("--compute-device", default="auto", metavar="DEVICE",
+                   help="auto (default: the NVIDIA GPU with the most free memory that holds a layer, in 16 bits; "
+                        "else the CPU in float32), cpu, or cuda:N")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -86,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         rec = score(args.model, args.out, method=args.method, k=args.k, source=args.calib,
                     calibration=args.calib_dir, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                     batch_size=args.batch_size, revision=args.revision, trust_remote_code=args.trust_remote_code,
+                    compute_device=args.compute_device,
                     progress=progress)
     finally:
         for bar in bars:
@@ -102,7 +111,8 @@ def run_measure(args: argparse.Namespace) -> int:
     rec = measure(args.model, args.out, probes=[p for p in args.probes.split(",") if p], quantizer=args.quantizer,
                   group_size=args.group_size, stride=args.kl_stride, source=args.calib,
                   calibration=args.calib_dir, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-                  batch_size=args.batch_size, revision=args.revision, trust_remote_code=args.trust_remote_code)
+                  batch_size=args.batch_size, revision=args.revision, trust_remote_code=args.trust_remote_code,
+                  compute_device=args.compute_device)
     print("layer  " + "  ".join(f"{p:>10}" for p in rec.probes))
     for i, row in enumerate(rec.loss):
         print(f"{i:5d}  " + "  ".join(f"{v:10.3e}" for v in row))

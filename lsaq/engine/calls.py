@@ -54,6 +54,7 @@ def record_calls(parts: DecoderParts, tokens: torch.Tensor, batch_size: int) -> 
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     inputs: list[torch.Tensor] = []
     calls: list[list[Call]] = [[] for _ in parts.layers]
+    device = parts.embed.weight.device  # the compute device: the calls' masks and rotary tables are made there
 
     def recorder(index: int):
         def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -70,7 +71,7 @@ def record_calls(parts: DecoderParts, tokens: torch.Tensor, batch_size: int) -> 
     try:
         with torch.inference_mode():
             for start in range(0, tokens.shape[0], batch_size):
-                parts.base(input_ids=tokens[start:start + batch_size], use_cache=False)
+                parts.base(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
     finally:
         for layer in parts.layers:
             del layer.forward

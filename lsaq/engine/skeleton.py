@@ -63,31 +63,36 @@ class Skeleton:
     layer_prefix: str  # "model.layers": layer i's tensors are named "model.layers.{i}.*"
     sources: list[dict[str, str]] = field(repr=False)  # per layer: its state's names -> the checkpoint's names
     templates: list[nn.Module] = field(repr=False)  # per layer: a pristine copy on the meta device
+    device: torch.device = torch.device("cpu")  # where the resident parts live and each layer is loaded
 
     @classmethod
     def build(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-              head: bool = True) -> "Skeleton":
+              head: bool = True, device: torch.device | str = "cpu") -> "Skeleton":
         """The skeleton of ``checkpoint``'s model; ``ValueError`` naming a tensor the checkpoint lacks or has
         too many of outside the decoder layers, before any layer is read.
 
         ``head``: materialize an untied LM head (False: it stays on the meta device, for stages that never
         project onto the vocabulary). A head whose ``dtype`` copy would pass :data:`HEAD_LIMIT` bytes stays in
         the checkpoint's 16-bit dtype: users of ``parts.lm_head.weight`` upcast it in slices of the vocabulary.
+        ``device``: where the resident parts and the buffers are put and each layer is loaded (the compute device).
         """
+        device = torch.device(device)
         model_type = checkpoint.config.get("model_type")
         prefix = family(model_type, f" in {checkpoint.path / 'config.json'}").layer_prefix
         model = empty_model(checkpoint.path, dtype, trust_remote_code)
+        to_device(model, device)
         parts = decoder_parts(model)
         templates = [copy.deepcopy(layer) for layer in parts.layers]
         names = model_names(model, checkpoint.names())
         head_names = {n for n, p in model.named_parameters(remove_duplicate=False) if p is parts.lm_head.weight}
         head_names -= {n for n, p in model.named_parameters(remove_duplicate=False) if p is parts.embed.weight}
         outside = [n for n in names if not n.startswith(prefix + ".") and names[n] not in head_names]
-        resident = {names[n]: t for n, t in checkpoint.read(outside, dtype).items()}
+        resident = {names[n]: t.to(device) for n, t in checkpoint.read(outside, dtype).items()}
         in_head = [n for n in names if names[n] in head_names]
         if head and in_head:
             large = parts.lm_head.weight.numel() * dtype.itemsize > HEAD_LIMIT
-            resident.update({names[n]: t for n, t in checkpoint.read(in_head, None if large else dtype).items()})
+            resident.update({names[n]: t.to(device)
+                             for n, t in checkpoint.read(in_head, None if large else dtype).items()})
         try:
             _, unexpected = model.load_state_dict(resident, strict=False, assign=True)
         except RuntimeError as e:  # a shape that is not the config's
@@ -115,14 +120,14 @@ class Skeleton:
                 what = f"has no tensor {prefix}.{index}.{missing[0]}" if missing else \
                     f"has an unexpected tensor {sources[extra[0]]!r}"
                 raise ValueError(f"{checkpoint.path}: the checkpoint {what}")
-        return cls(checkpoint, model, parts, dtype, prefix, by_layer, templates)
+        return cls(checkpoint, model, parts, dtype, prefix, by_layer, templates, device)
 
     def load(self, index: int) -> nn.Module:
         """Decoder layer ``index`` with its tensors read from the checkpoint in the skeleton's dtype."""
         layer = self.parts.layers[index]
         sources = self.sources[index]
         read = self.checkpoint.read(list(sources.values()), self.dtype)
-        tensors = {name: read[source] for name, source in sources.items()}
+        tensors = {name: read[source].to(self.device) for name, source in sources.items()}
         expected = self.templates[index].state_dict()
         for name, tensor in tensors.items():
             if tensor.shape != expected[name].shape:
@@ -140,6 +145,20 @@ class Skeleton:
         self.parts.layers[index].to("meta")
         self.parts.layers[index] = copy.deepcopy(self.templates[index])
         trim_heap()
+
+
+def to_device(model: nn.Module, device: torch.device) -> None:
+    """Move ``model``'s real tensors to ``device`` and leave its meta parameters where they are (``Module.to``
+    cannot copy a meta tensor): the rotary tables and other buffers a skeleton computes on the CPU."""
+    if device.type == "cpu":
+        return
+    for module in model.modules():
+        for name, buffer in module._buffers.items():  # torch keeps buffers there; no public setter keeps persistence
+            if buffer is not None and not buffer.is_meta:
+                module._buffers[name] = buffer.to(device)
+        for name, param in module._parameters.items():
+            if param is not None and not param.is_meta:
+                module._parameters[name] = nn.Parameter(param.to(device), requires_grad=param.requires_grad)
 
 
 def model_names(model: nn.Module, names: list[str]) -> dict[str, str]:

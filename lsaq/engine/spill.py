@@ -20,8 +20,9 @@ DEFAULT_BUDGET = 2**31  # bytes of hidden states in memory (2 GiB) before the re
 
 
 class HiddenStore:
-    """``put(key, tensor)`` / ``take(key)``: a tensor is held once, in memory within ``budget`` bytes, else on
-    disk under ``folder`` (default: the system's temporary folder). Use as a context manager."""
+    """``put(key, tensor)`` / ``take(key)``: a tensor is held once, in memory within ``budget`` bytes (on its own
+    device), else on disk under ``folder`` (default: the system's temporary folder) and taken back onto its
+    device. Use as a context manager."""
 
     def __init__(self, budget: int = DEFAULT_BUDGET, folder: str | Path | None = None):
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
@@ -29,7 +30,7 @@ class HiddenStore:
         self.budget = budget
         self.parent = folder
         self.memory: dict[Hashable, torch.Tensor] = {}
-        self.files: dict[Hashable, Path] = {}
+        self.files: dict[Hashable, tuple[Path, torch.device]] = {}  # on disk, and the device it came from
         self.in_memory = 0  # bytes held in memory now
         self.peak_memory = 0  # most bytes held in memory at once
         self.spilled = 0  # bytes written to disk, over the store's life
@@ -60,9 +61,9 @@ class HiddenStore:
         if self._folder is None:
             self._folder = Path(tempfile.mkdtemp(prefix="lsaq-hidden-", dir=self.parent))
         file = self._folder / f"{self._written}.safetensors"
-        save_file({"h": tensor.contiguous()}, str(file))
+        save_file({"h": tensor.contiguous().cpu()}, str(file))
         self._written += 1
-        self.files[key] = file
+        self.files[key] = (file, tensor.device)
         self.spilled += size
 
     def take(self, key: Hashable) -> torch.Tensor:
@@ -73,8 +74,8 @@ class HiddenStore:
             return tensor
         from safetensors.torch import load_file
 
-        file = self.files.pop(key)
-        tensor = load_file(str(file))["h"]
+        file, device = self.files.pop(key)
+        tensor = load_file(str(file), device=str(device))["h"]
         file.unlink()
         return tensor
 

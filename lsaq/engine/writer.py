@@ -71,8 +71,13 @@ class ShardWriter:
         self._names: set[str] = set()
         self.total_bytes = 0
 
+    @property
+    def written(self) -> frozenset[str]:
+        """The names of the tensors added so far."""
+        return frozenset(self._names)
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Append ``tensor`` (any dtype safetensors stores, on the CPU) under ``name``."""
+        """Append ``tensor`` (any dtype safetensors stores, on any device) under ``name``."""
         if name in self._names:
             raise ValueError(f"tensor {name!r} added twice")
         if tensor.dtype not in _DTYPES:
@@ -100,7 +105,7 @@ class ShardWriter:
 
     @staticmethod
     def _append(shard: _Shard, name: str, tensor: torch.Tensor, nbytes: int) -> None:
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # little-endian bytes
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()  # little-endian bytes
         shard.file.write(memoryview(data))
         shard.entries[name] = (_DTYPES[tensor.dtype], list(tensor.shape), shard.size, nbytes)
         shard.size += nbytes

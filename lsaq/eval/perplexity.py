@@ -184,9 +184,9 @@ def stream_window_nll(layers: Layers, windows: torch.Tensor, batch_size: int,
         pos = torch.arange(first, first + logits.shape[0])  # flat positions of this chunk of [c, V] logits
         row, col = pos // length, pos % length
         scored = col < length - 1  # a window's last position has no target inside it
-        targets = windows[row, (col + 1).clamp(max=length - 1)]
+        targets = windows[row, (col + 1).clamp(max=length - 1)].to(logits.device)
         nll = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
-        sums.index_add_(0, row[scored], nll[scored].double())
+        sums.index_add_(0, row[scored], nll.cpu()[scored].double())
     return sums
 
 

@@ -141,7 +141,7 @@ def load_for_eval(source: ModelSource) -> EvalModel:
     from lsaq.engine.skeleton import Skeleton
     from lsaq.models.loading import load_tokenizer, locate_model, model_info
 
-    located = locate_model(source.path, dtype=dtype)
+    located = locate_model(source.path)
     skeleton = Skeleton.build(Checkpoint.open(located.load_dir), dtype)
     params = sum(p.numel() for p in skeleton.model.parameters())  # meta parameters count too
     return EvalModel(source, skeleton, load_tokenizer(located), model_info(located, skeleton.model),

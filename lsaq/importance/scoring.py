@@ -45,11 +45,12 @@ class _Lens:
     def topk(self, h: torch.Tensor) -> torch.Tensor:
         """``h``: ``[B, T, H]`` -> ``[B, T, k]`` token ids."""
         flat = h.reshape(-1, h.shape[-1])
-        out = torch.empty(flat.shape[0], self.k, dtype=torch.int64)
+        out = torch.empty(flat.shape[0], self.k, dtype=torch.int64, device=h.device)
         for s in range(0, flat.shape[0], self.chunk):
             z = self.parts.final_norm(flat[s : s + self.chunk])  # [c, H]
             if self.buffer is None or self.buffer.shape[0] < z.shape[0]:
-                self.buffer = torch.empty(z.shape[0], self.parts.lm_head.weight.shape[0], dtype=z.dtype)
+                self.buffer = torch.empty(z.shape[0], self.parts.lm_head.weight.shape[0], dtype=z.dtype,
+                                          device=z.device)
             logits = self.parts.project(z, out=self.buffer[: z.shape[0]])  # [c, V]
             out[s : s + z.shape[0]] = topk_indices(logits, self.k)
         return out.view(*h.shape[:-1], self.k)
@@ -98,7 +99,7 @@ def score_samples(
         for b, out in enumerate(outputs):
             cur = represent(out)
             sim = jaccard(prev[b], cur) if method is Method.JACCARD else cosine(prev[b], cur)
-            sims[start:start + out.shape[0], index] = (1.0 - sim.double()).mean(-1)  # [B] mean over positions
+            sims[start:start + out.shape[0], index] = (1.0 - sim.double()).mean(-1).cpu()  # [B] over positions
             prev[b], start = cur, start + out.shape[0]
         if progress is not None:
             progress(1)

@@ -213,7 +213,7 @@ def _branch_kl(parts: DecoderParts, final: Sequence[torch.Tensor], store: Hidden
                     branch = store.take((start, k, b, n_layers - 1))[:, stride - 1 :: stride]
                     flat = branch.reshape(size * t, -1)
                     kl = torch.cat([kl_divergence(r, _logits(parts, c)) for r, c in zip(ref, flat.split(chunk))])
-                    scores[k, first:first + size, start] = kl.view(size, t).mean(-1).numpy()
+                    scores[k, first:first + size, start] = kl.view(size, t).mean(-1).cpu().numpy()
             first += size
     return scores
 

@@ -27,7 +27,8 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"k must be in [1, {v}] (the size of the last dimension), got k={k}")
     flat = scores.reshape(-1, v)
     values, idx = torch.topk(flat, min(k + 1, v), dim=-1, largest=True, sorted=True)
-    ambiguous = values[:, k] == values[:, k - 1] if k < v else torch.zeros(flat.shape[0], dtype=torch.bool)
+    ambiguous = (values[:, k] == values[:, k - 1] if k < v
+                 else torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device))
     values, idx = values[:, :k], idx[:, :k].contiguous()
     # Within the kept set, equal values must also come in ascending index order.
     unordered = ((values[:, 1:] == values[:, :-1]) & (idx[:, 1:] < idx[:, :-1])).any(-1)

@@ -73,30 +73,16 @@ def _resolve_hub(model_id: str, revision: str | None) -> tuple[Path, str]:
     return Path(path), Path(path).name  # snapshot folder name is the commit hash
 
 
-def _gguf_to_float_dir(gguf: Path, digest: str, dtype: torch.dtype) -> Path:
-    """Convert a GGUF file once to a plain float HF directory (safetensors) in the cache; return its path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _gguf_to_float_dir(gguf: Path, digest: str) -> Path:
+    """Convert a GGUF file once, tensor by tensor, to a float HF directory (safetensors) in the cache; its path."""
+    from lsaq.models.gguf import convert_gguf
 
     target = cache_dir() / "gguf" / digest[:24]
     if (target / "lsaq_source.json").is_file():
         return target
-    log.info("converting %s to a float checkpoint in %s (once)", gguf, target)
-    gguf_dir, name = gguf.parent, gguf.name
-    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name, dtype=dtype)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        # The GGUF dequantizer stays attached to the config; a plain model must not inherit it.
-        del config.quantization_config
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    plain.load_state_dict(quantized.state_dict(), assign=True)
-    plain.tie_weights()
-    # Tokenizer: prefer HF tokenizer files beside the GGUF, else convert the GGUF's own vocabulary.
-    has_tok = (gguf_dir / "tokenizer.json").is_file() or (gguf_dir / "tokenizer_config.json").is_file()
-    tok = AutoTokenizer.from_pretrained(gguf_dir) if has_tok else AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
+    log.info("converting %s to a float checkpoint in %s (once, tensor by tensor)", gguf, target)
     with atomic_dir(target) as tmp:
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        convert_gguf(gguf, tmp)
         atomic_write_json(tmp / "lsaq_source.json", {"gguf": str(gguf), "sha256": digest})
     return target
 
@@ -123,8 +109,7 @@ class LocatedModel:
         return str(self.config.get("model_type", "?"))
 
 
-def locate_model(source: str | os.PathLike | None = None, *, revision: str | None = None,
-                 dtype: torch.dtype = torch.float32) -> LocatedModel:
+def locate_model(source: str | os.PathLike | None = None, *, revision: str | None = None) -> LocatedModel:
     """Resolve ``source`` (as for :func:`load_model`) to its files, content hash and config without loading the
     model: the identity every cache key and store key of the pipeline starts from. ``ValueError`` names what is
     wrong (a missing path, no safetensors, an unsupported family)."""
@@ -139,7 +124,7 @@ def locate_model(source: str | os.PathLike | None = None, *, revision: str | Non
         check_model_spec(str(source))  # a damaged file is named here, not by the converter or the loader
         path, files = weight_files(path)
         digest = content_hash(files)
-        load_dir = _gguf_to_float_dir(path, digest, dtype) if path.suffix == ".gguf" else path
+        load_dir = _gguf_to_float_dir(path, digest) if path.suffix == ".gguf" else path
     else:
         load_dir, hub_revision = _resolve_hub(str(source), revision)
         files = [p for p in load_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES]
@@ -174,7 +159,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    located = locate_model(source, revision=revision, dtype=dtype)
+    located = locate_model(source, revision=revision)
     model = AutoModelForCausalLM.from_pretrained(
         located.load_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )

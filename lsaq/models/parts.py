@@ -33,7 +33,7 @@ class DecoderParts:
         if not isinstance(self.lm_head, nn.Linear) or w is None or w.dtype == z.dtype:
             logits = self.lm_head(z)
             return logits if out is None else out.copy_(logits)
-        out = torch.empty(z.shape[0], w.shape[0], dtype=z.dtype) if out is None else out
+        out = torch.empty(z.shape[0], w.shape[0], dtype=z.dtype, device=z.device) if out is None else out
         for v in range(0, w.shape[0], VOCAB_SLICE):
             torch.mm(z, w[v:v + VOCAB_SLICE].to(z.dtype).t(), out=out[:, v:v + VOCAB_SLICE])
         if self.lm_head.bias is not None:

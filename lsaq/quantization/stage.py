@@ -15,7 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from lsaq.calibration.sets import check_calibration_dir, load_calibration_for
+import torch
+
+from lsaq.calibration.sets import TOKENS_FILE, check_calibration_dir, load_calibration_for
+from lsaq.compute import AUTO, compute_for, check_compute_device
 from lsaq.models.identity import ModelRef
 from lsaq.engine.checkpoint import Checkpoint
 from lsaq.engine.skeleton import Skeleton
@@ -25,7 +28,7 @@ from lsaq.planning.planner import Plan
 from lsaq.quantization.artifact import write_streamed_artifact
 from lsaq.quantization.record import Artifact
 from lsaq.precision import Quantizer
-from lsaq.quantization.sequential import check_quantizer
+from lsaq.quantization.sequential import CALIBRATION_BATCH, check_quantizer
 from lsaq.resources import PeakMemory
 from lsaq.units import format_bytes, parse_bytes
 
@@ -57,6 +60,7 @@ def quantize(
     quantizer: Quantizer | str = Quantizer.RTN,
     calibration: str | Path | None = None,
     max_shard_size: int | str | None = None,
+    compute_device: str = AUTO,
     progress: Callable[[int], None] | None = None,
 ) -> Artifact:
     """Quantize a model following ``plan`` (a :class:`Plan` or its JSON file) into the artifact directory ``out``.
@@ -71,17 +75,23 @@ def quantize(
     ``max_shard_size`` (bytes, or a size such as ``"5GB"``): the weights go into ``model.safetensors`` up to that
     many tensor bytes, else into shards with ``model.safetensors.index.json`` (default: transformers' 50 GB). The
     returned record carries the run's peak host memory (``peak_host_bytes``).
+
+    ``compute_device``: ``auto``, ``cpu`` or ``cuda:N`` (:mod:`lsaq.compute`); weights are read in float32 on any
+    device, so round-to-nearest codes are the same bytes wherever they are computed.
     """
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     quantizer = check_quantizer(quantizer, calibration)  # before the model loads
     shard_bytes = check_shard_size(max_shard_size)
+    check_compute_device(compute_device)
     if calibration is not None:
         check_calibration_dir(calibration)
     source = model if model is not None else plan_model_source(plan.model)
     start = time.perf_counter()
     with PeakMemory() as peak:
         located = locate_model(source)
-        skeleton = Skeleton.build(Checkpoint.open(located.load_dir))  # one decoder layer at a time
+        compute = compute_for(compute_device, located.config, _calibration_positions(calibration),
+                              dtype=torch.float32, extra=gptq_bytes(located.config) if calibration else 0)
+        skeleton = Skeleton.build(Checkpoint.open(located.load_dir), device=compute.device)  # a layer at a time
         info = model_info(located, skeleton.model)
         calib = load_calibration_for(calibration, info) if calibration is not None else None
         path = write_streamed_artifact(skeleton, info, load_tokenizer(located), plan, out, quantizer=quantizer,
@@ -92,6 +102,26 @@ def quantize(
              plan.mix, quantizer.value, artifact.tensor_bytes, artifact.dtype, time.perf_counter() - start,
              format_bytes(peak.host_bytes) if peak.host_bytes is not None else "unknown")
     return artifact
+
+
+def _calibration_positions(calibration: str | Path | None) -> int:
+    """Tokens per recorded layer call of GPTQ's calibration walk (0 without one: round to nearest runs no layer)."""
+    if calibration is None:
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(Path(calibration) / TOKENS_FILE), framework="pt") as f:
+        samples, seq_len = f.get_slice("tokens").get_shape()
+    return min(samples, CALIBRATION_BATCH) * seq_len
+
+
+def gptq_bytes(config: dict) -> int:
+    """GPTQ's own buffers at its peak: a float64 ``[in, in]`` Hessian and about 1.5 more for its inverse factor,
+    for the widest input of a layer (the MLP's down projection)."""
+    from lsaq.models.families import model_shape
+
+    widest = max(lin.in_features for lin in model_shape(config).layer_linears)
+    return int(2.5 * widest * widest * 8)
 
 
 def check_shard_size(value: int | str | None) -> int:

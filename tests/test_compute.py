@@ -1,0 +1,110 @@
+"""The compute device: parsing, the ``auto`` choice with NVML replaced at its boundary (most free memory wins; a
+busy GPU is waited for, then a clear error), and what one step of the walk needs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+
+import pytest
+import torch
+
+from lsaq import compute
+from lsaq.compute import CPU_COMPUTE, check_compute_device, choose_compute, parse_compute_device, step_bytes
+from lsaq.models.families import model_shape
+
+GIB = 1024**3
+
+
+@pytest.mark.parametrize("text, want", [("auto", "auto"), (" CPU ", "cpu"), ("cuda", "cuda:0"), ("cuda:3", "cuda:3"),
+                                        ("CUDA:01", "cuda:1")])
+def test_parse_compute_device(text, want):
+    assert parse_compute_device(text) == want
+
+
+@pytest.mark.parametrize("text", ["gpu", "cuda:", "cuda:-1", "cuda:x", "mps", "", "cpu:0"])
+def test_bad_compute_device_names_the_value_and_the_choices(text):
+    with pytest.raises(ValueError, match=rf"compute device {text!r} is not one of: auto, cpu or cuda:N"):
+        parse_compute_device(text)
+
+
+@pytest.fixture
+def gpus_usable(monkeypatch):
+    """torch's CUDA queries answered as an Ampere-class machine would (this machine has no GPU)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # no UUIDs to match: the visible position is used
+
+
+def test_cpu_is_float32_whatever_the_machine(fake_nvml, fake_ram):
+    fake_nvml([("H100", 80 * GIB, 80 * GIB)])
+    assert choose_compute("cpu", 10**12, cuda_available=lambda: True) == CPU_COMPUTE
+    assert CPU_COMPUTE.dtype == torch.float32 and not CPU_COMPUTE.on_gpu
+
+
+def test_auto_without_a_gpu_is_the_cpu_and_says_why(fake_nvml, fake_ram):
+    fake_nvml([], init_error="Driver Not Loaded")
+    c = choose_compute("auto", GIB)
+    assert (c.device.type, c.dtype) == ("cpu", torch.float32)
+    assert "no NVIDIA GPU" in c.reason and "Driver Not Loaded" in c.reason
+    fake_nvml([("A", 24 * GIB, 20 * GIB)])
+    c = choose_compute("auto", GIB, cuda_available=lambda: False)
+    assert c.device.type == "cpu" and "torch has no CUDA" in c.reason
+
+
+def test_auto_takes_the_gpu_with_the_most_free_memory(fake_nvml, fake_ram, gpus_usable):
+    fake_nvml([("A", 24 * GIB, 2 * GIB), ("B", 12 * GIB, 10 * GIB), ("C", 80 * GIB, 70 * GIB)], broken=(2,))
+    c = choose_compute("auto", 4 * GIB, cuda_available=lambda: True)
+    assert c.device == torch.device("cuda:1") and c.dtype == torch.bfloat16
+    assert "GPU 1 B" in c.reason and c.to_json()["dtype"] == "bfloat16"
+    assert choose_compute("auto", GIB, declared="float16", cuda_available=lambda: True).dtype == torch.float16
+
+
+def test_auto_follows_cuda_visible_devices(fake_nvml, fake_ram, gpus_usable, monkeypatch):
+    fake_nvml([("A", 24 * GIB, 2 * GIB), ("B", 12 * GIB, 10 * GIB), ("C", 24 * GIB, 20 * GIB)])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")  # torch numbers them 0 (B) and 1 (A)
+    assert choose_compute("auto", GIB, cuda_available=lambda: True).device == torch.device("cuda:0")
+
+
+def test_auto_waits_for_a_busy_gpu_then_takes_it(fake_ram, gpus_usable, caplog, clock):
+    frees = iter([1, 1, 3, 9])
+
+    def nvml_one_gpu():
+        from lsaq.planning.detect import Detection, GpuMemory
+
+        return Detection((GpuMemory(0, "A", "GPU-00000", 24 * GIB, next(frees) * GIB, 0),), "ok", GIB, GIB)
+
+    with caplog.at_level(logging.WARNING, logger="lsaq.compute"):
+        c = choose_compute("auto", 4 * GIB, detect=nvml_one_gpu, cuda_available=lambda: True, wait_s=60,
+                           clock=clock, sleep=clock.sleep)
+    assert c.device == torch.device("cuda:0") and clock.t == 3 * compute.POLL_S
+    assert "waiting for a GPU" in caplog.text
+
+
+def test_auto_gives_up_after_the_wait_with_what_to_do(fake_ram, gpus_usable, clock):
+    from lsaq.planning.detect import Detection, GpuMemory
+
+    found = Detection((GpuMemory(0, "A", "GPU-00000", 24 * GIB, 3 * GIB, 21 * GIB),), "ok", GIB, GIB)
+    with pytest.raises(ValueError, match=r"no GPU had 8.50 GiB free .* in 30 s \(the most free: 3.00 GiB\).*"
+                                         r"--compute-device cpu"):
+        choose_compute("auto", 8 * GIB, detect=lambda: found, cuda_available=lambda: True, wait_s=30,
+                       clock=clock, sleep=clock.sleep)
+    assert clock.t == 30
+
+
+def test_a_cuda_device_torch_does_not_have_is_refused():
+    with pytest.raises(ValueError, match=r"compute device cuda:2: torch sees 0 CUDA device\(s\) \(no CUDA"):
+        choose_compute("cuda:2", GIB, cuda_available=lambda: False)
+    with pytest.raises(ValueError, match=r"compute device cuda:0: torch sees 0 CUDA device\(s\); valid: auto"):
+        check_compute_device("cuda", cuda_available=lambda: True)
+    assert check_compute_device(" Auto") == "auto"
+
+
+def test_step_bytes_of_a_7b_at_512_positions():
+    config = json.loads(resources.files("lsaq").joinpath("data/configs/llama-2-7b.json").read_text())
+    shape = model_shape(config)
+    layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # q/k/v/o, gate/up/down, two norms
+    resident = 2 * 32000 * 4096 + 4096  # embedding, untied head, final norm
+    acts = 512 * (8 * 4096 + 3 * 11008)
+    assert step_bytes(shape, 512) == 4 * (layer + resident + acts)
+    assert step_bytes(shape, 512, torch.bfloat16) == 2 * (layer + resident + acts)
