@@ -63,6 +63,7 @@ def build(
     quantizer: str = DEFAULT_QUANTIZER,
     group_size: int | str | None = DEFAULT_GROUP_SIZE,
     measure_samples: int = DEFAULT_MEASURE_SAMPLES,
+    compute_device: str = "auto",
 ) -> RunSummary:
     """Build ``model`` (default: the embedded one) for every device (``device``, ``devices``, ``budget``).
 
@@ -77,7 +78,9 @@ def build(
     every input width), or ``"auto"`` with strategy ``measured``: each device's plan weighs per-channel against the
     largest group size that divides every width, by measured loss and bytes. ``measure_samples``: strategy
     ``measured`` measures the layer loss on this many calibration sequences (their own calibration set when fewer
-    than ``samples``): it costs about 85-95 forward passes over them (README, study).
+    than ``samples``): it costs about 85-95 forward passes over them (README, study). ``compute_device``: where
+    the importance run and quantization compute on the machine that runs them (``auto``: the NVIDIA GPU with the
+    most free memory that holds a layer, else the CPU; ``cpu``; ``cuda:N``).
     """
     # Every option is checked before anything runs: a bad value fails the flow with one line naming it.
     checked = BuildOptions(
@@ -86,6 +89,7 @@ def build(
         seq_len=seq_len, calib=calib, seed=seed, batch_size=batch_size, ppl=ppl, eval_tasks=eval_tasks,
         eval_limit=eval_limit, fidelity_windows=fidelity_windows, revision=revision, store=store, work=work,
         dispatch=dispatch, quantizer=quantizer, group_size=group_size, measure_samples=measure_samples,
+        compute_device=compute_device,
     ).check()
     requests, options, group_size, quantizer = checked.requests, checked.plan, checked.group_size, checked.quantizer
     store, work = checked.store, checked.work
@@ -114,7 +118,8 @@ def build(
     scored_on = calibration  # the measured layer loss costs ~90 forward passes: on a smaller set of its own
     if method == MEASURED_LOSS and measure_samples < samples:
         scored_on = t.calibrate(ident, calib, measure_samples, seq_len, seed, store, work)
-    importance = t.score(ident, scored_on, method, k, batch_size, store, work, quantizer, group_size)
+    importance = t.score(ident, scored_on, method, k, batch_size, store, work, quantizer, group_size,
+                         compute_device)
 
     if dispatch:
         runs = {r: dispatch_device.submit(dispatch, request_label(r), checked.child_params(r, ident.revision))
@@ -132,7 +137,7 @@ def build(
     for target in targets.values():
         plan = t.plan.submit(ident, importance, target, options, store, work, group_size)
         artifact = t.quantize.submit(ident, plan, store, work, quantizer,
-                                     calibration if quantizer != Quantizer.RTN.value else None)
+                                     calibration if quantizer != Quantizer.RTN.value else None, compute_device)
         report = t.evaluate.submit(ident, plan, artifact, checked.evaluation, store, work)
         chains.append((plan, artifact, report, t.publish.submit(ident, plan, artifact, report, store, work)))
     wait([f for chain in chains for f in chain])

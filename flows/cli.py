@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-samples", type=int, default=DEFAULT_MEASURE_SAMPLES,
                    help=f"calibration sequences --strategy measured measures the layer loss on "
                         f"(default {DEFAULT_MEASURE_SAMPLES})")
+    p.add_argument("--compute-device", default="auto", metavar="DEVICE",
+                   help="where importance and quantization compute: auto (default: the NVIDIA GPU with the most free "
+                        "memory that holds a layer, else the CPU), cpu, or cuda:N")
     p.add_argument("--method", default="cosine", help="importance method: cosine, jaccard or sensitivity")
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--samples", type=int, default=32)
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                            strategy=args.strategy, method=args.method, k=args.k, samples=args.samples,
                            seq_len=args.seq_len, calib=args.calib, ppl=args.ppl,
                            fidelity_windows=args.fidelity_windows, store=store, work=work, quantizer=args.quantizer,
-                           group_size=args.group_size, measure_samples=args.measure_samples)
+                           group_size=args.group_size, measure_samples=args.measure_samples,
+                           compute_device=args.compute_device)
     try:
         options.check()  # before Prefect starts: a bad value is one line, not a flow run's traceback
         check_prefect_home()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lsaq.compute import AUTO, check_compute_device
 from lsaq.choices import OptionError, literal
 from lsaq.eval.options import EvalOptions
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD, Method
@@ -73,6 +74,7 @@ class BuildOptions:
     quantizer: str = DEFAULT_QUANTIZER
     group_size: int | str | None = DEFAULT_GROUP_SIZE
     measure_samples: int = DEFAULT_MEASURE_SAMPLES
+    compute_device: str = AUTO
 
     def params(self) -> dict[str, Any]:
         """The flow's keyword parameters (``devices`` as a list, as Prefect passes it)."""
@@ -101,6 +103,7 @@ class BuildOptions:
             ranking = Method.parse(self.method)  # checked whatever the strategy: a bad value is a mistake either way
             quantizer = Quantizer.parse(self.quantizer)
             group_size = check_group_request(self.group_size, strategy)
+            check_compute_device(self.compute_device)
         except ValueError as e:
             raise OptionError(literal(e)) from None
         plan = PlanOptions(context=self.context, strategy=strategy)

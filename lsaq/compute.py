@@ -17,9 +17,10 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from lsaq.models.shapes import ModelShape
 from lsaq.units import format_bytes
@@ -55,6 +56,8 @@ def check_compute_device(text: str, cuda_available: Callable[[], bool] | None = 
     before any model is read. ``ValueError`` naming the value and what is allowed."""
     spec = parse_compute_device(text)
     if spec.startswith("cuda:"):
+        import torch
+
         cuda = (cuda_available or torch.cuda.is_available)()
         count = torch.cuda.device_count() if cuda else 0
         if int(spec.split(":")[1]) >= count:
@@ -68,8 +71,8 @@ def check_compute_device(text: str, cuda_available: Callable[[], bool] | None = 
 class Compute:
     """The device a stage computes on, its dtype, and why it was chosen (one line, for the log and the record)."""
 
-    device: torch.device
-    dtype: torch.dtype
+    device: "torch.device"
+    dtype: "torch.dtype"
     reason: str
 
     @property
@@ -80,21 +83,28 @@ class Compute:
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "reason": self.reason}
 
 
-CPU_COMPUTE = Compute(torch.device("cpu"), torch.float32, "asked for")
+def cpu_compute(reason: str = "asked for") -> Compute:
+    """The CPU in float32."""
+    import torch
+
+    return Compute(torch.device(CPU), torch.float32, reason)
 
 
 def gpu_dtype(index: int, declared: str | None = None) -> torch.dtype:
     """float16 where the checkpoint declares float16 or the GPU has no bfloat16 (before Ampere), else bfloat16."""
+    import torch
+
     if declared == "float16":
         return torch.float16
     major, _ = torch.cuda.get_device_capability(index)
     return torch.bfloat16 if major >= 8 else torch.float16
 
 
-def step_bytes(shape: ModelShape, positions: int, dtype: torch.dtype = torch.float32) -> int:
+def step_bytes(shape: ModelShape, positions: int, dtype: "torch.dtype | None" = None) -> int:
     """What one step of the walk holds on the compute device, in bytes: the embedding, LM head and final norms,
-    one decoder layer's weights, and ``positions`` tokens' activations through it (estimated, see the constants)."""
-    item = dtype.itemsize
+    one decoder layer's weights, and ``positions`` tokens' activations through it (estimated, see the constants),
+    in ``dtype`` (default float32)."""
+    item = dtype.itemsize if dtype is not None else 4
     layer = shape.linear_params_per_layer + sum(lin.out_features for lin in shape.layer_linears if lin.bias) + sum(
         t.numel for t in shape.layer_norms)
     resident = shape.embed.numel + (shape.lm_head.numel if shape.lm_head is not None else 0) + sum(
@@ -103,9 +113,54 @@ def step_bytes(shape: ModelShape, positions: int, dtype: torch.dtype = torch.flo
     return (layer + resident + acts) * item
 
 
+RUNTIME_BYTES = 512 * 2**20  # Python, torch, transformers and a tokenizer, loaded (0.26 GiB measured with no tokenizer)
+
+
+def check_max_memory(value: int | str | None) -> int | None:
+    """``--max-memory`` as bytes (None: no limit); ``ValueError`` naming the value unless it is a size."""
+    from lsaq.units import parse_bytes
+
+    if value is None:
+        return None
+    size = parse_bytes(value, what="max memory")
+    if size <= 0:
+        raise ValueError(f"max memory must be positive, got {value!r}")
+    return size
+
+
+def host_need(shape: ModelShape, positions: int, tokens: int, compute: Compute, extra: int = 0) -> dict[str, int]:
+    """What the walk holds in host memory at least, by part (bytes): the runtime; on the CPU also one step
+    (:func:`step_bytes` in float32: resident parts, a layer, a call's activations), three float32 copies of the
+    hidden states of all ``tokens`` (the recorded inputs, a layer's inputs and its outputs) and ``extra`` (a stage's
+    own buffers); on a GPU only a layer as read, before it moves there."""
+    if compute.on_gpu:
+        layer = shape.linear_params_per_layer + sum(t.numel for t in shape.layer_norms)
+        return {"runtime": RUNTIME_BYTES, "one layer as read": layer * 4}
+    return {"runtime": RUNTIME_BYTES, "one step (resident parts, a layer, a call's activations)":
+            step_bytes(shape, positions), "hidden states": 3 * tokens * shape.hidden_size * 4, "buffers": extra}
+
+
+def within_max_memory(max_memory: int | None, need: Mapping[str, int]) -> int | None:
+    """The bytes ``max_memory`` leaves beyond ``need`` (None: no limit), for what a stage can move to disk (the
+    branches' hidden states); ``ValueError`` before any work when ``need`` alone passes it, saying what would do."""
+    if max_memory is None:
+        return None
+    total = sum(need.values())
+    if total > max_memory:
+        from lsaq.units import format_bytes
+
+        parts = ", ".join(f"{name} {format_bytes(n)}" for name, n in need.items() if n)
+        raise ValueError(f"--max-memory {format_bytes(max_memory)} is less than one layer's step needs here: "
+                         f"{format_bytes(total)} ({parts}); allow at least {format_bytes(total)}, or use fewer or "
+                         f"shorter sequences (--samples, --seq-len, --batch-size)")
+    return max_memory - total
+
+
 def _torch_index(uuid: str, position: int) -> int:
     """torch's index of the NVML GPU ``uuid`` (torch may order GPUs fastest first, NVML by PCI bus); else the
     GPU's position among the visible ones."""
+    import torch
+
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
         if str(getattr(props, "uuid", "")) and str(props.uuid) in uuid:
@@ -121,21 +176,22 @@ def choose_compute(spec: str, need: int, *, declared: str | None = None, wait_s:
     :func:`step_bytes`); ``declared``: the checkpoint's float dtype. ``detect`` (default: NVML and psutil now) and
     ``cuda_available`` (default: torch's) are the boundary a test replaces. ``ValueError`` for a device torch does
     not have or, after ``wait_s`` seconds, a GPU that never had room."""
+    import torch
+
     from lsaq.planning.detect import detect as detect_now
 
     spec = check_compute_device(spec, cuda_available)
     detect = detect or detect_now
     cuda = (cuda_available or torch.cuda.is_available)()
     if spec == CPU:
-        return CPU_COMPUTE
+        return cpu_compute()
     if spec != AUTO:
         return Compute(torch.device(spec), gpu_dtype(int(spec.split(":")[1]), declared), "asked for")
     found = detect()
     if not found.gpus:
-        return Compute(torch.device(CPU), torch.float32, f"auto: no NVIDIA GPU ({found.nvml_status})")
+        return cpu_compute(f"auto: no NVIDIA GPU ({found.nvml_status})")
     if not cuda:
-        return Compute(torch.device(CPU), torch.float32,
-                       f"auto: {len(found.gpus)} NVIDIA GPU(s), but torch has no CUDA (a CPU build?)")
+        return cpu_compute(f"auto: {len(found.gpus)} NVIDIA GPU(s), but torch has no CUDA (a CPU build?)")
     deadline, said = clock() + wait_s, None
     while True:
         best = found.best_gpu()
@@ -159,16 +215,18 @@ def choose_compute(spec: str, need: int, *, declared: str | None = None, wait_s:
 
 
 def compute_for(spec: str, config: Mapping[str, Any], positions: int, *, declared: str | None = None,
-                dtype: torch.dtype | None = None, extra: int = 0, wait_s: float = DEFAULT_WAIT_S) -> Compute:
+                dtype: "torch.dtype | None" = None, extra: int = 0, wait_s: float = DEFAULT_WAIT_S) -> Compute:
     """The compute for a walk of the model of HF ``config`` over ``positions`` tokens per layer call: what
     :func:`choose_compute` gives for the step's bytes (:func:`step_bytes`) plus ``extra`` (a stage's own buffers).
     ``dtype``: compute in it on any device (quantization reads float32 weights so its codes are the CPU's);
     None: 16 bits on a GPU, float32 on the CPU."""
+    import torch
+
     from lsaq.models.families import model_shape
 
     spec = parse_compute_device(spec)
     if spec == CPU:
-        return CPU_COMPUTE
+        return cpu_compute()
     need = step_bytes(model_shape(config), positions, dtype or torch.bfloat16) + extra
     chosen = choose_compute(spec, need, declared=declared, wait_s=wait_s)
     if dtype is not None and chosen.dtype != dtype:
@@ -177,6 +235,7 @@ def compute_for(spec: str, config: Mapping[str, Any], positions: int, *, declare
     return chosen
 
 
-__all__ = ["AUTO", "CHOICES", "CPU", "CPU_COMPUTE", "Compute", "DEFAULT_WAIT_S", "check_compute_device",
-           "choose_compute", "compute_for",
+__all__ = ["AUTO", "CHOICES", "CPU", "Compute", "DEFAULT_WAIT_S", "RUNTIME_BYTES", "check_compute_device",
+           "check_max_memory", "host_need", "within_max_memory",
+           "choose_compute", "compute_for", "cpu_compute",
            "gpu_dtype", "parse_compute_device", "step_bytes"]

@@ -81,6 +81,7 @@ class ImportanceResult:
     importance: tuple[float, ...]
     seconds: float
     computed: bool
+    memory: dict[str, Any] | None = None  # the run's RunMemory (where it computed, peak host and GPU memory)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class ArtifactResult:
     quantizer: str = "rtn"  # how the codes were chosen (lsaq.precision.Quantizer)
     calibration_key: str | None = None  # gptq: the calibration set it used (to re-make it on another machine)
     calibration_prefix: str | None = None
+    memory: dict[str, Any] | None = None  # the quantize run's RunMemory; None when this machine had the files
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class EvalResult:
     device: str
     fidelity: dict[str, float] | None
     seconds: float
+    memory: dict[str, Any] | None = None  # the evaluation's RunMemory
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,7 @@ class BuildResult:
     usable_bytes: int
     fidelity: dict[str, float] | None
     created: bool
+    memory: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage (quantize, evaluate) -> its RunMemory
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,7 @@ class RunSummary:
     store: str
     importance: str
     outcomes: tuple[DeviceOutcome, ...]
+    importance_memory: dict[str, Any] | None = None  # the importance run's RunMemory (None: cached, or none ran)
 
     @property
     def failed(self) -> tuple[DeviceOutcome, ...]:

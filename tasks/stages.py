@@ -208,10 +208,12 @@ def record_file(method: str) -> str:
 @task(name="score", task_run_name="score {model.slug} ({method})", cache_policy=cache_policy(_importance_key),
       **COMMON)
 def score(model: ModelKey, calibration: CalibrationResult, method: str, k: int, batch_size: int, store: str,
-          work: str, quantizer: str = "rtn", group_size: int | str | None = None) -> ImportanceResult:
+          work: str, quantizer: str = "rtn", group_size: int | str | None = None,
+          compute_device: str = "auto") -> ImportanceResult:
     """Score every decoder layer (:func:`lsaq.score`; for ``measured-loss`` the per-precision layer loss of
     :func:`lsaq.measure`, with ``quantizer``'s codes, and INT4 in groups of ``group_size`` too when given) on the
-    stored calibration set unless the store has the record; keep it in the store."""
+    stored calibration set unless the store has the record; keep it in the store. ``compute_device`` is not part
+    of the key: a record computed on a GPU serves a CPU machine, and the other way round."""
     key = _importance_key(model, calibration, method, k, quantizer, group_size)
     prefix = importance_prefix(model.slug, model.revision_slug, key)
     local = scratch(work, model, "importance", key)
@@ -223,21 +225,22 @@ def score(model: ModelKey, calibration: CalibrationResult, method: str, k: int, 
         with model_slot():
             if method == MEASURED_LOSS:
                 lsaq.measure(model.spec, local / name, calibration=calib_dir, batch_size=batch_size,
-                             revision=model.revision, quantizer=quantizer, group_size=group_size)
+                             revision=model.revision, quantizer=quantizer, group_size=group_size,
+                             compute_device=compute_device)
             else:
                 lsaq.score(model.spec, local / name, method=method, k=k, calibration=calib_dir,
-                           batch_size=batch_size, revision=model.revision)
+                           batch_size=batch_size, revision=model.revision, compute_device=compute_device)
         put_files(backend(store), prefix, {name: local / name}, record=name)
     local_copy(store, prefix, (name,), local)
     if method == MEASURED_LOSS:
         loss = LayerLoss.load(local / name)
-        values, record_id, seconds, k_ = loss.sensitivity, loss.id, loss.seconds, None
+        values, record_id, seconds, k_, memory = loss.sensitivity, loss.id, loss.seconds, None, loss.memory
     else:
         imp = LayerImportance.load(local / name)
-        values, record_id, seconds, k_ = tuple(imp.importance), imp.id, imp.wall_time_s, imp.k
+        values, record_id, seconds, k_, memory = tuple(imp.importance), imp.id, imp.wall_time_s, imp.k, imp.memory
     return ImportanceResult(key=key, uri=backend(store).key_uri(f"{prefix}/{name}"), prefix=prefix,
                             record_id=record_id, method=method, k=k_, importance=values, seconds=seconds,
-                            computed=computed)
+                            computed=computed, memory=memory.to_json() if memory is not None else None)
 
 
 # ------------------------------------------------------------------------------------------ per device
@@ -288,7 +291,7 @@ def _quantize_key(model: ModelKey, plan: PlanResult, quantizer: str = "rtn",
 @task(name="quantize", task_run_name="quantize {model.slug} for {plan.device}",
       cache_policy=cache_policy(_quantize_key), **COMMON)
 def quantize(model: ModelKey, plan: PlanResult, store: str, work: str, quantizer: str = "rtn",
-             calibration: CalibrationResult | None = None) -> ArtifactResult:
+             calibration: CalibrationResult | None = None, compute_device: str = "auto") -> ArtifactResult:
     """Quantize the model following the stored plan (:func:`lsaq.quantize`) into this machine's work directory;
     ``quantizer="gptq"`` uses the stored ``calibration`` set's activations."""
     key = _quantize_key(model, plan, quantizer, calibration)
@@ -296,16 +299,18 @@ def quantize(model: ModelKey, plan: PlanResult, store: str, work: str, quantizer
                             file_bytes=0, quantizer=quantizer,
                             calibration_key=calibration.key if calibration is not None else None,
                             calibration_prefix=calibration.prefix if calibration is not None else None)
-    artifact = make_artifact(model, plan, result, store, work)
+    artifact = make_artifact(model, plan, result, store, work, compute_device)
     if quantizer != Quantizer.RTN.value:  # other machines fetch these files rather than re-make them
         names = [ARTIFACT_MANIFEST, *sorted(artifact.files)]
         put_files(backend(store), artifact_prefix(model.slug, model.revision_slug, key),
                   {n: artifact.path / n for n in names}, record=ARTIFACT_MANIFEST)
     return dataclasses.replace(result, path=str(artifact.path), tensor_bytes=artifact.tensor_bytes,
-                               file_bytes=artifact.file_bytes, files=dict(artifact.files))
+                               file_bytes=artifact.file_bytes, files=dict(artifact.files),
+                               memory=artifact.memory.to_json() if artifact.memory is not None else None)
 
 
-def make_artifact(model: ModelKey, plan: PlanResult, spec: ArtifactResult, store: str, work: str) -> Artifact:
+def make_artifact(model: ModelKey, plan: PlanResult, spec: ArtifactResult, store: str, work: str,
+                  compute_device: str = "auto") -> Artifact:
     """The artifact ``spec`` names (its key, quantizer and calibration) of ``plan`` in
     ``<work>/.../artifacts/<key>``: this machine's verified copy, else the store's copy of a calibrated quantizer's
     artifact, else quantized."""
@@ -329,7 +334,8 @@ def make_artifact(model: ModelKey, plan: PlanResult, spec: ArtifactResult, store
         calib_dir = local_copy(store, spec.calibration_prefix, CALIB_FILES,
                                scratch(work, model, "calibration", spec.calibration_key))
     with model_slot():
-        return lsaq.quantize(plan_file, out, model=model.spec, quantizer=spec.quantizer, calibration=calib_dir)
+        return lsaq.quantize(plan_file, out, model=model.spec, quantizer=spec.quantizer, calibration=calib_dir,
+                             compute_device=compute_device)
 
 
 def ensure_artifact(model: ModelKey, artifact: ArtifactResult, store: str, work: str, plan: PlanResult) -> Path:
@@ -363,7 +369,7 @@ def evaluate(model: ModelKey, plan: PlanResult, artifact: ArtifactResult, option
     return EvalResult(key=key, report=str(out), plan_id=artifact.plan_id, device=artifact.device,
                       fidelity=None if fid is None else {"kl_mean": fid.kl_mean, "kl_p99": fid.kl_p99,
                                                          "top1_agreement": fid.top1_agreement},
-                      seconds=report.seconds)
+                      seconds=report.seconds, memory=report.memory.to_json() if report.memory is not None else None)
 
 
 def _publish_key(evaluation: EvalResult, store: str, **_: Any) -> str:
@@ -385,7 +391,9 @@ def publish(model: ModelKey, plan: PlanResult, artifact: ArtifactResult, evaluat
     return BuildResult(key=_publish_key(evaluation, store), uri=done.uri, manifest_uri=manifest_uri,
                        build_id=m.build_id, device=m.device_slug, avg_bits=dict(m.avg_bits),
                        file_bytes=m.file_bytes, weights_bytes=m.weights_bytes, required_bytes=m.required_bytes,
-                       usable_bytes=plan.usable_bytes, fidelity=evaluation.fidelity, created=done.created)
+                       usable_bytes=plan.usable_bytes, fidelity=evaluation.fidelity, created=done.created,
+                       memory={stage: m for stage, m in (("quantize", artifact.memory),
+                                                         ("evaluate", evaluation.memory)) if m is not None})
 
 
 def _link(uri: str) -> str:

@@ -7,6 +7,7 @@ from typing import Sequence
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
 
+from lsaq.resources import RunMemory
 from lsaq.units import format_bytes
 from tasks.records import DeviceOutcome, ImportanceResult, ModelKey, RunSummary
 from tasks.stages import artifact_key
@@ -40,7 +41,8 @@ def summarize(model: ModelKey, importance: ImportanceResult | None, store: str,
               outcomes: Sequence[DeviceOutcome]) -> RunSummary:
     """The run's :class:`RunSummary`, also shown in Prefect as a table (one row per device)."""
     summary = RunSummary(model=model.slug, revision=model.revision_slug, store=store,
-                         importance=importance.uri if importance else "", outcomes=tuple(outcomes))
+                         importance=importance.uri if importance else "", outcomes=tuple(outcomes),
+                         importance_memory=importance.memory if importance else None)
     create_table_artifact(key=artifact_key(f"{model.slug}-builds"), table=rows(summary),
                           description=f"builds of {model.id} ({model.revision_slug}) in {store}")
     return summary
@@ -49,7 +51,7 @@ def summarize(model: ModelKey, importance: ImportanceResult | None, store: str,
 def rows(summary: RunSummary) -> list[dict[str, str]]:
     """One row per device: state, average bits, the weights' bytes (what the plan fits), every file's bytes
     (weights, tokenizer, config, plan, report), memory needed (weights + KV cache + workspace) of usable,
-    fidelity, where the build is."""
+    fidelity, the most memory its stages held on the build machine, where the build is."""
     out = []
     for o in summary.outcomes:
         b = o.build
@@ -63,9 +65,22 @@ def rows(summary: RunSummary) -> list[dict[str, str]]:
             "needs / usable": f"{format_bytes(b.required_bytes)} / {format_bytes(b.usable_bytes)}" if b else "-",
             "KL": f"{fid['kl_mean']:.4f}" if "kl_mean" in fid else "-",
             "top-1": f"{fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "-",
+            "peak memory": peak_memory(b.memory) if b else "-",
             "build": b.uri if b else (o.message or "").splitlines()[0][:160],
         })
     return out
+
+
+def peak_memory(memory: dict[str, dict]) -> str:
+    """The most host (and GPU) memory a build's stages held: ``2.50 GiB`` or ``2.50 GiB + GPU 3.10 GiB``; ``-``
+    where no stage ran here (every one cached or made elsewhere)."""
+    runs = [RunMemory.from_json(m) for m in memory.values()]
+    host = [r.peak_host_bytes for r in runs if r is not None and r.peak_host_bytes is not None]
+    gpu = [r.peak_device_bytes for r in runs if r is not None and r.peak_device_bytes is not None]
+    if not host and not gpu:
+        return "-"
+    text = format_bytes(max(host)) if host else "?"
+    return text + (f" + GPU {format_bytes(max(gpu))}" if gpu else "")
 
 
 def format_table(summary: RunSummary) -> str:

@@ -180,9 +180,11 @@ def test_quantize_stage_returns_the_record_of_what_it_wrote(tiny, tmp_path):
     art = quantize(tmp_path / "plan.json", tmp_path / "art", progress=calls.append)  # the model from the plan
     assert calls == [0, 1, 2]
     assert art == Artifact.load(tmp_path / "art") == Artifact.from_json(json.loads(json.dumps(art.to_json())))
-    # the record adds the run's peak host memory (at least this process's resident memory) to the manifest's fields
-    assert art.peak_host_bytes > 2**20 and "peak_host_bytes" not in art.manifest_json()
-    assert Artifact.from_json(art.to_json()).peak_host_bytes == art.peak_host_bytes
+    # the record adds where the run computed and its peak host memory (at least this process's resident memory) to
+    # the manifest's fields
+    assert art.peak_host_bytes > 2**20 and "memory" not in art.manifest_json()
+    assert (art.memory.device, art.memory.dtype, art.memory.peak_device_bytes) == ("cpu", "float32", None)
+    assert Artifact.from_json(art.to_json()).memory == art.memory
     assert Artifact.load(tmp_path / "art").peak_host_bytes is None
     assert art.path == tmp_path / "art" and art.plan_id == plan.id and art.dtype == "bfloat16"
     assert art.model == ModelRef.from_info(loaded.info) and art.model.content_hash == loaded.info.content_hash

@@ -33,6 +33,8 @@ BAD = [
     (DEVICE + ["--context", "0"], "--context must be an integer of at least 1, got 0"),
     (DEVICE + ["--measure-samples", "0"], "--measure-samples must be an integer of at least 1, got 0"),
     (DEVICE + ["--fidelity-windows", "0"], "--fidelity-windows must be an integer of at least 1, got 0"),
+    (DEVICE + ["--compute-device", "gpu"], "compute device 'gpu' is not one of: auto, cpu or cuda:N"),
+    (DEVICE + ["--compute-device", "cuda:7"], "compute device cuda:7: torch sees 0 CUDA device(s)"),
     (["--budget", "1e400GiB"], "--budget: '1e400GiB' is over an exabyte; accepted: 0 to 1 EB (10^18 bytes)"),
     (["--budget", "2EB"], "--budget: unknown unit 'EB' in '2EB'; accepted units: B, kB, MB"),
     (["--budget", "0"], "--budget must be positive, got '0'"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lsaq import compute
-from lsaq.compute import CPU_COMPUTE, check_compute_device, choose_compute, parse_compute_device, step_bytes
+from lsaq.compute import check_compute_device, choose_compute, cpu_compute, parse_compute_device, step_bytes
 from lsaq.models.families import model_shape
 
 GIB = 1024**3
@@ -38,8 +38,8 @@ def gpus_usable(monkeypatch):
 
 def test_cpu_is_float32_whatever_the_machine(fake_nvml, fake_ram):
     fake_nvml([("H100", 80 * GIB, 80 * GIB)])
-    assert choose_compute("cpu", 10**12, cuda_available=lambda: True) == CPU_COMPUTE
-    assert CPU_COMPUTE.dtype == torch.float32 and not CPU_COMPUTE.on_gpu
+    assert choose_compute("cpu", 10**12, cuda_available=lambda: True) == cpu_compute()
+    assert cpu_compute().dtype == torch.float32 and not cpu_compute().on_gpu
 
 
 def test_auto_without_a_gpu_is_the_cpu_and_says_why(fake_nvml, fake_ram):
@@ -108,3 +108,29 @@ def test_step_bytes_of_a_7b_at_512_positions():
     acts = 512 * (8 * 4096 + 3 * 11008)
     assert step_bytes(shape, 512) == 4 * (layer + resident + acts)
     assert step_bytes(shape, 512, torch.bfloat16) == 2 * (layer + resident + acts)
+
+
+def test_max_memory_sizes():
+    from lsaq.compute import check_max_memory
+
+    assert check_max_memory(None) is None and check_max_memory("8GiB") == 8 * GIB and check_max_memory(5) == 5
+    for bad, message in (("x", "max memory: cannot read 'x' as a size"), ("0", "max memory must be positive")):
+        with pytest.raises(ValueError, match=message):
+            check_max_memory(bad)
+
+
+def test_what_a_step_needs_on_the_host_and_what_a_limit_leaves():
+    from lsaq.compute import RUNTIME_BYTES, Compute, host_need, within_max_memory
+
+    config = json.loads(resources.files("lsaq").joinpath("data/configs/llama-2-7b.json").read_text())
+    shape = model_shape(config)
+    cpu = host_need(shape, 512, 4096, cpu_compute())
+    assert cpu == {"runtime": RUNTIME_BYTES, "one step (resident parts, a layer, a call's activations)":
+                   step_bytes(shape, 512), "hidden states": 3 * 4096 * 4096 * 4, "buffers": 0}
+    gpu = host_need(shape, 512, 4096, Compute(torch.device("cuda:0"), torch.bfloat16, "test"))
+    assert gpu == {"runtime": RUNTIME_BYTES, "one layer as read": (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) * 4}
+    assert within_max_memory(None, cpu) is None
+    assert within_max_memory(sum(cpu.values()) + 7, cpu) == 7
+    with pytest.raises(ValueError, match=r"--max-memory 2.00 GiB is less than one layer's step needs here: "
+                                         r"[\d.]+ GiB \(runtime 512.00 MiB, one step .*\); allow at least"):
+        within_max_memory(2 * GIB, cpu)

@@ -191,3 +191,53 @@ def test_generated_calibration_that_cannot_fit_is_refused_before_the_model_loads
                                          r".* takes about .*, 1000 B is available here; give a calibration text"):
         run()
     assert not (tmp_path / "calib").exists()
+
+
+# ------------------------------------------------------------------------------------------- --max-memory
+
+
+def test_a_step_that_cannot_fit_max_memory_is_refused_before_any_layer_is_read(tmp_path, capsys, monkeypatch):
+    """``--max-memory`` below one step of the walk: one line saying what the step needs and what would do, no
+    layer read, nothing written (score, measure and quantize alike)."""
+    from lsaq.cli import main
+    from lsaq.engine.skeleton import Skeleton
+
+    from lsaq.engine.synthetic import char_tokenizer
+
+    shard_checkpoint(tiny_family_model("llama", layers=2), tmp_path / "m")
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 10)
+    monkeypatch.setattr(Skeleton, "load", lambda *a: pytest.fail("a layer was read"))
+    capsys.readouterr()
+    for argv in (["score", "--method", "cosine"], ["measure"]):
+        out = tmp_path / f"{argv[0]}.json"
+        code = main([*argv, "--model", str(tmp_path / "m"), "--calib", str(text), "--samples", "2", "--seq-len",
+                     "16", "--max-memory", "100MiB", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and not out.exists(), err
+        assert "--max-memory 100.00 MiB is less than one layer's step needs here: " in err
+        assert "runtime 512.00 MiB" in err and "allow at least 5" in err
+    assert main(["score", "--model", str(tmp_path / "m"), "--max-memory", "lots", "--out", str(tmp_path / "x")]) == 2
+    assert "max memory: cannot read 'lots' as a size" in capsys.readouterr().err
+
+
+def test_under_max_memory_the_branches_go_to_disk_and_measure_the_same(tmp_path):
+    """A limit that leaves a few kB beyond one step: the probe branches' hidden states go to disk, the layer loss
+    is the same to the bit as without a limit."""
+    from lsaq.compute import cpu_compute, host_need
+    from lsaq.engine.synthetic import char_tokenizer
+    from lsaq.importance.stage import measure
+    from lsaq.models.families import model_shape
+
+    model = tiny_family_model("llama", layers=3)
+    shard_checkpoint(model, tmp_path / "m")
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 10)
+    kwargs = dict(source=str(text), samples=3, seq_len=12, batch_size=2, probes=("int8", "int4"))
+    free = measure(str(tmp_path / "m"), **kwargs)
+    need = host_need(model_shape(model.config.to_dict()), 2 * 12, 3 * 12, cpu_compute())
+    limited = measure(str(tmp_path / "m"), max_memory=sum(need.values()) + 1000, **kwargs)
+    assert limited.loss == free.loss and free.cost["hidden_bytes_on_disk"] == 0
+    assert limited.cost["hidden_bytes_on_disk"] > 0

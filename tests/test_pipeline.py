@@ -84,6 +84,8 @@ def machine1(s3_store, shared_gguf, tmp_path_factory):
 
 
 def test_two_devices_publish_two_verified_builds_from_one_importance_run(machine1, s3_store, tmp_path):
+    from tasks.summary import format_table, rows
+
     (state, states), _ = machine1
     assert state.is_completed(), state.message
     summary = state.result()
@@ -105,6 +107,12 @@ def test_two_devices_publish_two_verified_builds_from_one_importance_run(machine
         assert got.manifest.build_id == m.build_id and (got.path / "model.safetensors").is_file()
         outcome = next(o for o in summary.outcomes if o.device == d)
         assert outcome.build.build_id == m.build_id and outcome.build.fidelity["top1_agreement"] > 0.3
+        # where each stage computed and the most memory it held, as the summary shows it
+        assert {s: r["device"] for s, r in outcome.build.memory.items()} == {"quantize": "cpu", "evaluate": "cpu"}
+        assert all(r["peak_host_bytes"] > 2**20 and r["peak_device_bytes"] is None
+                   for r in outcome.build.memory.values())
+    assert summary.importance_memory["device"] == "cpu" and summary.importance_memory["peak_host_bytes"] > 2**20
+    assert "peak memory" in format_table(summary) and "GiB" in rows(summary)[0]["peak memory"]
     keys = store.list("")
     assert sum("/importance/" in k for k in keys) == 1 and sum("/calibration/" in k for k in keys) == 2
     assert not any(os.environ["AWS_SECRET_ACCESS_KEY"] in store.get_bytes(k).decode(errors="ignore")

@@ -81,7 +81,7 @@ def test_report_record_and_markdown(tmp_path):
     report = typed.to_json()
     assert rep.EvalReport.from_json(json.loads(json.dumps(report))) == typed  # exact JSON round trip
     assert list(report) == ["schema", "version", "lsaq_version", "model", "artifact", "plan", "settings", "baseline",
-                            "quantized", "comparison", "fidelity", "seconds"]
+                            "quantized", "comparison", "fidelity", "seconds", "memory"]
     assert report["fidelity"] == FIDELITY.to_json() and typed.fidelity == FIDELITY
     assert report["schema"] == "lsaq.eval_report" and report["version"] == 1
     assert report["model"]["content_hash"] == "c" * 64 and "config" not in report["model"]
@@ -123,7 +123,8 @@ def test_plain_model_record_keeps_its_shape():
     _, quant = runs()
     rec = rep.ModelEval.from_run(dict(quant, artifact=None))
     j = rec.to_json()
-    assert list(j) == ["schema", "version", "lsaq_version", "model", "dtype", "perplexity", "tasks", "seconds"]
+    assert list(j) == ["schema", "version", "lsaq_version", "model", "dtype", "perplexity", "tasks", "seconds",
+                       "memory"]
     assert j["schema"] == "lsaq.eval" and j["perplexity"]["ppl"] == 12.5 and "config" not in j["model"]
     assert rep.ModelEval.from_json(json.loads(json.dumps(j))) == rec
 

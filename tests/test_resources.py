@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lsaq.resources import PeakMemory, host_peak_bytes, reset_host_peak, trim_heap
+from lsaq.resources import PeakMemory, RunMemory, host_peak_bytes, reset_host_peak, trim_heap
 
 MIB = 2**20
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
@@ -45,3 +45,14 @@ def test_a_reset_lowers_the_mark_to_what_is_resident():
     assert host_peak_bytes() <= high - 159 * MIB
     held.close()
     trim_heap()  # never fails, whatever the C library
+
+
+def test_the_record_of_a_block_and_its_json():
+    with PeakMemory("cpu") as peak:
+        touched(32).close()
+    rec = peak.record("cpu", "torch.float32")
+    assert rec.device == "cpu" and rec.dtype == "float32" and rec.peak_device_bytes is None
+    assert rec.peak_host_bytes == peak.host_bytes >= 32 * MIB
+    assert RunMemory.from_json(rec.to_json()) == rec and RunMemory.from_json(None) is None
+    on_gpu = RunMemory("cuda:0", "bfloat16", 3 * 2**30, 2 * 2**30)
+    assert RunMemory.from_json(on_gpu.to_json()) == on_gpu

@@ -472,6 +472,15 @@ def check_calibration_dir(path: str | Path) -> "ModelRef":
     return made_for
 
 
+def calibration_shape(path: str | Path) -> tuple[int, int]:
+    """``(samples, seq_len)`` of a calibration directory's tokens, from its file's header (no token is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / TOKENS_FILE), framework="pt") as f:
+        samples, seq_len = f.get_slice("tokens").get_shape()
+    return int(samples), int(seq_len)
+
+
 def load_calibration_for(path: str | Path, info: "ModelInfo") -> CalibrationSet:
     """The calibration set in directory ``path``, after checking it was drawn for the model ``info`` describes
     (``ValueError`` otherwise: its token ids would mean nothing to this model's tokenizer)."""

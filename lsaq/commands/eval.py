@@ -86,11 +86,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(e.render(flag)) from None
     if not isinstance(report, EvalReport):
         print(format_report(report.to_json()))
+        print(f"evaluated {report.memory.describe()}")
         if args.out:
             print(f"wrote {args.out}")
         return 0
     if report.quantized is not None:
         print(render_markdown(report))
+        print(f"evaluated {report.memory.describe()}")
     if args.plots:
         for name in ("plan_strip.png", "memory.png"):
             print(f"wrote {Path(args.plots) / name}")

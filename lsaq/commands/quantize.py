@@ -50,17 +50,17 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     try:
         art = quantize(plan, args.out, model=args.model, quantizer=args.quantizer, calibration=args.calibration,
-                       max_shard_size=args.max_shard_size, compute_device=args.compute_device, progress=step)
+                       max_shard_size=args.max_shard_size, compute_device=args.compute_device,
+                       max_memory=args.max_memory, progress=step)
     finally:
         for bar in bars:
             bar.close()
     policy = plan.options.policy
     shards = sum(name.endswith(".safetensors") for name in art.files)
-    peak = f"{art.peak_host_bytes / 2**30:.2f} GiB" if art.peak_host_bytes is not None else "unknown"
     print(f"wrote {art.path} ({plan.mix}, {art.quantizer}; embedding {policy.embed.value}, "
           f"head {policy.head_precision.value}; {art.dtype}; {art.file_bytes / 2**20:.1f} MiB on disk in "
-          f"{shards} weights file{'s' if shards > 1 else ''}) in {time.perf_counter() - start:.1f}s; "
-          f"peak host memory {peak}")
+          f"{shards} weights file{'s' if shards > 1 else ''}) in {time.perf_counter() - start:.1f}s "
+          f"{art.memory.describe()}")
     print(f"loads in: {', '.join(art.runtimes)}")
     return 0
 

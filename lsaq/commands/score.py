@@ -27,10 +27,13 @@ def model_and_calibration_args(p: argparse.ArgumentParser) -> None:
 
 
 def compute_device_arg(p: argparse.ArgumentParser) -> None:
-    """``--compute-device``, for every command that runs the model."""
+    """``--compute-device`` and ``--max-memory``, for every command that walks the model."""
     p.add_argument("--compute-device", default="auto", metavar="DEVICE",
                    help="auto (default: the NVIDIA GPU with the most free memory that holds a layer, in 16 bits; "
                         "else the CPU in float32), cpu, or cuda:N")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="host memory this run may use, e.g. 8GiB: refused before any work when one layer's step "
+                        "needs more (default: no limit)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,13 +97,12 @@ def run(args: argparse.Namespace) -> int:
         rec = score(args.model, args.out, method=args.method, k=args.k, source=args.calib,
                     calibration=args.calib_dir, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                     batch_size=args.batch_size, revision=args.revision, trust_remote_code=args.trust_remote_code,
-                    compute_device=args.compute_device,
-                    progress=progress)
+                    compute_device=args.compute_device, max_memory=args.max_memory, progress=progress)
     finally:
         for bar in bars:
             bar.close()
     print(format_ranking(rec))
-    print(f"wrote {args.out} ({rec.num_layers} layers, {rec.wall_time_s:.1f}s scoring)")
+    print(f"wrote {args.out} ({rec.num_layers} layers, {rec.wall_time_s:.1f}s scoring {rec.memory.describe()})")
     return 0
 
 
@@ -112,14 +114,15 @@ def run_measure(args: argparse.Namespace) -> int:
                   group_size=args.group_size, stride=args.kl_stride, source=args.calib,
                   calibration=args.calib_dir, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                   batch_size=args.batch_size, revision=args.revision, trust_remote_code=args.trust_remote_code,
-                  compute_device=args.compute_device)
+                  compute_device=args.compute_device, max_memory=args.max_memory)
     print("layer  " + "  ".join(f"{p:>10}" for p in rec.probes))
     for i, row in enumerate(rec.loss):
         print(f"{i:5d}  " + "  ".join(f"{v:10.3e}" for v in row))
     cost = rec.cost
     print(f"wrote {args.out} ({rec.num_layers} layers x {len(rec.probes)} probes in {rec.seconds:.1f}s = "
           f"{rec.cost_ratio:.1f} forward passes; {cost.get('layer_loads')} layer loads, {cost.get('layer_runs')} "
-          f"layer runs, {format_bytes(cost.get('hidden_bytes_on_disk', 0))} of hidden states on disk)")
+          f"layer runs, {format_bytes(cost.get('hidden_bytes_on_disk', 0))} of hidden states on disk; "
+          f"{rec.memory.describe()})")
     return 0
 
 

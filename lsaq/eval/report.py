@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -51,6 +51,7 @@ from lsaq.eval.fidelity import FidelityResult
 from lsaq.models.identity import ModelRef
 from lsaq.planning.planner import Plan
 from lsaq.records import atomic_write_bytes, canonical_json, decode_record, read_record
+from lsaq.resources import RunMemory
 from lsaq.units import format_bytes
 
 SCHEMA = "lsaq.eval_report"
@@ -212,13 +213,15 @@ class EvalReport:
     fidelity: FidelityResult | None = None
     seconds: float | None = None
     lsaq_version: str = __version__
+    memory: RunMemory | None = field(default=None, compare=False)  # where it ran and its peak memory
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA, "version": VERSION, "lsaq_version": self.lsaq_version,
-            "model": self.model.to_json(), "artifact": self.artifact, "plan": self.plan, "settings": self.settings, "baseline": self.baseline,
-            "quantized": self.quantized, "comparison": list(self.comparison),
+            "model": self.model.to_json(), "artifact": self.artifact, "plan": self.plan, "settings": self.settings,
+            "baseline": self.baseline, "quantized": self.quantized, "comparison": list(self.comparison),
             "fidelity": self.fidelity.to_json() if self.fidelity is not None else None, "seconds": self.seconds,
+            "memory": self.memory.to_json() if self.memory is not None else None,
         }
 
     @classmethod
@@ -228,7 +231,7 @@ class EvalReport:
                    settings=dict(obj.get("settings") or {}), baseline=obj.get("baseline"),
                    quantized=obj.get("quantized"), comparison=tuple(obj.get("comparison") or ()),
                    fidelity=FidelityResult.from_json(fid) if fid is not None else None, seconds=obj.get("seconds"),
-                   lsaq_version=obj.get("lsaq_version", "?"))
+                   lsaq_version=obj.get("lsaq_version", "?"), memory=RunMemory.from_json(obj.get("memory")))
 
     @classmethod
     def load(cls, path: str | Path) -> "EvalReport":
@@ -246,6 +249,7 @@ class ModelEval:
     tasks: dict[str, dict[str, Any]]  # task name -> TaskResult as JSON
     seconds: float
     lsaq_version: str = __version__
+    memory: RunMemory | None = field(default=None, compare=False)  # where it ran and its peak memory
 
     @classmethod
     def from_run(cls, run: Mapping[str, Any]) -> "ModelEval":
@@ -256,11 +260,12 @@ class ModelEval:
     def to_json(self) -> dict[str, Any]:
         return {"schema": PLAIN_SCHEMA, "version": PLAIN_VERSION, "lsaq_version": self.lsaq_version,
                 "model": self.model.to_json(), "dtype": self.dtype, "perplexity": self.perplexity, "tasks": self.tasks,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "memory": self.memory.to_json() if self.memory is not None else None}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "ModelEval":
-        return dataclasses.replace(cls.from_run(obj), lsaq_version=obj.get("lsaq_version", "?"))
+        return dataclasses.replace(cls.from_run(obj), lsaq_version=obj.get("lsaq_version", "?"),
+                                   memory=RunMemory.from_json(obj.get("memory")))
 
 
 def build_report(

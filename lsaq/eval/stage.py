@@ -24,7 +24,7 @@ import importlib.util
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from lsaq.models.loading import LoadedModel
 from lsaq.models.weights import is_hub_id
 from lsaq.planning.planner import Plan
 from lsaq.records import atomic_write_json
-from lsaq.resources import memory_shortfall
+from lsaq.resources import PeakMemory, memory_shortfall
 from lsaq.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,19 @@ def evaluate(
     path = str(target) if target is not None else None
     artifact = is_artifact(path)
     _check(path, artifact, out, options, baseline)
+    with PeakMemory() as peak:
+        record = _evaluate(path, artifact, options, baseline)
+    record = replace(record, memory=peak.record("cpu", options.dtype))
+    if out and isinstance(record, ModelEval):
+        atomic_write_json(out, record.to_json())
+    elif out:
+        write_report(record, out)
+    return record
+
+
+def _evaluate(path: str | None, artifact: bool, options: EvalOptions,
+              baseline: str | None) -> EvalReport | ModelEval:
+    """:func:`evaluate` after its checks, without writing the record."""
     ppl_source = options.ppl_source or (default_ppl_source() if options.ppl else None)
     start = time.perf_counter()
     if not artifact:
@@ -260,8 +273,6 @@ def evaluate(
         record = ModelEval.from_run(_run(loaded, options, ppl_source, "", start))
         del loaded
         gc.collect()
-        if out:
-            atomic_write_json(out, record.to_json())
         return record
 
     from lsaq.quantization.artifact import PLAN, verify_artifact
@@ -311,8 +322,6 @@ def evaluate(
         for written in (plot_plan_strip(plan, Path(options.plots) / "plan_strip.png"),
                         plot_memory(plan, Path(options.plots) / "memory.png")):
             log.info("wrote %s", written)
-    if out:
-        write_report(report, out)
     return report
 
 

@@ -24,6 +24,7 @@ from lsaq.calibration.sets import CalibrationInfo
 from lsaq.models.identity import ModelInfo
 from lsaq.precision import Precision
 from lsaq.records import atomic_write_json, canonical_json, decode_record, read_record, sha256_hex
+from lsaq.resources import RunMemory
 
 if TYPE_CHECKING:
     from torch import nn
@@ -52,6 +53,7 @@ class LayerLoss:
     stride: int = 1  # KL taken at every stride-th position (lsaq.importance.sensitivity.probe_samples)
     # what the measurement took: layer_loads, layer_runs, hidden_bytes_on_disk (ProbeRun.cost); not in the id
     cost: dict[str, int] = field(default_factory=dict, compare=False)
+    memory: RunMemory | None = field(default=None, compare=False)  # where it ran, its peak memory; not in the id
 
     @property
     def num_layers(self) -> int:
@@ -97,7 +99,8 @@ class LayerLoss:
                 "calibration": self.calibration.to_json(), "quantizer": self.quantizer, "stride": self.stride,
                 "probes": list(self.probes),
                 "loss": [list(r) for r in self.loss], "std": [list(r) for r in self.std], "seconds": self.seconds,
-                "forward_seconds": self.forward_seconds, "cost": dict(self.cost), "lsaq_version": self.lsaq_version}
+                "forward_seconds": self.forward_seconds, "cost": dict(self.cost), "lsaq_version": self.lsaq_version,
+                "memory": self.memory.to_json() if self.memory is not None else None}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "LayerLoss":
@@ -106,7 +109,8 @@ class LayerLoss:
                    std=tuple(tuple(float(v) for v in r) for r in obj["std"]), seconds=float(obj["seconds"]),
                    forward_seconds=float(obj["forward_seconds"]), lsaq_version=obj.get("lsaq_version", "?"),
                    quantizer=obj.get("quantizer", "rtn"), stride=int(obj.get("stride", 1)),
-                   cost={k: int(v) for k, v in obj.get("cost", {}).items()})
+                   cost={k: int(v) for k, v in obj.get("cost", {}).items()},
+                   memory=RunMemory.from_json(obj.get("memory")))
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(Path(path), self.to_json())

@@ -13,6 +13,7 @@ from lsaq.version import __version__
 from lsaq.calibration.sets import CalibrationInfo
 from lsaq.methods import ranking
 from lsaq.models.identity import ModelInfo
+from lsaq.resources import RunMemory
 from lsaq.records import atomic_write_json, canonical_json, decode_record, read_record, sha256_hex
 
 SCHEMA = "lsaq.layer_importance"
@@ -32,6 +33,7 @@ class LayerImportance:
     lsaq_version: str = __version__
     wall_time_s: float = 0.0
     params: dict[str, Any] = field(default_factory=dict)  # method settings besides k (sensitivity: the probe)
+    memory: RunMemory | None = field(default=None, compare=False)  # where it ran, its peak memory; not in the id
 
     @property
     def num_layers(self) -> int:
@@ -72,6 +74,7 @@ class LayerImportance:
             "ranking": self.ranking,
             "lsaq_version": self.lsaq_version,
             "wall_time_s": self.wall_time_s,
+            "memory": self.memory.to_json() if self.memory is not None else None,
         }
 
     @classmethod
@@ -86,6 +89,7 @@ class LayerImportance:
             lsaq_version=obj.get("lsaq_version", "?"),
             wall_time_s=float(obj.get("wall_time_s", 0.0)),
             params=dict(obj.get("params") or {}),
+            memory=RunMemory.from_json(obj.get("memory")),
         )
 
     def save(self, path: str | Path) -> Path:

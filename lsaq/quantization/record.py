@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from lsaq.resources import RunMemory
 from lsaq.version import __version__
 from lsaq.models.identity import ModelRef
 from lsaq.records import decode_record, read_record
@@ -48,10 +49,15 @@ class Artifact:
     lsaq_version: str = __version__
     quantizer: str = "rtn"  # how the integer codes were chosen (lsaq.precision.Quantizer)
     calibration: str | None = None  # hash of the calibration tokens a calibrated quantizer used
-    # peak resident host memory of the run that wrote it (lsaq.resources.PeakMemory): in the stage's record, not in
-    # the manifest, which describes the files (the same plan gives the same bytes whatever memory the run took);
-    # records of the same files are equal whatever their runs took
-    peak_host_bytes: int | None = field(default=None, compare=False)
+    # where the run that wrote it computed and its peak host and device memory (lsaq.resources.PeakMemory): in the
+    # stage's record, not in the manifest, which describes the files (the same plan gives the same bytes whatever
+    # memory the run took); records of the same files are equal whatever their runs took
+    memory: RunMemory | None = field(default=None, compare=False)
+
+    @property
+    def peak_host_bytes(self) -> int | None:
+        """The run's peak resident host memory (None: not known)."""
+        return self.memory.peak_host_bytes if self.memory is not None else None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -83,8 +89,9 @@ class Artifact:
         }
 
     def to_json(self) -> dict[str, Any]:
-        """The stage's record: the manifest, the directory and the run's peak host memory."""
-        return {**self.manifest_json(), "path": str(self.path), "peak_host_bytes": self.peak_host_bytes}
+        """The stage's record: the manifest, the directory and the run's memory."""
+        return {**self.manifest_json(), "path": str(self.path),
+                "memory": self.memory.to_json() if self.memory is not None else None}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], path: str | Path | None = None) -> "Artifact":
@@ -104,7 +111,7 @@ class Artifact:
             lsaq_version=obj.get("lsaq_version", "?"),
             quantizer=obj.get("quantizer", "rtn"),
             calibration=obj.get("calibration"),
-            peak_host_bytes=obj.get("peak_host_bytes"),
+            memory=RunMemory.from_json(obj.get("memory")),
         )
 
     @classmethod

@@ -10,6 +10,7 @@ identities only, no model or tensor crosses the stage boundary.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Callable
 
 import torch
 
-from lsaq.calibration.sets import TOKENS_FILE, check_calibration_dir, load_calibration_for
-from lsaq.compute import AUTO, compute_for, check_compute_device
+from lsaq.calibration.sets import calibration_shape, check_calibration_dir, load_calibration_for
+from lsaq.compute import AUTO, check_compute_device, check_max_memory, compute_for, host_need, within_max_memory
+from lsaq.models.families import model_shape
 from lsaq.models.identity import ModelRef
 from lsaq.engine.checkpoint import Checkpoint
 from lsaq.engine.skeleton import Skeleton
@@ -61,6 +63,7 @@ def quantize(
     calibration: str | Path | None = None,
     max_shard_size: int | str | None = None,
     compute_device: str = AUTO,
+    max_memory: int | str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Artifact:
     """Quantize a model following ``plan`` (a :class:`Plan` or its JSON file) into the artifact directory ``out``.
@@ -74,30 +77,36 @@ def quantize(
 
     ``max_shard_size`` (bytes, or a size such as ``"5GB"``): the weights go into ``model.safetensors`` up to that
     many tensor bytes, else into shards with ``model.safetensors.index.json`` (default: transformers' 50 GB). The
-    returned record carries the run's peak host memory (``peak_host_bytes``).
+    returned record carries where it computed and the run's peak host and device memory (``memory``).
 
     ``compute_device``: ``auto``, ``cpu`` or ``cuda:N`` (:mod:`lsaq.compute`); weights are read in float32 on any
-    device, so round-to-nearest codes are the same bytes wherever they are computed.
+    device, so round-to-nearest codes are the same bytes wherever they are computed. ``max_memory`` (bytes or a
+    size): the host memory the run may use; refused before any layer is read when one layer's step needs more.
     """
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     quantizer = check_quantizer(quantizer, calibration)  # before the model loads
     shard_bytes = check_shard_size(max_shard_size)
     check_compute_device(compute_device)
+    limit = check_max_memory(max_memory)
     if calibration is not None:
         check_calibration_dir(calibration)
     source = model if model is not None else plan_model_source(plan.model)
     start = time.perf_counter()
     with PeakMemory() as peak:
         located = locate_model(source)
-        compute = compute_for(compute_device, located.config, _calibration_positions(calibration),
-                              dtype=torch.float32, extra=gptq_bytes(located.config) if calibration else 0)
+        extra = gptq_bytes(located.config) if calibration else 0
+        positions = _calibration_positions(calibration)
+        compute = compute_for(compute_device, located.config, positions, dtype=torch.float32, extra=extra)
+        peak.watch(compute.device)
+        tokens = math.prod(calibration_shape(calibration)) if calibration is not None else 0
+        within_max_memory(limit, host_need(model_shape(located.config), positions, tokens, compute, extra))
         skeleton = Skeleton.build(Checkpoint.open(located.load_dir), device=compute.device)  # a layer at a time
         info = model_info(located, skeleton.model)
         calib = load_calibration_for(calibration, info) if calibration is not None else None
         path = write_streamed_artifact(skeleton, info, load_tokenizer(located), plan, out, quantizer=quantizer,
                                        calibration=calib, progress=progress, max_shard_bytes=shard_bytes,
                                        generation_config=generation_config(located.load_dir, skeleton.model))
-    artifact = replace(Artifact.load(path), peak_host_bytes=peak.host_bytes)
+    artifact = replace(Artifact.load(path), memory=peak.record(compute.device, compute.dtype))
     log.info("quantized %s into %s (%s, %s; %d tensor bytes, %s) in %.1fs, peak host memory %s", info.id, path,
              plan.mix, quantizer.value, artifact.tensor_bytes, artifact.dtype, time.perf_counter() - start,
              format_bytes(peak.host_bytes) if peak.host_bytes is not None else "unknown")
@@ -108,10 +117,7 @@ def _calibration_positions(calibration: str | Path | None) -> int:
     """Tokens per recorded layer call of GPTQ's calibration walk (0 without one: round to nearest runs no layer)."""
     if calibration is None:
         return 0
-    from safetensors import safe_open
-
-    with safe_open(str(Path(calibration) / TOKENS_FILE), framework="pt") as f:
-        samples, seq_len = f.get_slice("tokens").get_shape()
+    samples, seq_len = calibration_shape(calibration)
     return min(samples, CALIBRATION_BATCH) * seq_len
 
 
