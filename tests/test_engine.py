@@ -228,7 +228,9 @@ def test_a_checkpoint_missing_a_layer_tensor_is_refused_before_any_layer_runs(ch
         Skeleton.build(Checkpoint.open(path))
 
 
-def test_a_large_head_stays_16_bit_and_cosine_reads_no_head(tmp_path, monkeypatch):
+def test_a_large_head_and_embedding_stay_16_bit_and_cosine_reads_no_head(tmp_path, monkeypatch):
+    """Above HEAD_LIMIT the head and the embedding stay in the checkpoint's bfloat16 (the head upcast a slice of the
+    vocabulary at a time, the embedding's rows as gathered): the same scores as float32 copies."""
     import lsaq.engine.skeleton as skeleton_module
     import lsaq.models.parts as parts_module
     from lsaq.calibration.sets import CalibrationSet
@@ -243,8 +245,9 @@ def test_a_large_head_stays_16_bit_and_cosine_reads_no_head(tmp_path, monkeypatc
     monkeypatch.setattr(skeleton_module, "HEAD_LIMIT", 0)
     monkeypatch.setattr(parts_module, "VOCAB_SLICE", 7)  # 96 rows: 14 slices, the last one short
     large = Skeleton.build(checkpoint)
-    assert large.parts.lm_head.weight.dtype == torch.bfloat16 and large.parts.embed.weight.dtype == torch.float32
+    assert large.parts.lm_head.weight.dtype == torch.bfloat16 and large.parts.embed.weight.dtype == torch.bfloat16
     np.testing.assert_array_equal(score_samples(large, calib, "jaccard", 5), score_samples(whole, calib, "jaccard", 5))
+    np.testing.assert_array_equal(score_samples(large, calib, "cosine"), score_samples(whole, calib, "cosine"))
     headless = Skeleton.build(checkpoint, head=False)
     assert headless.parts.lm_head.weight.is_meta
     np.testing.assert_array_equal(score_samples(headless, calib, "cosine"), score_samples(whole, calib, "cosine"))

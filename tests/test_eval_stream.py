@@ -207,3 +207,37 @@ def test_evaluating_a_sharded_checkpoint_holds_one_layer_of_each(tmp_path):
     assert peak < EVAL_FRACTION * params * 4, \
         f"peak RSS {peak / 2**30:.2f} GiB, float32 model {params * 4 / 2**30:.2f} GiB"
     assert "KL" in stdout, stdout[-2000:]
+
+
+def test_a_large_embedding_stays_16_bit_in_both_streams_with_the_same_logits(tmp_path, monkeypatch):
+    """An untied model's float embedding and head above HEAD_LIMIT stay in bfloat16 in the float skeleton and in
+    the build's stream (the embedding's rows upcast as gathered, the head a slice of the vocabulary at a time):
+    the same logits as float32 copies; loaded whole, the build's head is float32 (its forward calls it)."""
+    import lsaq.engine.skeleton as skeleton_module
+    import lsaq.quantization.reader as reader_module
+    from conftest import tiny_llama_dir
+    from lsaq.models.loading import load_model
+    from lsaq.quantization.stage import quantize
+
+    src = tiny_llama_dir(tmp_path / "src", head_gain=8.0)
+    quantize(tiny_plan(load_model(src).info, [INT8, INT4, FP16]), tmp_path / "art", model=str(src))
+    windows = windows_of(2, 10, 128)
+
+    def logits() -> tuple[list[torch.Tensor], torch.dtype, torch.dtype]:
+        skeleton = Skeleton.build(Checkpoint.open(src))
+        layers = ArtifactLayers.open(tmp_path / "art", dtype=torch.float32)
+        got = [pair for _, pair in branch_logits([skeleton, layers], windows, batch_size=2, chunk=7)]
+        return ([torch.cat(t) for t in zip(*got)], skeleton.parts.embed.weight.dtype, layers.parts.embed.weight.dtype,
+                layers.parts.lm_head.weight.dtype)
+
+    full, *full_dtypes = logits()
+    monkeypatch.setattr(skeleton_module, "HEAD_LIMIT", 0)
+    monkeypatch.setattr(reader_module, "HEAD_LIMIT", 0)
+    small, *small_dtypes = logits()
+    assert full_dtypes == [torch.float32] * 3 and small_dtypes == [torch.bfloat16] * 3
+    for a, b in zip(full, small):
+        assert torch.equal(a, b)
+    whole = load_quantized(tmp_path / "art", dtype=torch.float32).model
+    assert whole.lm_head.weight.dtype == torch.float32 and whole.get_input_embeddings().weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(whole(input_ids=windows).logits.reshape(-1, 128), small[1])

@@ -74,7 +74,9 @@ class Skeleton:
         ``head``: materialize an untied LM head (False: it stays on the meta device, for stages that never
         project onto the vocabulary). A head whose ``dtype`` copy would pass :data:`HEAD_LIMIT` bytes stays in
         the checkpoint's 16-bit dtype: users of ``parts.lm_head.weight`` upcast it in slices of the vocabulary.
-        ``device``: where the resident parts and the buffers are put and each layer is loaded (the compute device).
+        An embedding above the same size stays 16-bit too, its output upcast to ``dtype`` (the rows as stored;
+        Gemma's scaled embedding then multiplies in 16 bits). ``device``: where the resident parts and the buffers
+        are put and each layer is loaded (the compute device).
         """
         device = torch.device(device)
         model_type = checkpoint.config.get("model_type")
@@ -85,9 +87,16 @@ class Skeleton:
         templates = [copy.deepcopy(layer) for layer in parts.layers]
         names = model_names(model, checkpoint.names())
         head_names = {n for n, p in model.named_parameters(remove_duplicate=False) if p is parts.lm_head.weight}
-        head_names -= {n for n, p in model.named_parameters(remove_duplicate=False) if p is parts.embed.weight}
+        embed_names = {n for n, p in model.named_parameters(remove_duplicate=False) if p is parts.embed.weight}
+        head_names -= embed_names
         outside = [n for n in names if not n.startswith(prefix + ".") and names[n] not in head_names]
-        resident = {names[n]: t.to(device) for n, t in checkpoint.read(outside, dtype).items()}
+        # A large embedding (a 128k vocabulary at width 8192: 4.2 GB in float32) stays in the checkpoint's dtype:
+        # its rows are gathered there and upcast (exact for a plain embedding), see upcast_output.
+        large_embed = parts.embed.weight.numel() * dtype.itemsize > HEAD_LIMIT
+        as_stored = [n for n in outside if large_embed and names[n] in embed_names]
+        resident = {names[n]: t.to(device) for n, t in checkpoint.read([n for n in outside if n not in as_stored],
+                                                                      dtype).items()}
+        resident.update({names[n]: t.to(device) for n, t in checkpoint.read(as_stored).items()})
         in_head = [n for n in names if names[n] in head_names]
         if head and in_head:
             large = parts.lm_head.weight.numel() * dtype.itemsize > HEAD_LIMIT
@@ -102,6 +111,8 @@ class Skeleton:
         if parts.lm_head.weight.is_meta and getattr(model.config.get_text_config(), "tie_word_embeddings", False):
             parts.lm_head.weight = parts.embed.weight  # a tied head is the embedding itself
         parts = decoder_parts(model)
+        if parts.embed.weight.dtype != dtype:
+            parts.embed.register_forward_hook(upcast_output(dtype))
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if tensor.is_meta and not name.startswith(prefix + ".") and (head or name not in head_names):
                 raise ValueError(f"{checkpoint.path}: the checkpoint has no tensor {name!r}")
@@ -145,6 +156,15 @@ class Skeleton:
         self.parts.layers[index].to("meta")
         self.parts.layers[index] = copy.deepcopy(self.templates[index])
         trim_heap()
+
+
+def upcast_output(dtype: torch.dtype):
+    """A forward hook giving an embedding's output ``[B, T, H]`` in ``dtype`` (its weight stays 16-bit)."""
+
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        return output.to(dtype)
+
+    return hook
 
 
 def to_device(model: nn.Module, device: torch.device) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lsaq.engine.checkpoint import Checkpoint
+from lsaq.engine.skeleton import HEAD_LIMIT, upcast_output
 from lsaq.engine.walk import load_every
 from lsaq.models.families import family
 from lsaq.models.identity import ModelInfo
@@ -59,8 +60,12 @@ class ArtifactLayers:
     templates: list[nn.Module] = field(repr=False)  # per layer: a pristine copy on the meta device
 
     @classmethod
-    def open(cls, path: str | Path, *, dtype: torch.dtype = torch.bfloat16, checksums: bool = True) -> "ArtifactLayers":
+    def open(cls, path: str | Path, *, dtype: torch.dtype = torch.bfloat16, checksums: bool = True,
+             whole: bool = False) -> "ArtifactLayers":
         """The artifact in ``path`` with its embedding, final norm and head in place, activations in ``dtype``.
+        An untied float embedding or head whose ``dtype`` copy would pass :data:`HEAD_LIMIT` bytes stays as stored
+        (the embedding's output upcast, the head projected a slice of the vocabulary at a time by
+        ``parts.project``); ``whole``: a model whose forward calls the head itself, so the head is in ``dtype``.
 
         Every file is checked first (sizes, headers, ``checksums``: sha256) and every layer's tensor names against
         the plan, so a damaged or inconsistent artifact is named (:class:`ArtifactError`) before any layer runs."""
@@ -86,7 +91,7 @@ class ArtifactLayers:
         info = ModelInfo.from_json(manifest["model"] | {"config": config.to_dict()})
         layers = cls(path, model, parts, plan, info, dtype, checkpoint, prefix, templates)
         layers._check_layer_names()
-        layers._load_outside()
+        layers._load_outside(whole)
         return layers
 
     def group(self, precision: Precision) -> int | None:
@@ -122,7 +127,7 @@ class ArtifactLayers:
                 raise ArtifactError(f"{self.path}: tensor {name} is not in one of the plan's "
                                     f"{len(self.templates)} layers")
 
-    def _load_outside(self) -> None:
+    def _load_outside(self, whole: bool = False) -> None:
         """Embedding, final norm and LM head (packed where the plan quantizes them), and every other tensor outside
         the decoder layers, in place."""
         policy, shape = self.plan.options.policy, self.plan.shape
@@ -146,7 +151,16 @@ class ArtifactLayers:
         if head is not None and policy.head_precision is not Precision.FP16:
             qw = quantized(head.name.removesuffix(".weight"), policy.head_precision)
             self.model.set_output_embeddings(quantized_linear(qw))
-        rest = {n: t.to(self.dtype) for n, t in self.checkpoint.read(sorted(outside - taken)).items()}
+        # A large float embedding or head of an untied model stays as stored (16 bits; see Skeleton.build); a tied
+        # embedding is also the head, which a whole-model forward calls in self.dtype.
+        large = shape.embed.numel * self.dtype.itemsize > HEAD_LIMIT and not self.model.config.tie_word_embeddings
+        keep = {shape.embed.name} if large and policy.embed is Precision.FP16 else set()
+        if large and not whole and head is not None and policy.head_precision is Precision.FP16:
+            keep.add(head.name)
+        rest = {n: t if n in keep else t.to(self.dtype)
+                for n, t in self.checkpoint.read(sorted(outside - taken)).items()}
+        if shape.embed.name in keep and rest[shape.embed.name].dtype != self.dtype:
+            self.model.get_input_embeddings().register_forward_hook(upcast_output(self.dtype))
         result = self.model.load_state_dict(rest, strict=False, assign=True)
         layer_keys = self.layer_prefix + "."
         missing = [k for k in result.missing_keys if not k.startswith(layer_keys)
@@ -190,6 +204,6 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, che
     activations in ``dtype``."""
     from transformers import AutoTokenizer
 
-    layers = ArtifactLayers.open(path, dtype=dtype, checksums=checksums)
+    layers = ArtifactLayers.open(path, dtype=dtype, checksums=checksums, whole=True)
     load_every(layers, len(layers.templates))
     return LoadedModel(model=layers.model, tokenizer=AutoTokenizer.from_pretrained(path), info=layers.info)
