@@ -105,12 +105,8 @@ def step_bytes(shape: ModelShape, positions: int, dtype: "torch.dtype | None" = 
     one decoder layer's weights, and ``positions`` tokens' activations through it (estimated, see the constants),
     in ``dtype`` (default float32)."""
     item = dtype.itemsize if dtype is not None else 4
-    layer = shape.linear_params_per_layer + sum(lin.out_features for lin in shape.layer_linears if lin.bias) + sum(
-        t.numel for t in shape.layer_norms)
-    resident = shape.embed.numel + (shape.lm_head.numel if shape.lm_head is not None else 0) + sum(
-        t.numel for t in shape.final_norms)
     acts = positions * (ACTIVATION_HIDDEN * shape.hidden_size + ACTIVATION_INTER * shape.intermediate_size)
-    return (layer + resident + acts) * item
+    return (shape.params_per_layer + shape.resident_params + acts) * item
 
 
 RUNTIME_BYTES = 512 * 2**20  # Python, torch, transformers and a tokenizer, loaded (0.26 GiB measured with no tokenizer)
@@ -134,8 +130,7 @@ def host_need(shape: ModelShape, positions: int, tokens: int, compute: Compute, 
     hidden states of all ``tokens`` (the recorded inputs, a layer's inputs and its outputs) and ``extra`` (a stage's
     own buffers); on a GPU only a layer as read, before it moves there."""
     if compute.on_gpu:
-        layer = shape.linear_params_per_layer + sum(t.numel for t in shape.layer_norms)
-        return {"runtime": RUNTIME_BYTES, "one layer as read": layer * 4}
+        return {"runtime": RUNTIME_BYTES, "one layer as read": shape.params_per_layer * 4}
     return {"runtime": RUNTIME_BYTES, "one step (resident parts, a layer, a call's activations)":
             step_bytes(shape, positions), "hidden states": 3 * tokens * shape.hidden_size * 4, "buffers": extra}
 
@@ -147,8 +142,6 @@ def within_max_memory(max_memory: int | None, need: Mapping[str, int]) -> int | 
         return None
     total = sum(need.values())
     if total > max_memory:
-        from lsaq.units import format_bytes
-
         parts = ", ".join(f"{name} {format_bytes(n)}" for name, n in need.items() if n)
         raise ValueError(f"--max-memory {format_bytes(max_memory)} is less than one layer's step needs here: "
                          f"{format_bytes(total)} ({parts}); allow at least {format_bytes(total)}, or use fewer or "

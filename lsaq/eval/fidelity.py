@@ -83,6 +83,14 @@ def position_stats(
     return kl, agree
 
 
+def _check_windows(windows: torch.Tensor, batch_size: int | None) -> None:
+    """``ValueError`` unless ``windows`` is ``[N>=1, T>=1]`` and ``batch_size`` None or at least 1."""
+    if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 1:
+        raise ValueError(f"windows must have shape [N>=1, T>=1], got {tuple(windows.shape)}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 when given, got {batch_size}")
+
+
 def _device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -106,10 +114,7 @@ def fidelity(
     forward pass (default: about ``AUTO_BATCH_TOKENS`` positions); ``progress(n)`` after each batch of n windows.
     ``source``/``source_hash`` say where the windows came from and are recorded as given.
     """
-    if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 1:
-        raise ValueError(f"windows must have shape [N>=1, T>=1], got {tuple(windows.shape)}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1 when given, got {batch_size}")
+    _check_windows(windows, batch_size)
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     n, t = windows.shape
@@ -152,10 +157,7 @@ def stream_fidelity(
     (:func:`lsaq.engine.logits.branch_logits`: a float checkpoint's :class:`~lsaq.engine.skeleton.Skeleton` and its
     build's :class:`~lsaq.quantization.reader.ArtifactLayers`), so neither model is ever held whole. Same
     statistics as :func:`fidelity` within float rounding; ``progress(n)`` after each pass of n windows."""
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1 when given, got {batch_size}")
-    if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 1:
-        raise ValueError(f"windows must have shape [N>=1, T>=1], got {tuple(windows.shape)}")
+    _check_windows(windows, batch_size)
     n, t = windows.shape
     kl = torch.empty(n * t, dtype=torch.float64)
     agree = torch.empty(n * t, dtype=torch.bool)

@@ -73,13 +73,22 @@ class ModelShape:
         return sum(lin.params for lin in self.layer_linears)
 
     @property
-    def num_params(self) -> int:
-        """All parameters, a tied head counted once (what a checkpoint stores)."""
-        per_layer = self.linear_params_per_layer + sum(
+    def params_per_layer(self) -> int:
+        """Every parameter of one decoder layer: linear weights, their biases, norms."""
+        return self.linear_params_per_layer + sum(
             lin.out_features for lin in self.layer_linears if lin.bias
         ) + sum(t.numel for t in self.layer_norms)
+
+    @property
+    def resident_params(self) -> int:
+        """The parameters outside the decoder layers: embedding, an untied head, final norms."""
         head = self.lm_head.numel if self.lm_head is not None else 0
-        return self.num_layers * per_layer + self.embed.numel + head + sum(t.numel for t in self.final_norms)
+        return self.embed.numel + head + sum(t.numel for t in self.final_norms)
+
+    @property
+    def num_params(self) -> int:
+        """All parameters, a tied head counted once (what a checkpoint stores)."""
+        return self.num_layers * self.params_per_layer + self.resident_params
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,7 +10,6 @@ identities only, no model or tensor crosses the stage boundary.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -95,10 +94,11 @@ def quantize(
     with PeakMemory() as peak:
         located = locate_model(source)
         extra = gptq_bytes(located.config) if calibration else 0
-        positions = _calibration_positions(calibration)
+        # GPTQ's walk: its calibration tokens, CALIBRATION_BATCH sequences per layer call (none for round to nearest)
+        samples, seq_len = calibration_shape(calibration) if calibration is not None else (0, 0)
+        positions, tokens = min(samples, CALIBRATION_BATCH) * seq_len, samples * seq_len
         compute = compute_for(compute_device, located.config, positions, dtype=torch.float32, extra=extra)
         peak.watch(compute.device)
-        tokens = math.prod(calibration_shape(calibration)) if calibration is not None else 0
         within_max_memory(limit, host_need(model_shape(located.config), positions, tokens, compute, extra))
         skeleton = Skeleton.build(Checkpoint.open(located.load_dir), device=compute.device)  # a layer at a time
         info = model_info(located, skeleton.model)
@@ -111,14 +111,6 @@ def quantize(
              plan.mix, quantizer.value, artifact.tensor_bytes, artifact.dtype, time.perf_counter() - start,
              format_bytes(peak.host_bytes) if peak.host_bytes is not None else "unknown")
     return artifact
-
-
-def _calibration_positions(calibration: str | Path | None) -> int:
-    """Tokens per recorded layer call of GPTQ's calibration walk (0 without one: round to nearest runs no layer)."""
-    if calibration is None:
-        return 0
-    samples, seq_len = calibration_shape(calibration)
-    return min(samples, CALIBRATION_BATCH) * seq_len
 
 
 def gptq_bytes(config: dict) -> int:
