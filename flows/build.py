@@ -79,8 +79,8 @@ def build(
     largest group size that divides every width, by measured loss and bytes. ``measure_samples``: strategy
     ``measured`` measures the layer loss on this many calibration sequences (their own calibration set when fewer
     than ``samples``): it costs about 85-95 forward passes over them (README, study). ``compute_device``: where
-    the importance run and quantization compute on the machine that runs them (``auto``: the NVIDIA GPU with the
-    most free memory that holds a layer, else the CPU; ``cpu``; ``cuda:N``).
+    the importance run, quantization and evaluation compute on the machine that runs them (``auto``: the NVIDIA
+    GPU with the most free memory that holds a layer, else the CPU; ``cpu``; ``cuda:N``).
     """
     # Every option is checked before anything runs: a bad value fails the flow with one line naming it.
     checked = BuildOptions(
@@ -138,7 +138,7 @@ def build(
         plan = t.plan.submit(ident, importance, target, options, store, work, group_size)
         artifact = t.quantize.submit(ident, plan, store, work, quantizer,
                                      calibration if quantizer != Quantizer.RTN.value else None, compute_device)
-        report = t.evaluate.submit(ident, plan, artifact, checked.evaluation, store, work)
+        report = t.evaluate.submit(ident, plan, artifact, checked.evaluation, store, work, compute_device)
         chains.append((plan, artifact, report, t.publish.submit(ident, plan, artifact, report, store, work)))
     wait([f for chain in chains for f in chain])
     built = [outcome(target.slug, chain) for target, chain in zip(targets.values(), chains)]

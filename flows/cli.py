@@ -60,8 +60,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"calibration sequences --strategy measured measures the layer loss on "
                         f"(default {DEFAULT_MEASURE_SAMPLES})")
     p.add_argument("--compute-device", default="auto", metavar="DEVICE",
-                   help="where importance and quantization compute: auto (default: the NVIDIA GPU with the most free "
-                        "memory that holds a layer, else the CPU), cpu, or cuda:N")
+                   help="where importance, quantization and evaluation compute: auto (default: the NVIDIA GPU "
+                        "with the most free memory that holds a layer, else the CPU), cpu, or cuda:N")
     p.add_argument("--method", default="cosine", help="importance method: cosine, jaccard or sensitivity")
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--samples", type=int, default=32)

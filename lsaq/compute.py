@@ -3,9 +3,10 @@
 ``auto`` takes the NVIDIA GPU with the most free memory (NVML, as the ``local`` device budgets it) when it holds
 what one step of the layer walk needs: the resident parts (embedding, final norm, LM head), one decoder layer and
 its activations (:func:`step_bytes`). A GPU that is present but busy is waited for, up to a bound, with a progress
-line; at the end a clear message says what was needed and what to do. With no NVIDIA GPU (no driver, no NVML, a
-CPU build of torch) ``auto`` is the CPU. On a GPU the walk computes in 16 bits (bfloat16, float16 where the
-checkpoint declares it or the GPU lacks bfloat16); on the CPU in float32, one layer at a time.
+line; at the end a clear message says what was needed and what to do. Without NVML's Python bindings the free
+memory is torch's view of each CUDA device. With no NVIDIA GPU (no driver, a CPU build of torch) ``auto`` is the
+CPU. On a GPU the walk computes in 16 bits (bfloat16, float16 where the checkpoint declares it or the GPU lacks
+bfloat16); on the CPU in float32, one layer at a time.
 
 Containers that share one GPU still go through the global concurrency limit of their work pool: this choice only
 sees the memory free at the moment it is made.
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
     import torch
+
+    from lsaq.planning.detect import Detection
 
 from lsaq.models.shapes import ModelShape
 from lsaq.units import format_bytes
@@ -135,17 +138,21 @@ def host_need(shape: ModelShape, positions: int, tokens: int, compute: Compute, 
             step_bytes(shape, positions), "hidden states": 3 * tokens * shape.hidden_size * 4, "buffers": extra}
 
 
-def within_max_memory(max_memory: int | None, need: Mapping[str, int]) -> int | None:
+WALK_HINT = "use fewer or shorter sequences (--samples, --seq-len, --batch-size)"
+
+
+def within_max_memory(max_memory: int | None, need: Mapping[str, int], hint: str = WALK_HINT,
+                      what: str = "one layer's step") -> int | None:
     """The bytes ``max_memory`` leaves beyond ``need`` (None: no limit), for what a stage can move to disk (the
-    branches' hidden states); ``ValueError`` before any work when ``need`` alone passes it, saying what would do."""
+    branches' hidden states); ``ValueError`` before any work when ``need`` alone passes it, saying what would do
+    (``what``: what needs it; ``hint``: what the stage's own flags can change)."""
     if max_memory is None:
         return None
     total = sum(need.values())
     if total > max_memory:
         parts = ", ".join(f"{name} {format_bytes(n)}" for name, n in need.items() if n)
-        raise ValueError(f"--max-memory {format_bytes(max_memory)} is less than one layer's step needs here: "
-                         f"{format_bytes(total)} ({parts}); allow at least {format_bytes(total)}, or use fewer or "
-                         f"shorter sequences (--samples, --seq-len, --batch-size)")
+        raise ValueError(f"--max-memory {format_bytes(max_memory)} is less than {what} needs here: "
+                         f"{format_bytes(total)} ({parts}); allow at least {format_bytes(total)}, or {hint}")
     return max_memory - total
 
 
@@ -159,6 +166,25 @@ def _torch_index(uuid: str, position: int) -> int:
         if str(getattr(props, "uuid", "")) and str(props.uuid) in uuid:
             return i
     return position
+
+
+def with_torch_gpus(found: "Detection", cuda: bool) -> "Detection":
+    """``found`` as it is when NVML saw a GPU or torch has no CUDA; else with the GPUs torch sees (its free and total
+    memory per device): a machine with CUDA but without NVML's Python bindings still gets its GPU."""
+    import dataclasses
+
+    import torch
+
+    from lsaq.planning.detect import GpuMemory
+
+    if found.gpus or not cuda:
+        return found
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        props = torch.cuda.get_device_properties(i)
+        gpus.append(GpuMemory(i, props.name, str(getattr(props, "uuid", "")), int(total), int(free), int(total - free)))
+    return dataclasses.replace(found, gpus=tuple(gpus), nvml_status=f"{found.nvml_status}; memory as torch sees it")
 
 
 def choose_compute(spec: str, need: int, *, declared: str | None = None, wait_s: float = DEFAULT_WAIT_S,
@@ -180,7 +206,7 @@ def choose_compute(spec: str, need: int, *, declared: str | None = None, wait_s:
         return cpu_compute()
     if spec != AUTO:
         return Compute(torch.device(spec), gpu_dtype(int(spec.split(":")[1]), declared), "asked for")
-    found = detect()
+    found = with_torch_gpus(detect(), cuda)
     if not found.gpus:
         return cpu_compute(f"auto: no NVIDIA GPU ({found.nvml_status})")
     if not cuda:
@@ -204,7 +230,7 @@ def choose_compute(spec: str, need: int, *, declared: str | None = None, wait_s:
                         "more)", format_bytes(need + GPU_RESERVE), most, remaining)
             said = clock()
         sleep(min(POLL_S, remaining))
-        found = detect()
+        found = with_torch_gpus(detect(), cuda)
 
 
 def compute_for(spec: str, config: Mapping[str, Any], positions: int, *, declared: str | None = None,

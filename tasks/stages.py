@@ -355,13 +355,14 @@ def _evaluate_key(artifact: ArtifactResult, options: EvalOptions, **_: Any) -> s
 @task(name="evaluate", task_run_name="evaluate {model.slug} for {artifact.device}",
       cache_policy=cache_policy(_evaluate_key), **COMMON)
 def evaluate(model: ModelKey, plan: PlanResult, artifact: ArtifactResult, options: EvalOptions, store: str,
-             work: str) -> EvalResult:
-    """Evaluate the artifact against its float model (:func:`lsaq.evaluate`); show the report as Markdown."""
+             work: str, compute_device: str = "auto") -> EvalResult:
+    """Evaluate the artifact against its float model (:func:`lsaq.evaluate`); show the report as Markdown.
+    ``compute_device`` is not part of the cache key: a GPU's figures are the CPU's within float rounding."""
     key = _evaluate_key(artifact, options)
     path = ensure_artifact(model, artifact, store, work, plan)
     out = scratch(work, model, "reports", key, "report.json")
     with model_slot():
-        report = lsaq.evaluate(path, out, options=options)
+        report = lsaq.evaluate(path, out, options=options, compute_device=compute_device)
     fid = report.fidelity
     create_markdown_artifact(key=artifact_key(f"{model.slug}-{artifact.device}-eval"),
                              markdown=out.with_suffix(".md").read_text(),

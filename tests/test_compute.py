@@ -134,3 +134,16 @@ def test_what_a_step_needs_on_the_host_and_what_a_limit_leaves():
     with pytest.raises(ValueError, match=r"--max-memory 2.00 GiB is less than one layer's step needs here: "
                                          r"[\d.]+ GiB \(runtime 512.00 MiB, one step .*\); allow at least"):
         within_max_memory(2 * GIB, cpu)
+
+
+def test_auto_without_nvml_bindings_takes_the_gpu_torch_sees(fake_nvml, fake_ram, gpus_usable, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` fails: nvidia-ml-py not installed
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: ((3 * GIB, 80 * GIB), (40 * GIB, 80 * GIB))[i])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(name=f"H{i}", uuid=f"u-{i}"))
+    c = choose_compute("auto", 4 * GIB, cuda_available=lambda: True)
+    assert c.device == torch.device("cuda:1") and "GPU 1 H1" in c.reason
+    assert choose_compute("auto", 4 * GIB, cuda_available=lambda: False).device.type == "cpu"

@@ -50,7 +50,8 @@ def loads(monkeypatch):
     """Record every model :func:`evaluate` loads (artifact or not), still loading it."""
     seen: list[stage.ModelSource] = []
     real = stage.load_for_eval
-    monkeypatch.setattr(stage, "load_for_eval", lambda source: seen.append(source) or real(source))
+    monkeypatch.setattr(stage, "load_for_eval",
+                        lambda source, device="cpu": seen.append(source) or real(source, device))
     return seen
 
 
@@ -92,7 +93,7 @@ def test_tasks_are_resolved():
 
 def test_checks_fail_before_anything_is_loaded(env, tmp_path, monkeypatch):
     model_dir, art, corpus, _ = env
-    monkeypatch.setattr(stage, "load_for_eval", lambda source: pytest.fail(f"loaded {source}"))
+    monkeypatch.setattr(stage, "load_for_eval", lambda source, device="cpu": pytest.fail(f"loaded {source}"))
     cases = [
         ("x.gguf", None, dict(ppl=True, plots=str(tmp_path)), None, "plots applies to an artifact directory"),
         ("x.gguf", None, dict(ppl=True, with_baseline=False), None, "with_baseline applies to an artifact"),
@@ -152,6 +153,71 @@ def test_artifact_report_with_perplexity_and_fidelity(isolated, tmp_path, loads)
     md = (tmp_path / "r.md").read_text()
     assert md == render_markdown(report)
     assert "Fidelity to the float model (corpus.txt, 3 x 32 tokens, 96 positions;" in md
+
+
+def test_the_walk_keeps_within_max_memory(isolated, monkeypatch):
+    """A limit just above what one window and the smallest chunk need: the walk projects fewer positions at once
+    in more passes, and the figures stay those of an unlimited run; a smaller limit is refused before any model
+    is read."""
+    from lsaq.eval.budget import MIN_CHUNK, WalkBudget, eval_need, logit_bytes
+
+    _, art, corpus, _ = isolated
+    # 128-token windows: every layer call has >= 128 positions, so the packed layers take the exact fp32 path
+    options = EvalOptions(ppl=True, ppl_source=str(corpus), seq_len=32, max_windows=2, fidelity_windows=3,
+                          fidelity_seq_len=128)
+    calls: list[tuple] = []
+    real_budget = stage.eval_budget
+    monkeypatch.setattr(stage, "eval_budget", lambda *a: calls.append(a) or real_budget(*a))
+    free = evaluate(art, options=options, compute_device="cpu")
+    assert (free.memory.device, free.memory.dtype) == ("cpu", "float32") and free.memory.peak_host_bytes > 0
+    (args,) = calls
+    shape = args[1]
+    need = sum(eval_need(*args[1:]).values())
+    real_load = stage.load_for_eval
+    monkeypatch.setattr(stage, "load_for_eval", lambda source, device="cpu": pytest.fail(f"loaded {source}"))
+    with pytest.raises(ValueError) as e:
+        evaluate(art, options=options, compute_device="cpu", max_memory=need - 1)
+    assert str(e.value).startswith("--max-memory ") and "one step of 2 model(s)" in str(e.value) and \
+        "--seq-len" in str(e.value)
+    monkeypatch.setattr(stage, "load_for_eval", real_load)
+    tight = evaluate(art, options=options, compute_device="cpu",
+                     max_memory=need + 3 * logit_bytes(shape.vocab_size, 2))
+    window = 128 * shape.hidden_size * 4
+    assert real_budget(*calls[-1]) == WalkBudget(window + 2 * logit_bytes(shape.vocab_size, 2) // 6, MIN_CHUNK + 1)
+    assert real_budget(*calls[-1]).pass_bytes < 3 * window  # more than one pass over the three fidelity windows
+    assert tight.fidelity.kl_mean == pytest.approx(free.fidelity.kl_mean, rel=1e-6)
+    assert tight.fidelity.top1_agreement == free.fidelity.top1_agreement
+    assert tight.quantized["perplexity"]["ppl"] == pytest.approx(free.quantized["perplexity"]["ppl"], rel=1e-6)
+
+
+def test_whole_model_steps_are_refused_past_max_memory(isolated):
+    pytest.importorskip("lm_eval", reason="lm-eval (lm-evaluation-harness) is not installed")
+    model_dir, _, _, _ = isolated
+    with pytest.raises(OptionError, match=r"^--max-memory 512.00 MiB is less than zero-shot tasks \(lm-eval\), "
+                                          r"which need the whole model in memory, needs here: .*the whole model"):
+        evaluate(model_dir, options=EvalOptions(tasks="piqa"), compute_device="cpu", max_memory="512MiB")
+
+
+def test_eval_budget_splits_what_the_limit_leaves():
+    from lsaq.compute import cpu_compute
+    from lsaq.eval.budget import MIN_CHUNK, WalkBudget, eval_budget, eval_need, logit_bytes
+    from lsaq.engine.logits import CHUNK, PASS_BYTES
+    from lsaq.models.configs import load_config
+    from lsaq.models.families import model_shape
+
+    shape = model_shape(load_config("llama-2-7b").config)
+    cpu, f32 = cpu_compute(), torch.float32
+    need = sum(eval_need(shape, 512, 1024, 2, cpu, f32).values())
+    window = 512 * shape.hidden_size * 4
+    assert eval_budget(None, shape, 512, 1024, 2, cpu, f32) == WalkBudget()
+    assert eval_budget(need, shape, 512, 1024, 2, cpu, f32) == WalkBudget(pass_bytes=window, chunk=MIN_CHUNK)
+    extra = 10 * logit_bytes(shape.vocab_size, 2)
+    assert eval_budget(need + extra, shape, 512, 1024, 2, cpu, f32) == \
+        WalkBudget(pass_bytes=window + (extra - 5 * logit_bytes(shape.vocab_size, 2)) // 6, chunk=MIN_CHUNK + 5)
+    assert eval_budget(need + 2**40, shape, 512, 1024, 2, cpu, f32) == WalkBudget(PASS_BYTES, CHUNK)
+    assert sum(eval_need(shape, 512, 1024, 1, cpu, f32).values()) < need
+    with pytest.raises(ValueError, match="is less than one layer's step needs here"):
+        eval_budget(need - 1, shape, 512, 1024, 2, cpu, f32)
 
 
 def report_tokenizer(model_dir: Path):
@@ -233,3 +299,17 @@ def test_plain_model_gives_the_plain_record(isolated, tmp_path):
     saved = json.loads((tmp_path / "plain.json").read_text())
     assert saved == record.to_json() and saved["schema"] == "lsaq.eval" and "artifact" not in saved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json"]
+
+
+def test_cli_takes_the_compute_device_and_max_memory(isolated, capsys):
+    from lsaq.cli import main
+
+    _, art, corpus, _ = isolated
+    assert main(["eval", str(art), "--compute-device", "tpu"]) == 2
+    assert capsys.readouterr().err.strip() == ("lsaq eval: error: compute device 'tpu' is not one of: auto, cpu or "
+                                               "cuda:N (N: a CUDA device index)")
+    assert main(["eval", str(art), "--max-memory", "lots"]) == 2
+    assert "max memory" in capsys.readouterr().err
+    assert main(["eval", str(art), "--ppl-source", str(corpus), "--fidelity-windows", "1", "--fidelity-seq-len",
+                 "16", "--compute-device", "cpu", "--max-memory", "8GiB"]) == 0
+    assert "evaluated on cpu (float32), peak host memory" in capsys.readouterr().out

@@ -174,9 +174,10 @@ def test_cli_writes_report(real, tmp_path, monkeypatch, capsys):
     import lsaq.eval.stage as stage
 
     wiki = _shared(WIKI_TEST_REL)
-    monkeypatch.setattr(stage, "load_for_eval", lambda source: stage.EvalModel.resident(source, real))
+    monkeypatch.setattr(stage, "load_for_eval",
+                        lambda source, device="cpu": stage.EvalModel.resident(source, real))
     out = tmp_path / "report.json"
-    rc = main(["eval", "x.gguf", "--ppl", "--ppl-source", str(wiki), "--seq-len", "64", "--max-windows", "2",
+    rc = main(["eval", "--ppl", "--ppl-source", str(wiki), "--seq-len", "64", "--max-windows", "2",
                "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out

@@ -239,7 +239,8 @@ def test_cli_plots_only_and_no_baseline(mixed_artifact, wiki_valid, tmp_path, ca
     art, _ = mixed_artifact
     loads = []
     real_load = stage.load_for_eval
-    monkeypatch.setattr(stage, "load_for_eval", lambda source: loads.append(source) or real_load(source))
+    monkeypatch.setattr(stage, "load_for_eval",
+                        lambda source, device="cpu": loads.append(source) or real_load(source, device))
     # Without the baseline there is no fidelity: plots alone load nothing.
     assert main(["eval", str(art), "--no-baseline", "--plots", str(tmp_path / "p")]) == 0 and loads == []
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["memory.png", "plan_strip.png"]

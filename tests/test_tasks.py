@@ -132,7 +132,8 @@ def test_cli_reports_tasks(real, lm_eval, tmp_path, monkeypatch, capsys):
     import lsaq.eval.stage as stage
 
     _shared("data/winogrande/dev.jsonl")
-    monkeypatch.setattr(stage, "load_for_eval", lambda source: stage.EvalModel.resident(source, real))
+    monkeypatch.setattr(stage, "load_for_eval",
+                        lambda source, device="cpu": stage.EvalModel.resident(source, real))
     out = tmp_path / "report.json"
     assert main(["eval", "--tasks", "winogrande", "--limit", "4", "--out", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -12,6 +12,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from lsaq.commands.score import compute_device_arg
+
 # Option names whose flag is not "--" + the name with dashes (see lsaq.eval.stage.OptionError).
 FLAGS = {"with_baseline": "--no-baseline", "baseline": "--baseline-model"}
 
@@ -58,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="artifact only: draw plan_strip.png and memory.png of its plan into DIR (needs matplotlib)")
     p.add_argument("--out", default=None,
                    help="write the report as JSON here (for an artifact also a Markdown copy beside it, .md)")
+    compute_device_arg(p)
     p.set_defaults(func=run)
 
 
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype, with_baseline=args.baseline, fidelity_windows=args.fidelity_windows,
             fidelity_seq_len=args.fidelity_seq_len, fidelity_seed=args.fidelity_seed, plots=args.plots,
         )
-        report = evaluate(path, args.out, options=options, baseline=args.baseline_model)
+        report = evaluate(path, args.out, options=options, baseline=args.baseline_model,
+                          compute_device=args.compute_device, max_memory=args.max_memory)
     except OptionError as e:
         raise ValueError(e.render(flag)) from None
     if not isinstance(report, EvalReport):

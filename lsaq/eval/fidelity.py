@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsaq.engine.logits import branch_logits
+from lsaq.engine.logits import PASS_BYTES, branch_logits
 from lsaq.engine.skeleton import Layers
 from lsaq.importance.similarity import kl_divergence
 
@@ -151,19 +151,21 @@ def stream_fidelity(
     source_hash: str,
     batch_size: int | None = None,
     chunk: int = CHUNK,
+    pass_bytes: int = PASS_BYTES,
     progress: Callable[[int], None] | None = None,
 ) -> FidelityResult:
     """:func:`fidelity` of two models walked one decoder layer at a time side by side
     (:func:`lsaq.engine.logits.branch_logits`: a float checkpoint's :class:`~lsaq.engine.skeleton.Skeleton` and its
     build's :class:`~lsaq.quantization.reader.ArtifactLayers`), so neither model is ever held whole. Same
-    statistics as :func:`fidelity` within float rounding; ``progress(n)`` after each pass of n windows."""
+    statistics as :func:`fidelity` within float rounding; ``progress(n)`` after each pass of n windows. ``chunk``
+    and ``pass_bytes``: positions projected at once and the hidden states of a pass (:mod:`lsaq.eval.budget`)."""
     _check_windows(windows, batch_size)
     n, t = windows.shape
     kl = torch.empty(n * t, dtype=torch.float64)
     agree = torch.empty(n * t, dtype=torch.bool)
     start = time.perf_counter()
-    for first, (ref, cand) in branch_logits([reference, candidate], windows, chunk=chunk, progress=progress,
-                                            batch_size=batch_size or max(1, AUTO_BATCH_TOKENS // t)):
+    for first, (ref, cand) in branch_logits([reference, candidate], windows, chunk=chunk, budget=pass_bytes,
+                                            progress=progress, batch_size=batch_size or max(1, AUTO_BATCH_TOKENS // t)):
         kl[first:first + ref.shape[0]], agree[first:first + ref.shape[0]] = position_stats(ref, cand, chunk)
     return _result(kl, agree, windows, source, source_hash, start)
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsaq.engine.logits import branch_logits
+from lsaq.engine.logits import CHUNK, PASS_BYTES, branch_logits
 from lsaq.engine.skeleton import Layers
 from lsaq.eval.options import DEFAULT_SEQ_LEN
 from lsaq.calibration.sets import hub_unreachable, read_text
@@ -175,12 +175,14 @@ def window_nll(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
 
 
 def stream_window_nll(layers: Layers, windows: torch.Tensor, batch_size: int,
-                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                      progress: Callable[[int], None] | None = None, *, chunk: int = CHUNK,
+                      pass_bytes: int = PASS_BYTES) -> torch.Tensor:
     """:func:`window_nll` of a model walked one decoder layer at a time (:func:`lsaq.engine.logits.branch_logits`):
     ``windows [N, L]`` -> ``[N]`` float64, each position's NLL in at least fp32, summed in float64."""
     n, length = windows.shape
     sums = torch.zeros(n, dtype=torch.float64)
-    for first, (logits,) in branch_logits([layers], windows, batch_size=batch_size, progress=progress):
+    for first, (logits,) in branch_logits([layers], windows, batch_size=batch_size, progress=progress, chunk=chunk,
+                                          budget=pass_bytes):
         pos = torch.arange(first, first + logits.shape[0])  # flat positions of this chunk of [c, V] logits
         row, col = pos // length, pos % length
         scored = col < length - 1  # a window's last position has no target inside it
@@ -198,6 +200,9 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
+    *,
+    chunk: int = CHUNK,
+    pass_bytes: int = PASS_BYTES,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``source`` with non-overlapping windows of ``seq_len`` tokens: a model in memory,
     or :class:`~lsaq.engine.skeleton.Layers` walked one decoder layer at a time (never held whole).
@@ -205,6 +210,8 @@ def perplexity(
     ``seq_len`` is capped at the model's maximum length. ``max_windows`` scores only the first N windows (quick
     runs). ``batch_size`` windows go through each forward pass (default: about 4096 tokens per batch).
     ``progress(n)`` is called after each batch (each pass of a walk) with the number of windows it scored.
+    ``chunk`` and ``pass_bytes``: a walk's positions projected at once and hidden states per pass
+    (:mod:`lsaq.eval.budget`).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (one context token and one predicted token), got {seq_len}")
@@ -222,7 +229,8 @@ def perplexity(
 
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
-        total = float(stream_window_nll(model, windows, batch_size, progress).sum())
+        total = float(stream_window_nll(model, windows, batch_size, progress, chunk=chunk,
+                                        pass_bytes=pass_bytes).sum())
     else:
         was_training = model.training
         model.eval()

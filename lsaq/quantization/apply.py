@@ -37,10 +37,12 @@ from lsaq.quantization.sequential import CALIBRATION_BATCH, check_quantizer, inp
 QUANTIZED_MODULES = (Int8Linear, Int4Linear, QuantizedEmbedding)
 
 
-def quantized_linear(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> nn.Module:
-    """The packed runtime module for one quantized weight (INT8 or INT4)."""
+def quantized_linear(qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                     device: torch.device | str | None = None) -> nn.Module:
+    """The packed runtime module for one quantized weight (INT8 or INT4), built on ``device`` (default: where the
+    codes are), so its packing is that device's (the CPU kernels' layout only on the CPU)."""
     cls = Int8Linear if qw.precision is Precision.INT8 else Int4Linear
-    return cls.from_quantized(qw, bias)
+    return cls.from_quantized(qw, bias, device)
 
 
 class PlanMismatchError(ValueError):

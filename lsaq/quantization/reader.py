@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lsaq.engine.checkpoint import Checkpoint
-from lsaq.engine.skeleton import HEAD_LIMIT, upcast_output
+from lsaq.engine.skeleton import HEAD_LIMIT, to_device, upcast_output
 from lsaq.engine.walk import load_every
 from lsaq.models.families import family
 from lsaq.models.identity import ModelInfo
@@ -58,14 +58,17 @@ class ArtifactLayers:
     checkpoint: Checkpoint = field(repr=False)
     layer_prefix: str  # "model.layers"
     templates: list[nn.Module] = field(repr=False)  # per layer: a pristine copy on the meta device
+    device: torch.device = torch.device("cpu")  # where the resident parts live and each layer is built
 
     @classmethod
     def open(cls, path: str | Path, *, dtype: torch.dtype = torch.bfloat16, checksums: bool = True,
-             whole: bool = False) -> "ArtifactLayers":
+             whole: bool = False, device: torch.device | str = "cpu") -> "ArtifactLayers":
         """The artifact in ``path`` with its embedding, final norm and head in place, activations in ``dtype``.
         An untied float embedding or head whose ``dtype`` copy would pass :data:`HEAD_LIMIT` bytes stays as stored
         (the embedding's output upcast, the head projected a slice of the vocabulary at a time by
         ``parts.project``); ``whole``: a model whose forward calls the head itself, so the head is in ``dtype``.
+        ``device``: the compute device the resident parts go to and each layer is built on (packed modules in that
+        device's layout).
 
         Every file is checked first (sizes, headers, ``checksums``: sha256) and every layer's tensor names against
         the plan, so a damaged or inconsistent artifact is named (:class:`ArtifactError`) before any layer runs."""
@@ -81,6 +84,8 @@ class ArtifactLayers:
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.eval()
+        device = torch.device(device)
+        to_device(model, device)  # the buffers computed on the CPU (rotary tables)
         parts = decoder_parts(model)
         templates = [copy.deepcopy(layer) for layer in parts.layers]
         try:
@@ -89,7 +94,7 @@ class ArtifactLayers:
             raise ArtifactError(str(e)) from e
         prefix = family(config.model_type).layer_prefix
         info = ModelInfo.from_json(manifest["model"] | {"config": config.to_dict()})
-        layers = cls(path, model, parts, plan, info, dtype, checkpoint, prefix, templates)
+        layers = cls(path, model, parts, plan, info, dtype, checkpoint, prefix, templates, device)
         layers._check_layer_names()
         layers._load_outside(whole)
         return layers
@@ -146,18 +151,19 @@ class ArtifactLayers:
         if policy.embed is not Precision.FP16:
             qw = quantized(shape.embed.name.removesuffix(".weight"), policy.embed)
             like = self.model.get_input_embeddings()
-            self.model.set_input_embeddings(QuantizedEmbedding.from_quantized(qw, self.dtype, like=like))
+            self.model.set_input_embeddings(QuantizedEmbedding.from_quantized(qw, self.dtype, like=like)
+                                            .to(self.device))
         head = head_tensor(shape, policy)
         if head is not None and policy.head_precision is not Precision.FP16:
             qw = quantized(head.name.removesuffix(".weight"), policy.head_precision)
-            self.model.set_output_embeddings(quantized_linear(qw))
+            self.model.set_output_embeddings(quantized_linear(qw, device=self.device))
         # A large float embedding or head of an untied model stays as stored (16 bits; see Skeleton.build); a tied
         # embedding is also the head, which a whole-model forward calls in self.dtype.
         large = shape.embed.numel * self.dtype.itemsize > HEAD_LIMIT and not self.model.config.tie_word_embeddings
         keep = {shape.embed.name} if large and policy.embed is Precision.FP16 else set()
         if large and not whole and head is not None and policy.head_precision is Precision.FP16:
             keep.add(head.name)
-        rest = {n: t if n in keep else t.to(self.dtype)
+        rest = {n: t.to(self.device) if n in keep else t.to(self.device, self.dtype)
                 for n, t in self.checkpoint.read(sorted(outside - taken)).items()}
         if shape.embed.name in keep and rest[shape.embed.name].dtype != self.dtype:
             self.model.get_input_embeddings().register_forward_hook(upcast_output(self.dtype))
@@ -183,8 +189,9 @@ class ArtifactLayers:
                 stored = {s: by_name.pop(f"{lin.name}.{s}") for s in stored_suffixes(precision, self.group(precision))}
                 bias = by_name.pop(f"{lin.name}.bias") if lin.bias else None
                 qw = QuantizedWeight.from_compressed_tensors(stored, self.group(precision))
-                layer.set_submodule(lin.name, quantized_linear(qw, bias))
-        layer.load_state_dict({n: t.to(self.dtype) for n, t in by_name.items()}, strict=False, assign=True)
+                layer.set_submodule(lin.name, quantized_linear(qw, bias, self.device))
+        layer.load_state_dict({n: t.to(self.device, self.dtype) for n, t in by_name.items()}, strict=False,
+                              assign=True)
         empty = next((n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta), None)
         if empty is not None:  # names were checked on opening: a module the plan's shape does not know
             raise ArtifactError(f"{self.path}: nothing in the artifact fills {self.layer_prefix}.{index}.{empty}")
