@@ -10,7 +10,9 @@ minutes per layer here); ``lsaq eval`` of the round-to-nearest build: its fideli
 512-token window of the calibration text, both models walked side by side) and the perplexity of the float
 checkpoint (one 512-token window); ``lsaq measure`` (the measured loss, INT8 and INT4 probes, one walk carrying a
 branch per layer and probe) at depths up to ``--measure-layers`` (8). Reported per stage: wall time, time per
-layer, and the process's peak resident memory (its ``VmHWM``).
+layer, the process's peak resident memory (its ``VmHWM``), and from each command's memory line where it computed
+and torch's peak GPU allocation (``--compute-device``, default ``auto``: a GPU when there is one, as a user runs
+it; ``benchmarks/gpu_check.sh`` runs this bench on the GPU).
 
 Targets: peak RSS at 32 layers / at 2 layers <= 1.25 for every stage (memory does not grow with depth), and
 within 4 GiB at 32 layers (a whole float32 7B is 27 GB), 6 GiB for evaluation and the measured loss; GPTQ within
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -47,15 +50,22 @@ RUN = ("import sys; from lsaq.cli import main; rc = main(sys.argv[1:]); "
        "sys.exit(rc)")
 
 
-def stage(argv: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB) of ``lsaq ARGV`` in its own process; exits on failure."""
+# The memory line every walking command prints last: "... on cuda:0 (bfloat16), peak host memory 2.59 GiB, GPU 3 GiB"
+WHERE = re.compile(r"on (\S+) \((\w+)\), peak host memory [^,\n]+(?:, GPU ([\d.]+ \w+))?")
+
+
+def stage(argv: list[str]) -> tuple[float, float, str, str]:
+    """(wall seconds, peak RSS GiB, where it computed, torch's peak GPU allocation or "-") of ``lsaq ARGV`` in its
+    own process; exits on failure."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", RUN, "-q", *argv], capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"lsaq {' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     kib = int(proc.stdout.strip().splitlines()[-1].split()[1])
-    return wall, kib * 1024 / GIB
+    found = WHERE.search(proc.stdout)
+    where = f"{found.group(1)} {found.group(2)}" if found else "-"
+    return wall, kib * 1024 / GIB, where, (found.group(3) or "-") if found else "-"
 
 
 def calibration_text(folder: Path) -> Path:
@@ -85,9 +95,12 @@ def main() -> None:
                     help="run GPTQ only at depths up to this (about two minutes per layer here)")
     ap.add_argument("--measure-layers", type=int, default=8,
                     help="run the measured loss only at depths up to this (its layer runs grow as L^2)")
+    ap.add_argument("--compute-device", default="auto",
+                    help="where the walking stages compute: auto (default: a GPU when there is one), cpu, cuda:N")
     args = ap.parse_args()
     config = json.loads(resources.files("lsaq").joinpath(f"data/configs/{args.config}.json").read_text())
-    rows: list[tuple[int, float, str, float, float]] = []
+    rows: list[tuple[int, float, str, float, float, str, str]] = []
+    device = ["--compute-device", args.compute_device]
     for layers in args.layers:
         scratch = Path(tempfile.mkdtemp(prefix="lsaq-bench-scale-", dir=args.dir))
         try:
@@ -101,12 +114,12 @@ def main() -> None:
             text = calibration_text(scratch)
             plan = scratch / "plan.json"
             art = scratch / "art"
-            quantize = ["quantize", "--plan", str(plan), "--model", str(model), "--out"]
+            quantize = ["quantize", *device, "--plan", str(plan), "--model", str(model), "--out"]
             window = ["--ppl-source", str(text), "--seq-len", "512"]
             runs = {
                 "calibrate": ["calibrate", "--model", str(model), "--calib", str(text), "--samples",
                               str(args.samples), "--seq-len", str(args.seq_len), "--out", str(calib)],
-                **{f"score {m}": ["score", "--model", str(model), "--method", m, "--calib-dir", str(calib),
+                **{f"score {m}": ["score", *device, "--model", str(model), "--method", m, "--calib-dir", str(calib),
                                   "--out", str(scratch / f"{m}.json")] for m in ("cosine", "jaccard")},
                 # every layer INT4 in groups of 128 (the plan is set-up, not measured)
                 "plan": ["plan", "--importance", str(scratch / "cosine.json"), "--strategy", "int4", "--group-size",
@@ -114,26 +127,29 @@ def main() -> None:
                 "quantize rtn": [*quantize, str(art)],
                 **({"quantize gptq": [*quantize, str(scratch / "gptq"), "--quantizer", "gptq", "--calibration",
                                       str(calib)]} if layers <= args.gptq_layers else {}),
-                "eval fidelity": ["eval", str(art), "--baseline-model", str(model), *window, "--fidelity-windows",
-                                  "1", "--fidelity-seq-len", "512"],
-                "eval perplexity": ["eval", str(model), "--ppl", *window, "--max-windows", "1"],
-                **({"measure": ["measure", "--model", str(model), "--calib-dir", str(calib), "--probes", "int8,int4",
-                                "--out", str(scratch / "loss.json")]} if layers <= args.measure_layers else {}),
+                "eval fidelity": ["eval", *device, str(art), "--baseline-model", str(model), *window,
+                                  "--fidelity-windows", "1", "--fidelity-seq-len", "512"],
+                "eval perplexity": ["eval", *device, str(model), "--ppl", *window, "--max-windows", "1"],
+                **({"measure": ["measure", *device, "--model", str(model), "--calib-dir", str(calib), "--probes",
+                                "int8,int4", "--out", str(scratch / "loss.json")]} if layers <= args.measure_layers
+                   else {}),
             }
             for name, argv in runs.items():
-                wall, peak = stage(argv)
+                wall, peak, where, gpu = stage(argv)
                 shutil.rmtree(scratch / "gptq", ignore_errors=True)
                 if name == "plan":
                     continue
-                rows.append((layers, size, name, wall, peak))
-                print(f"  {name:14s} {wall:7.1f} s  {wall / layers:6.2f} s/layer  peak RSS {peak:.2f} GiB", flush=True)
+                rows.append((layers, size, name, wall, peak, where, gpu))
+                print(f"  {name:14s} {wall:7.1f} s  {wall / layers:6.2f} s/layer  peak RSS {peak:.2f} GiB  on {where}"
+                      f"  peak GPU {gpu}", flush=True)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    print(f"\n{args.config} widths, {args.samples} x {args.seq_len} tokens, float32 compute, one process per stage:\n")
-    print("| layers | checkpoint (bf16) | stage | wall | per layer | peak RSS |")
-    print("|---|---|---|---|---|---|")
-    for layers, size, name, wall, peak in rows:
-        print(f"| {layers} | {size:.2f} GB | {name} | {wall:.1f} s | {wall / layers:.2f} s | {peak:.2f} GiB |")
+    print(f"\n{args.config} widths, {args.samples} x {args.seq_len} tokens, one process per stage:\n")
+    print("| layers | checkpoint (bf16) | stage | computed on | wall | per layer | peak RSS | peak GPU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for layers, size, name, wall, peak, where, gpu in rows:
+        print(f"| {layers} | {size:.2f} GB | {name} | {where} | {wall:.1f} s | {wall / layers:.2f} s | {peak:.2f} GiB "
+              f"| {gpu} |")
     deepest, shallowest = max(args.layers), min(args.layers)
     ok = True
     for name in dict.fromkeys(r[2] for r in rows):

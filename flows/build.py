@@ -145,7 +145,7 @@ def build(
     if dispatch:  # the device was built (or found Cached) by its own run, not by these cache reads
         built = [replace(o, state="Completed", flow_run=run.result().name) if o.build else o
                  for o, run in zip(built, (runs[r] for r in targets))]
-    summary = summarize(ident, importance, store, [*built, *outcomes.values()])
+    summary = summarize(ident, importance, store, [*built, *outcomes.values()], calibration)
     if summary.failed:
         raise BuildFailed(summary)
     return summary

@@ -66,6 +66,7 @@ class CalibrationResult:
     samples: int
     seq_len: int
     computed: bool  # False when this run found it in the store
+    memory: dict[str, Any] | None = None  # the run's RunMemory when this run drew the set (None: from the store)
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ class RunSummary:
     importance: str
     outcomes: tuple[DeviceOutcome, ...]
     importance_memory: dict[str, Any] | None = None  # the importance run's RunMemory (None: cached, or none ran)
+    calibration_memory: dict[str, Any] | None = None  # the calibration run's RunMemory (None: from the store)
 
     @property
     def failed(self) -> tuple[DeviceOutcome, ...]:

@@ -30,7 +30,7 @@ from prefect.runtime import task_run
 
 import lsaq
 from lsaq.eval.stage import EvalOptions
-from lsaq.calibration.sets import load_calibration_dir
+from lsaq.calibration.sets import calibration_memory, load_calibration_dir
 from lsaq.importance.cost import LayerLoss
 from lsaq.importance.record import LayerImportance
 from lsaq.models.families import model_shape
@@ -186,9 +186,10 @@ def calibrate(model: ModelKey, source: str | None, samples: int, seq_len: int, s
     else:
         local_copy(store, prefix, CALIB_FILES, local)
     info = load_calibration_dir(local).info()  # checks the tokens against their hash
+    memory = calibration_memory(local) if computed else None
     return CalibrationResult(key=key, uri=backend(store).key_uri(prefix), prefix=prefix, hash=info.hash,
                              source=info.source, kind=info.kind, samples=info.samples, seq_len=info.seq_len,
-                             computed=computed)
+                             computed=computed, memory=memory.to_json() if memory is not None else None)
 
 
 def _importance_key(model: ModelKey, calibration: CalibrationResult, method: str, k: int, quantizer: str = "rtn",

@@ -9,7 +9,7 @@ from prefect.futures import PrefectFuture
 
 from lsaq.resources import RunMemory
 from lsaq.units import format_bytes
-from tasks.records import DeviceOutcome, ImportanceResult, ModelKey, RunSummary
+from tasks.records import CalibrationResult, DeviceOutcome, ImportanceResult, ModelKey, RunSummary
 from tasks.stages import artifact_key
 
 STAGES = ("plan", "quantize", "evaluate", "publish")  # the per-device chain, in order
@@ -38,11 +38,12 @@ def outcome(device: str, chain: Sequence[PrefectFuture]) -> DeviceOutcome:
 
 
 def summarize(model: ModelKey, importance: ImportanceResult | None, store: str,
-              outcomes: Sequence[DeviceOutcome]) -> RunSummary:
+              outcomes: Sequence[DeviceOutcome], calibration: CalibrationResult | None = None) -> RunSummary:
     """The run's :class:`RunSummary`, also shown in Prefect as a table (one row per device)."""
     summary = RunSummary(model=model.slug, revision=model.revision_slug, store=store,
                          importance=importance.uri if importance else "", outcomes=tuple(outcomes),
-                         importance_memory=importance.memory if importance else None)
+                         importance_memory=importance.memory if importance else None,
+                         calibration_memory=calibration.memory if calibration else None)
     create_table_artifact(key=artifact_key(f"{model.slug}-builds"), table=rows(summary),
                           description=f"builds of {model.id} ({model.revision_slug}) in {store}")
     return summary

@@ -288,6 +288,9 @@ def test_calibrate_writes_a_directory_that_reads_back(tmp_path, monkeypatch):
     record = json.loads((out / "calibration.json").read_text())
     assert record["schema"] == "lsaq.calibration" and record["version"] == 1
     assert record["calibration"] == info.to_json() and record["model"]["source"] == str(model_dir)
+    memory = cal.calibration_memory(out)  # generated text: the whole model ran on the CPU in float32
+    assert (memory.device, memory.dtype) == ("cpu", "float32") and memory.peak_host_bytes > 2**20
+    assert record["memory"] == memory.to_json()
     back = cal.load_calibration_dir(out)
     assert back.info() == info and back.tokens.shape == (3, 16)
     from lsaq.models.loading import load_model

@@ -112,6 +112,7 @@ def test_two_devices_publish_two_verified_builds_from_one_importance_run(machine
         assert all(r["peak_host_bytes"] > 2**20 and r["peak_device_bytes"] is None
                    for r in outcome.build.memory.values())
     assert summary.importance_memory["device"] == "cpu" and summary.importance_memory["peak_host_bytes"] > 2**20
+    assert summary.calibration_memory["device"] == "cpu" and summary.calibration_memory["peak_host_bytes"] > 2**20
     assert "peak memory" in format_table(summary) and "GiB" in rows(summary)[0]["peak memory"]
     keys = store.list("")
     assert sum("/importance/" in k for k in keys) == 1 and sum("/calibration/" in k for k in keys) == 2

@@ -79,7 +79,8 @@ def test_cli_calibrate_then_score_from_the_directory(tmp_path, capsys):
     model = str(tiny_model_dir(tmp_path / "tiny"))
     assert main(["calibrate", "--model", model, "--calib", str(corpus), "--samples", "3", "--seq-len", "16",
                  "--out", str(tmp_path / "calib")]) == 0
-    assert "3 x 16 tokens" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "3 x 16 tokens" in printed and "calibrated on cpu (tokenizer only), peak host memory" in printed
     assert main(["score", "--model", model, "--calib-dir", str(tmp_path / "calib"), "--out", str(tmp_path / "i.json")]) == 0
     rec = LayerImportance.load(tmp_path / "i.json")
     assert rec.calibration.samples == 3 and rec.calibration.source == str(corpus)

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
     from lsaq.models.identity import ModelInfo, ModelRef
     from lsaq.models.loading import LoadedModel
+    from lsaq.resources import RunMemory
 
 log = logging.getLogger(__name__)
 
@@ -401,8 +402,8 @@ def calibrate(
     """Draw a calibration set for ``model`` and write it to the directory ``out``; return its record.
 
     ``out`` gets ``calibration.json`` (schema ``lsaq.calibration``: the model's identity and the set's
-    :class:`CalibrationInfo`) and ``tokens.safetensors`` (``tokens``: ``[samples, seq_len]`` int64), both in
-    one atomic directory write: ``out`` is replaced as a whole, so it must be new, empty or a calibration
+    :class:`CalibrationInfo`, and ``memory``: the run's peak host memory, :func:`calibration_memory`) and
+    ``tokens.safetensors`` (``tokens``: ``[samples, seq_len]`` int64), both in one atomic directory write: ``out`` is replaced as a whole, so it must be new, empty or a calibration
     directory. ``model`` None is the default model; ``source`` as for :func:`load_calibration`.
     """
     from safetensors.torch import save_file
@@ -410,18 +411,22 @@ def calibrate(
     from lsaq.version import __version__
     from lsaq.models.identity import ModelRef
     from lsaq.models.loading import empty_model, load_tokenizer, locate_model, model_info
+    from lsaq.resources import PeakMemory
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RECORD_FILE).is_file())):
         raise ValueError(f"{out} exists and is not a calibration directory; it would be replaced, give a new path")
     check_calibration_source(source)
-    located = locate_model(model, revision=revision)  # text needs only the tokenizer; generated text the model
-    calib = load_calibration(load_tokenizer(located), source, samples=samples, seq_len=seq_len, seed=seed,
-                             model=whole_model_loader(model, revision=revision))
-    info = calib.info()
-    ref = ModelRef.from_info(model_info(located, empty_model(located.load_dir)))
+    with PeakMemory() as peak:
+        located = locate_model(model, revision=revision)  # text needs only the tokenizer; generated text the model
+        calib = load_calibration(load_tokenizer(located), source, samples=samples, seq_len=seq_len, seed=seed,
+                                 model=whole_model_loader(model, revision=revision))
+        info = calib.info()
+        ref = ModelRef.from_info(model_info(located, empty_model(located.load_dir)))
+    # generated text runs the whole model on the CPU in float32; text needs the tokenizer alone
+    memory = peak.record("cpu", "float32" if info.kind == "generated" else "tokenizer only")
     record = {"schema": SCHEMA, "version": VERSION, "lsaq_version": __version__,
-              "model": ref.to_json(), "calibration": info.to_json()}
+              "model": ref.to_json(), "calibration": info.to_json(), "memory": memory.to_json()}
     with atomic_dir(out) as tmp:
         save_file({"tokens": calib.tokens.contiguous()}, str(tmp / TOKENS_FILE))
         atomic_write_json(tmp / RECORD_FILE, record)
@@ -448,6 +453,15 @@ def load_calibration_dir(path: str | Path) -> CalibrationSet:
     if calib.hash != info.hash:
         raise RecordError(f"{path}: the tokens do not match the recorded hash {info.hash[:12]} (edited or corrupted)")
     return calib
+
+
+def calibration_memory(path: str | Path) -> "RunMemory | None":
+    """What drawing the set in the directory ``path`` took (:class:`~lsaq.resources.RunMemory`), None where its
+    record does not say."""
+    from lsaq.resources import RunMemory
+
+    obj = read_record(Path(path) / RECORD_FILE, SCHEMA, VERSION)
+    return decode_record(obj, lambda o: RunMemory.from_json(o.get("memory")), str(path), "calibration record")
 
 
 def calibration_model(path: str | Path) -> "ModelRef":

@@ -72,12 +72,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from lsaq.calibration.sets import calibrate
+    from lsaq.calibration.sets import calibrate, calibration_memory
 
     info = calibrate(args.model, args.out, source=args.calib, samples=args.samples, seq_len=args.seq_len,
                      seed=args.seed, revision=args.revision)
     print(f"wrote {args.out}: {info.samples} x {info.seq_len} tokens from {info.source} ({info.kind}) "
           f"[{info.hash[:12]}]")
+    memory = calibration_memory(args.out)
+    if memory is not None:
+        print(f"calibrated {memory.describe()}")
     return 0
 
 
