@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+from lsaq.atomic import temp_dir, temp_file
 
 T = TypeVar("T")
 
@@ -50,14 +51,12 @@ def _umask() -> int:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temp_file(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the result should look like any new file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -73,22 +72,24 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; on success it replaces ``path``, on error it is removed."""
+    """Yield a temporary directory beside ``path``; on success it replaces ``path``, on error it is removed (and
+    after a kill, by the next :func:`atomic_dir` of ``path``: :mod:`lsaq.atomic`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like any mkdir'd folder
+    tmp = temp_dir(path)
     try:
         yield tmp
         for f in tmp.rglob("*"):  # writers that go through a private temporary file (safetensors) leave 0600
             if f.is_file() and not f.is_symlink():
                 f.chmod(0o666 & ~_umask())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        if path.exists() or path.is_symlink():
+            folder = path.is_dir() and not path.is_symlink()
+            old = temp_dir(path) if folder else temp_file(path)  # the old contents go aside, then away
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            if folder:
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
         else:
             os.replace(tmp, path)
     except BaseException:

@@ -6,6 +6,11 @@ boto3 code path as every other store access), so the cache lives with the artifa
 ``PREFECT_HOME``, another server) that shares the store reads the same records and shows the runs ``Cached``.
 The block holds only the store's URI; credentials stay in the AWS chain of whichever process reads it.
 
+Only the records of cached results go to the store, under their content keys (``<stage>-<hash>``). Prefect
+also writes the exception of every failed task run (and the result of a run without a cache key) under a random
+key (a uuid's 32 hex digits) that no later run looks up: those stay in this process's memory, where the flow
+that ran the task reads them, so failed runs leave nothing in ``_cache/``.
+
 Two runs of one key on one host compute once: the cache policy is ``SERIALIZABLE`` with a file lock in lsaq's
 cache directory (the second run waits, then reads the first one's record). Across hosts the store's
 create-if-absent keeps one copy of each result (:func:`lsaq.store.objects.put_files`).
@@ -14,6 +19,7 @@ create-if-absent keeps one copy of each result (:func:`lsaq.store.objects.put_fi
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +36,9 @@ from lsaq.store.stage import open_store
 
 IO_RETRIES = 2  # store uploads and downloads only; numerics never retry
 IO_RETRY_DELAY_S = 5
+RANDOM_KEY = re.compile(r"[0-9a-f]{32}")  # Prefect's storage key when there is no cache key: uuid4().hex
+# Records under a random key (a failed run's exception, an uncached result): read back only in this process.
+_UNKEYED: dict[str, bytes] = {}
 
 
 @functools.lru_cache(maxsize=16)
@@ -48,10 +57,15 @@ class StoreResults(WritableFileSystem):
     uri: str
 
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
+        if path in _UNKEYED:
+            return _UNKEYED[path]
         return backend(self.uri).get_bytes(cache_key(path))
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
-        backend(self.uri).put_bytes(cache_key(path), content)
+        if RANDOM_KEY.fullmatch(path):
+            _UNKEYED[path] = content
+        else:
+            backend(self.uri).put_bytes(cache_key(path), content)
         return path
 
     async def aread_path(self, path: str) -> bytes:

@@ -38,11 +38,11 @@ def test_the_store_gives_back_exactly_what_it_was_given_in_memory_or_on_disk(tmp
             store.put(k, t)
         assert set(store.memory) == {0, 1} and set(store.files) == {2, 3} and len(store) == 4
         assert store.in_memory == store.peak_memory == sizes[0] + sizes[1] and store.spilled == sizes[2] + sizes[3]
-        assert len(list(tmp_path.glob("lsaq-hidden-*/*.safetensors"))) == 2
+        assert len(list(tmp_path.glob(".lsaq-hidden.lsaq-*.tmp/*.safetensors"))) == 2
         for k in (3, 0, 2, 1):
             got = store.take(k)
             assert got.dtype == tensors[k].dtype and torch.equal(got, tensors[k])
-        assert len(store) == 0 and store.in_memory == 0 and not list(tmp_path.glob("lsaq-hidden-*/*"))
+        assert len(store) == 0 and store.in_memory == 0 and not list(tmp_path.glob(".lsaq-hidden.*/*"))
         with pytest.raises(KeyError):
             store.take(0)
         store.put("a", tensors[2])  # memory is free again

@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from lsaq.store.stage import download, list_builds, open_store
 pytest.importorskip("moto")
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
+CACHED = re.compile(r"_cache/[a-z-]+-[0-9a-f]+")  # the record of a cached result, under its content key
 DEVICES = ["beaglebone-black", "rpi-zero-2w"]  # SBC profiles whose plans differ (FP16/INT8 vs INT8/INT4)
 # a small importance run and evaluation, ranked and rounded to nearest: semantics, not quality
 FAST = dict(samples=4, seq_len=64, fidelity_windows=1, strategy="lsaq", quantizer="rtn")
@@ -154,6 +156,7 @@ def test_a_bad_device_fails_early_and_publishes_nothing(machine1, s3_store, shar
     assert "unknown device 'no-such-board'" in state.message and "rpi-zero-2w" in state.message
     assert set(states) <= {"identify", "resolve"}  # nothing was loaded, nothing planned
     assert not (set(store.list("")) - set(before) - set(store.list("_cache")))
+    assert not [k for k in set(store.list("_cache")) - set(before) if not CACHED.fullmatch(k)]  # no failure records
 
 
 def test_a_bad_parameter_fails_before_any_task(s3_store, shared_gguf, tmp_path):
@@ -178,6 +181,7 @@ def test_an_infeasible_device_fails_alone(machine1, s3_store, shared_gguf, tmp_p
     assert "1 of 2 device builds failed (built: rpi-zero-2w)" in state.message
     assert "budget=64MiB" in state.message and "does not fit" in state.message
     assert states["publish"] == Counter({"Cached": 1})  # the feasible device went through
+    assert all(CACHED.fullmatch(k) for k in open_store(s3_store).list("_cache"))  # no failed run's record
     assert not any(m.device_slug.startswith("budget") for m in list_builds(open_store(s3_store)))
 
 

@@ -231,3 +231,65 @@ def test_a_fake_secret_never_appears_in_records_logs_output_or_errors(aws_env, m
     for text in (out.out, out.err, caplog.text, *errors):
         assert FAKE_SECRET not in text  # ... and the secret is in none of it
     assert all(FAKE_SECRET.encode() not in r for r in records)
+
+
+def test_publish_says_what_happened_also_to_the_loser_of_a_race():
+    from types import SimpleNamespace
+
+    from lsaq.commands.store import publish_state
+
+    assert publish_state(SimpleNamespace(created=True, uploaded_bytes=10)) == "published"
+    assert publish_state(SimpleNamespace(created=False, uploaded_bytes=0)) == \
+        "already published (identical build; nothing uploaded)"
+    assert publish_state(SimpleNamespace(created=False, uploaded_bytes=10)).startswith(
+        "published first by a concurrent run (identical build")
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A socket on 127.0.0.1 that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+def test_a_silent_endpoint_fails_within_30_s_by_default_saying_so(silent_endpoint, monkeypatch, capsys, caplog):
+    import time
+
+    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS", "LSAQ_S3_READ_TIMEOUT",
+                "LSAQ_S3_CONNECT_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASILENTTEST000000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "silent-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    start = time.monotonic()
+    assert main(["ls", "--store", "s3://quiet-bucket/lsaq", "--endpoint-url", silent_endpoint]) == 2
+    seconds = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert seconds < 30, seconds
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lsaq ls: error: ") and silent_endpoint in last and \
+        "no answer within 6 s in 3 attempt(s) (LSAQ_S3_READ_TIMEOUT, AWS_MAX_ATTEMPTS)" in last, err
+    # a progress line for each attempt
+    assert "ListObjectsV2 attempt 1 of 3 failed (ReadTimeoutError); retrying" in caplog.text
+    assert "attempt 3 of 3 failed (ReadTimeoutError); giving up" in caplog.text
+
+
+def test_s3_timeouts_are_configurable(silent_endpoint, monkeypatch):
+    import time
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASILENTTEST000000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "silent-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("LSAQ_S3_READ_TIMEOUT", "0.5")
+    store = open_store("s3://quiet-bucket", endpoint_url=silent_endpoint, max_attempts=2)
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailableError, match=r"no answer within 0.5 s in 2 attempt\(s\)"):
+        store.exists("x")
+    assert time.monotonic() - start < 5
+    monkeypatch.setenv("LSAQ_S3_READ_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="LSAQ_S3_READ_TIMEOUT='soon' is not a number of seconds"):
+        open_store("s3://quiet-bucket", endpoint_url=silent_endpoint)
+    with pytest.raises(ValueError, match="connect_timeout must be a positive number of seconds, got 0"):
+        open_store("s3://quiet-bucket", endpoint_url=silent_endpoint, connect_timeout=0)

@@ -76,12 +76,21 @@ def run_publish(args: argparse.Namespace) -> int:
     except StoreError as e:
         return fail("publish", e)
     m = result.manifest
-    state = "published" if result.created else "already published (identical build; nothing uploaded)"
-    print(f"{state}: {m.model_slug} {m.revision} on {m.device_slug}, build {m.build_id} "
+    print(f"{publish_state(result)}: {m.model_slug} {m.revision} on {m.device_slug}, build {m.build_id} "
           f"({len(m.files)} files, {format_bytes(m.file_bytes)}; {format_bytes(result.uploaded_bytes)} uploaded in "
           f"{result.seconds:.1f}s)")
     print(result.uri)
     return 0
+
+
+def publish_state(result) -> str:
+    """What a publish did, in words: created the build, found it already there, or lost the race to create it to a
+    concurrent publish of the same files (after uploading some of them itself: the same bytes)."""
+    if result.created:
+        return "published"
+    if result.uploaded_bytes == 0:
+        return "already published (identical build; nothing uploaded)"
+    return "published first by a concurrent run (identical build; what this run uploaded is the same bytes)"
 
 
 def headline(m) -> list[str]:

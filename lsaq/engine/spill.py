@@ -4,7 +4,8 @@ A walk that carries many streams of hidden states at once (the measured loss car
 ``L x P`` of ``[B, T, H]`` per batch by the last layer) keeps them in a :class:`HiddenStore`: each is put in memory
 while the store's bytes stay within its budget, else written to a file in a temporary folder of its own (one
 safetensors file per tensor, exact bytes), and taken back, memory or file, when the walk advances it. The folder
-is removed when the store closes, whatever happened.
+is removed when the store closes, whatever happened; one a killed process left (``.lsaq-hidden.lsaq-HOST-PID-*``)
+is removed when the next store on the machine opens its folder (:mod:`lsaq.atomic`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Hashable
 
 import torch
+
+from lsaq.atomic import temp_dir
 
 DEFAULT_BUDGET = 2**31  # bytes of hidden states in memory (2 GiB) before the rest go to disk
 
@@ -59,7 +62,7 @@ class HiddenStore:
         from safetensors.torch import save_file
 
         if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="lsaq-hidden-", dir=self.parent))
+            self._folder = temp_dir(Path(self.parent or tempfile.gettempdir()) / "lsaq-hidden")
         file = self._folder / f"{self._written}.safetensors"
         save_file({"h": tensor.contiguous().cpu()}, str(file))
         self._written += 1

@@ -1,7 +1,8 @@
 """The local-directory backend: keys are files under a root directory.
 
-Writes go to a hidden temporary file beside the target (``.NAME.XXXX.tmp``, never a valid key, so never listed)
-and are renamed into place, so a reader sees a whole file or none. Create-if-absent is a hard link of such a
+Writes go to a hidden temporary file beside the target (``.NAME.lsaq-HOST-PID-XXXX.tmp``, never a valid key, so
+never listed) and are renamed into place, so a reader sees a whole file or none; one a killed writer left is
+removed by the next write of the same key (:mod:`lsaq.atomic`). Create-if-absent is a hard link of such a
 temporary file to the final name: ``link(2)`` fails with ``EEXIST`` when the name is taken, atomically, also
 between processes and over NFS, and the content is complete before the name appears.
 """
@@ -11,18 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from lsaq.atomic import temp_file
 from lsaq.store.backend import ObjectInfo, ObjectNotFoundError, StoreError
 from lsaq.store.keys import validate_key
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class LocalBackend:
@@ -50,12 +45,9 @@ class LocalBackend:
     @contextlib.contextmanager
     def _temp_beside(self, target: Path) -> Iterator[Path]:
         """A temporary file in ``target``'s directory, removed on exit unless it was renamed or linked away."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a stored file should look like any new file
+        tmp = temp_file(target)
         try:
-            yield Path(tmp)
+            yield tmp
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -9,13 +9,19 @@
 * Large files go up and down in multipart (:class:`boto3.s3.transfer.TransferConfig`); every request is retried
   on transient errors (connection errors, throttling, 5xx) with bounded exponential backoff (botocore's
   ``standard`` retry mode: ``max_attempts`` in total, by default ``AWS_MAX_ATTEMPTS`` or the profile's
-  ``max_attempts``, else 3).
+  ``max_attempts``, else 3), each failed attempt logged as a warning. A request waits at most ``connect_timeout``
+  (default ``LSAQ_S3_CONNECT_TIMEOUT``, else 5 s) to connect and ``read_timeout`` (``LSAQ_S3_READ_TIMEOUT``,
+  else 6 s) for each answer, so an endpoint that accepts connections and never answers fails in about 20 s.
+* A multipart upload a killed process left is aborted by the next upload (:mod:`lsaq.store.uploads`).
 * Create-if-absent is ``PutObject`` with ``If-None-Match: *`` (HTTP 412 when the key exists), supported by AWS S3,
   MinIO, R2 and moto.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -27,9 +33,14 @@ from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import ReadTimeoutError
 
+from lsaq.paths import cache_dir
 from lsaq.store.backend import ObjectInfo, ObjectNotFoundError, StoreError, StoreUnavailableError
 from lsaq.store.keys import validate_key
+from lsaq.store.uploads import UploadRegistry, abandoned
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -39,6 +50,23 @@ NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 PRECONDITION_FAILED = {"PreconditionFailed", "412"}
 CONDITIONAL_CONFLICT = {"ConditionalRequestConflict", "409"}  # AWS: a concurrent conditional write is in flight
 SHA256_META = "sha256"  # user metadata x-amz-meta-sha256: the sha256 the publisher computed
+DEFAULT_TIMEOUTS = {"LSAQ_S3_CONNECT_TIMEOUT": 5.0, "LSAQ_S3_READ_TIMEOUT": 6.0}  # seconds
+
+
+def timeout_setting(value: float | None, variable: str) -> float:
+    """``value``, else the environment's ``variable``, else its default; ``ValueError`` naming a bad one."""
+    if value is None:
+        text = os.environ.get(variable)
+        if text is None or not text.strip():
+            return DEFAULT_TIMEOUTS[variable]
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{variable}={text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"{variable.removeprefix('LSAQ_S3_').lower()} must be a positive number of seconds, "
+                         f"got {value!r}")
+    return float(value)
 
 
 def check_bucket(bucket: str) -> str:
@@ -74,13 +102,16 @@ class S3Backend:
         multipart_threshold: int = 64 * MiB,
         multipart_chunksize: int = 16 * MiB,
         max_concurrency: int = 8,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
     ) -> None:
         self.bucket = check_bucket(bucket)
         self.prefix = validate_key(prefix.strip("/"), what="S3 prefix", allow_empty=True)
         if max_attempts is not None and max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        connect_timeout = timeout_setting(connect_timeout, "LSAQ_S3_CONNECT_TIMEOUT")
+        self.read_timeout = read_timeout = timeout_setting(read_timeout, "LSAQ_S3_READ_TIMEOUT")
+        self.max_attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS", "").strip() or 3)
         # None: botocore's own setting (AWS_MAX_ATTEMPTS, the profile's max_attempts), else 3 attempts in all.
         retries = {"mode": "standard", **({"total_max_attempts": max_attempts} if max_attempts else {})}
         if endpoint_url is not None:
@@ -99,6 +130,50 @@ class S3Backend:
                                          config=Config(**base, s3={"addressing_style": "path"}))
         self.transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize,
                                        max_concurrency=max_concurrency, use_threads=max_concurrency > 1)
+        self.uploads = UploadRegistry(cache_dir() / "s3-uploads", self.endpoint_url, self.bucket)
+        events = self.client.meta.events
+        events.register("after-call.s3.CreateMultipartUpload", self._upload_created)
+        events.register("needs-retry.s3", self._attempt_failed)
+
+    def _upload_created(self, parsed: dict[str, Any], **_: Any) -> None:
+        if parsed.get("UploadId") and parsed.get("Key"):
+            self.uploads.started(parsed["Key"], parsed["UploadId"])
+
+    def _attempt_failed(self, attempts: int, operation: Any = None, response: Any = None,
+                        caught_exception: Exception | None = None, **_: Any) -> None:
+        """A progress line for each failed attempt (botocore decides whether to retry; this only says so)."""
+        status = response[0].status_code if response is not None else None
+        if caught_exception is None and (status is None or (status < 500 and status != 429)):
+            return
+        why = f"{type(caught_exception).__name__}" if caught_exception is not None else f"HTTP {status}"
+        then = "retrying" if attempts < self.max_attempts else "giving up"
+        log.warning("S3 endpoint %s: %s attempt %d of %d failed (%s); %s", self.endpoint_url,
+                    getattr(operation, "name", "request"), attempts, self.max_attempts, why, then)
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        """Abort one multipart upload; one already gone is fine, another failure only a warning."""
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            log.info("aborted the multipart upload %s of s3://%s/%s left by an earlier run", upload_id[:12],
+                     self.bucket, key)
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) not in ("NoSuchUpload", "404"):
+                log.warning("could not abort multipart upload %s of s3://%s/%s: %s", upload_id[:12], self.bucket,
+                            key, e)
+        except BotoCoreError as e:
+            log.warning("could not abort multipart upload %s of s3://%s/%s: %s", upload_id[:12], self.bucket, key, e)
+
+    def _clean_uploads(self, key: str) -> None:
+        """Abort what killed uploads left: this machine's dead processes', and any of ``key`` past its age."""
+        self.uploads.sweep(self._abort)
+        try:
+            listed = self._call("list uploads", key, self.client.list_multipart_uploads, Bucket=self.bucket,
+                                Prefix=key)
+        except StoreError as e:  # no s3:ListBucketMultipartUploads permission, say: the upload itself may still work
+            log.warning("could not look for abandoned multipart uploads: %s", e)
+            return
+        for upload_id in abandoned(listed.get("Uploads", ()), key, dt.datetime.now(dt.timezone.utc)):
+            self._abort(key, upload_id)
 
     def __repr__(self) -> str:
         return f"S3Backend({self.uri!r}, endpoint={self.endpoint_url!r})"
@@ -134,14 +209,21 @@ class S3Backend:
         except (S3UploadFailedError, S3TransferFailedError) as e:
             raise StoreUnavailableError(f"{where}: transfer failed at {self.endpoint_url} ({e})") from e
         except BotoCoreError as e:
+            waited = (f"; no answer within {self.read_timeout:g} s in {self.max_attempts} attempt(s) "
+                      f"(LSAQ_S3_READ_TIMEOUT, AWS_MAX_ATTEMPTS)") if isinstance(e, ReadTimeoutError) else ""
             raise StoreUnavailableError(f"{where}: cannot reach the S3 endpoint {self.endpoint_url} ({type(e).__name__}: "
-                                        f"{e})") from e
+                                        f"{e}){waited}") from e
 
     def put_file(self, key: str, path: Path, *, sha256: str | None = None) -> None:
         full = self.full_key(key)
         extra = {"Metadata": {SHA256_META: sha256}} if sha256 else None
-        self._call("upload", full, self.client.upload_file, str(path), self.bucket, full, ExtraArgs=extra,
-                   Config=self.transfer)
+        if Path(path).stat().st_size >= self.transfer.multipart_threshold:
+            self._clean_uploads(full)
+        try:
+            self._call("upload", full, self.client.upload_file, str(path), self.bucket, full, ExtraArgs=extra,
+                       Config=self.transfer)
+        finally:
+            self.uploads.finished(full)  # completed, or aborted by boto3's transfer on its failure
 
     def put_bytes(self, key: str, data: bytes) -> None:
         full = self.full_key(key)
