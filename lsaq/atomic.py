@@ -27,7 +27,8 @@ SUFFIX = ".tmp"
 TAG = "lsaq"
 
 
-def _umask() -> int:
+def umask() -> int:
+    """This process's file mode creation mask (read by setting it and setting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -91,7 +92,7 @@ def temp_file(target: Path) -> Path:
     sweep(target)
     fd, tmp = tempfile.mkstemp(prefix=owner_prefix(target.name), suffix=SUFFIX, dir=target.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the result should look like any new file
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600; the result should look like any new file
     return Path(tmp)
 
 
@@ -100,8 +101,8 @@ def temp_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep(target)
     tmp = Path(tempfile.mkdtemp(prefix=owner_prefix(target.name), suffix=SUFFIX, dir=target.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like any mkdir'd folder
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes it 0700; the result should look like any mkdir'd folder
     return tmp
 
 
-__all__ = ["host_tag", "owner_prefix", "running", "stale_temporaries", "sweep", "temp_dir", "temp_file"]
+__all__ = ["host_tag", "owner_prefix", "running", "stale_temporaries", "sweep", "temp_dir", "temp_file", "umask"]

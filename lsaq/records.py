@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
-from lsaq.atomic import temp_dir, temp_file
+from lsaq.atomic import temp_dir, temp_file, umask
 
 T = TypeVar("T")
 
@@ -40,12 +40,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -80,7 +74,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         for f in tmp.rglob("*"):  # writers that go through a private temporary file (safetensors) leave 0600
             if f.is_file() and not f.is_symlink():
-                f.chmod(0o666 & ~_umask())
+                f.chmod(0o666 & ~umask())
         if path.exists() or path.is_symlink():
             folder = path.is_dir() and not path.is_symlink()
             old = temp_dir(path) if folder else temp_file(path)  # the old contents go aside, then away

@@ -138,8 +138,8 @@ def test_quantize_killed_then_rerun(built, tmp_path):
 
 
 def test_download_killed_then_rerun(built, tmp_path):
-    argv = ["download", "--store", str(built / "store"), "--model", str(built / "model"), "--device", "test-1gib", "--to",
-            str(tmp_path / "dl")]
+    argv = ["download", "--store", str(built / "store"), "--model", str(built / "model"), "--device", "test-1gib",
+            "--to", str(tmp_path / "dl")]
     killed("download", argv)
     assert len(hidden(tmp_path)) == 1 and not (tmp_path / "dl").exists()
     assert main(argv) == 0

@@ -403,8 +403,8 @@ def calibrate(
 
     ``out`` gets ``calibration.json`` (schema ``lsaq.calibration``: the model's identity and the set's
     :class:`CalibrationInfo`, and ``memory``: the run's peak host memory, :func:`calibration_memory`) and
-    ``tokens.safetensors`` (``tokens``: ``[samples, seq_len]`` int64), both in one atomic directory write: ``out`` is replaced as a whole, so it must be new, empty or a calibration
-    directory. ``model`` None is the default model; ``source`` as for :func:`load_calibration`.
+    ``tokens.safetensors`` (``tokens``: ``[samples, seq_len]`` int64), both in one atomic directory write: ``out``
+    is replaced as a whole, so it must be new, empty or a calibration directory. ``model`` None is the default model; ``source`` as for :func:`load_calibration`.
     """
     from safetensors.torch import save_file
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lsaq.compute import RUNTIME_BYTES, Compute, step_bytes, within_max_memory
+from lsaq.compute import RUNTIME_BYTES, Compute, host_need, step_bytes, within_max_memory
 from lsaq.engine.logits import CHUNK, PASS_BYTES
 from lsaq.models.shapes import ModelShape
 
@@ -51,7 +51,7 @@ def eval_need(shape: ModelShape, seq_len: int, call_positions: int, models: int,
     memory at least, by part (bytes), with windows of ``seq_len`` tokens and ``call_positions`` tokens per layer
     call, in ``dtype``."""
     if compute.on_gpu:
-        return {"runtime": RUNTIME_BYTES, "one layer as read": shape.params_per_layer * 4}
+        return host_need(shape, call_positions, 0, compute)  # the runtime and a layer as read
     return {"runtime": RUNTIME_BYTES,
             f"one step of {models} model(s) (resident parts, a layer, a call's activations)":
                 models * step_bytes(shape, call_positions, dtype),

@@ -156,12 +156,11 @@ class S3Backend:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             log.info("aborted the multipart upload %s of s3://%s/%s left by an earlier run", upload_id[:12],
                      self.bucket, key)
-        except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) not in ("NoSuchUpload", "404"):
+        except (ClientError, BotoCoreError) as e:
+            code = str(e.response.get("Error", {}).get("Code")) if isinstance(e, ClientError) else ""
+            if code not in ("NoSuchUpload", "404"):  # one already gone is fine
                 log.warning("could not abort multipart upload %s of s3://%s/%s: %s", upload_id[:12], self.bucket,
                             key, e)
-        except BotoCoreError as e:
-            log.warning("could not abort multipart upload %s of s3://%s/%s: %s", upload_id[:12], self.bucket, key, e)
 
     def _clean_uploads(self, key: str) -> None:
         """Abort what killed uploads left: this machine's dead processes', and any of ``key`` past its age."""

@@ -49,14 +49,18 @@ class UploadRegistry:
 
     def __init__(self, root: Path, endpoint: str, bucket: str) -> None:
         self.root, self.endpoint, self.bucket = Path(root), endpoint, bucket
+        self.written: dict[str, list[Path]] = {}  # key -> the entries this process wrote for it
 
     def started(self, key: str, upload_id: str) -> None:
         """Write down an upload this process just created."""
         upload = Upload(self.endpoint, self.bucket, key, upload_id, host_tag(), os.getpid())
+        file = self.root / f"{upload.id}.json"
         try:
-            atomic_write_json(self.root / f"{upload.id}.json", asdict(upload))
+            atomic_write_json(file, asdict(upload))
         except OSError as e:  # a read-only cache only loses the clean-up after a kill
             log.warning("could not record multipart upload of %s in %s: %s", key, self.root, e)
+            return
+        self.written.setdefault(key, []).append(file)
 
     def entries(self) -> list[tuple[Path, Upload]]:
         """Every upload written down for this endpoint and bucket (unreadable entries skipped)."""
@@ -72,10 +76,9 @@ class UploadRegistry:
 
     def finished(self, key: str) -> None:
         """Cross out this process's uploads of ``key`` (its transfer returned: completed, or aborted by boto3)."""
-        for file, upload in self.entries():
-            if upload.key == key and upload.pid == os.getpid() and upload.host == host_tag():
-                with contextlib.suppress(FileNotFoundError):
-                    file.unlink()
+        for file in self.written.pop(key, ()):
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
 
     def sweep(self, abort: Callable[[str, str], None]) -> list[Upload]:
         """Abort (``abort(key, upload_id)``) the uploads of processes of this machine that no longer run, and cross
