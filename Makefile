@@ -7,9 +7,19 @@ OUT     ?= out
 
 .PHONY: setup run test test-quick bench infra-check clean
 
+# llama.cpp (GGUF builds) is compiled by pip from llama-cpp-python's sdist: about 3.5 min on 2 cores with only the
+# library. No -march=native (a library built on an AVX-512 machine dies with "Illegal instruction" on another CPU of
+# the same image): AVX2/FMA/F16C when this CPU has them, else the x86-64 baseline. --no-cache-dir: pip caches a
+# built wheel by version, not by these flags.
+LLAMA_SIMD := $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo && \
+	grep -qw f16c /proc/cpuinfo && echo -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF $(LLAMA_SIMD) -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir -c constraints.txt llama-cpp-python
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,0 +1,161 @@
+"""The llama.cpp runtime's byte model: the GGUF type each tensor of a plan is written in, and its exact bytes.
+
+A GGUF file stores each tensor in one ggml type. A row of ``n`` values (a linear weight ``[out, in]`` has ``out``
+rows of ``n = in``) is ``n / block`` blocks of ``type_size`` bytes (``gguf.GGML_QUANT_SIZES``); a type whose block
+does not divide the row cannot store it. lsaq's precisions become:
+
+* FP16 -> F16, or BF16 when the source model is bfloat16 (the 16-bit type the compressed-tensors build keeps).
+* INT8 -> Q8_0: blocks of 32 int8 codes with one fp16 scale (8.5 bits per weight).
+* INT4 -> by :class:`Int4Format`: Q4_K (super-blocks of 256 values, 8 sub-blocks of 32 with 6-bit scales and
+  minimums, 4.5 bits per weight; llama.cpp's quantizer), Q4_1 (blocks of 32, an fp16 scale and minimum, 5 bits) or
+  Q4_0 (blocks of 32, symmetric, an fp16 scale, 4.5 bits). Q4_K needs rows that are multiples of 256: a shorter or
+  ragged row takes Q4_1 instead (llama.cpp's own fallback would be Q5_0, 5.5 bits: not 4-bit).
+* Norm weights and biases: F32, as llama.cpp's converter writes every 1-D tensor.
+
+A tied model's GGUF has no ``output`` tensor (llama.cpp multiplies by ``token_embd``), whatever the embedding's
+type; it gets one only when the policy asks the head for another precision than the embedding.
+
+The file adds a header (metadata: architecture, tokenizer, chat template; tensor infos) and pads each tensor's
+data to 32 bytes; :func:`gguf_data_bytes` counts the padding, the header is known once written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
+
+from lsaq.choices import Choice
+from lsaq.models.shapes import HEAD_WEIGHT, ModelShape, TensorShape
+from lsaq.planning.memory import WeightPolicy
+from lsaq.precision import Precision
+
+GgmlType = GGMLQuantizationType
+K_BLOCK = 256  # values per K-quant super-block
+
+
+class Int4Format(Choice):
+    """How an INT4 tensor is stored in a GGUF build."""
+
+    Q4_K = "q4_k"  # rows that are multiples of 256; Q4_1 otherwise
+    Q4_1 = "q4_1"
+    Q4_0 = "q4_0"
+
+    @classmethod
+    def noun(cls) -> tuple[str, str]:
+        return "INT4 GGUF format", "formats"
+
+
+@dataclass(frozen=True)
+class GgufFormats:
+    """The GGUF types of a build: the 16-bit float type and the INT4 format (INT8 is always Q8_0)."""
+
+    float_type: str = "f16"  # "f16" or "bf16"
+    int4: Int4Format = Int4Format.Q4_K
+
+    def __post_init__(self) -> None:
+        if self.float_type not in ("f16", "bf16"):
+            raise ValueError(f"GGUF float type must be 'f16' or 'bf16', got {self.float_type!r}")
+        object.__setattr__(self, "int4", Int4Format.parse(self.int4))
+
+    @classmethod
+    def for_source(cls, declared_dtype: str | None, int4: Int4Format | str = Int4Format.Q4_K) -> "GgufFormats":
+        """BF16 for a bfloat16 source, F16 otherwise (float16, float32, a GGUF source)."""
+        return cls(float_type="bf16" if declared_dtype == "bfloat16" else "f16", int4=Int4Format.parse(int4))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"float_type": self.float_type, "int4": self.int4.value}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "GgufFormats":
+        return cls(float_type=obj["float_type"], int4=Int4Format.parse(obj["int4"]))
+
+
+def row_bytes(ggml_type: GgmlType, n: int) -> int:
+    """Bytes of one row of ``n`` values in ``ggml_type``; ``ValueError`` when its block does not divide ``n``."""
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    if n < 1 or n % block:
+        raise ValueError(f"a row of {n} values cannot be stored as {ggml_type.name} (blocks of {block})")
+    return n // block * size
+
+
+def weight_type(precision: Precision | str, row: int, formats: GgufFormats) -> GgmlType:
+    """The ggml type of a matrix with rows of ``row`` values stored at ``precision``."""
+    p = Precision.parse(precision)
+    if p is Precision.FP16:
+        return GgmlType.BF16 if formats.float_type == "bf16" else GgmlType.F16
+    if row % 32:  # every quantized type here has blocks of 32 or 256
+        raise ValueError(f"rows of {row} values are not a multiple of 32: GGUF cannot store them at {p.value}")
+    if p is Precision.INT8:
+        return GgmlType.Q8_0
+    if formats.int4 is Int4Format.Q4_K:
+        return GgmlType.Q4_K if row % K_BLOCK == 0 else GgmlType.Q4_1
+    return GgmlType.Q4_1 if formats.int4 is Int4Format.Q4_1 else GgmlType.Q4_0
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor of a GGUF build, by its transformers name: numpy shape ``[rows, row]`` (or ``[n]``), its type."""
+
+    name: str  # the transformers parameter name (the writer maps it to llama.cpp's)
+    shape: tuple[int, ...]
+    type: GgmlType
+
+    @property
+    def nbytes(self) -> int:
+        rows = 1
+        for d in self.shape[:-1]:
+            rows *= d
+        return rows * row_bytes(self.type, self.shape[-1])
+
+
+def _vector(t: TensorShape) -> GgufTensor:
+    return GgufTensor(t.name, t.shape, GgmlType.F32)
+
+
+def gguf_tensors(shape: ModelShape, precisions: Sequence[Precision], policy: WeightPolicy,
+                 formats: GgufFormats) -> list[GgufTensor]:
+    """Every tensor a GGUF build of ``shape`` stores, with decoder layer ``i`` at ``precisions[i]``: the embedding,
+    then each layer's linears (and biases) and norms, then the final norms and the head when stored."""
+    if len(precisions) != shape.num_layers:
+        raise ValueError(f"{len(precisions)} precisions given for a model with {shape.num_layers} layers")
+    vocab, hidden = shape.embed.shape
+    out = [GgufTensor(shape.embed.name, (vocab, hidden), weight_type(policy.embed, hidden, formats))]
+    for i, p in enumerate(precisions):
+        for lin in shape.layer_linears:
+            name = shape.layer_name(i, lin.name)
+            out.append(GgufTensor(f"{name}.weight", (lin.out_features, lin.in_features),
+                                  weight_type(p, lin.in_features, formats)))
+            if lin.bias:
+                out.append(GgufTensor(f"{name}.bias", (lin.out_features,), GgmlType.F32))
+        out.extend(_vector(TensorShape(shape.layer_name(i, t.name), t.shape)) for t in shape.layer_norms)
+    out.extend(_vector(t) for t in shape.final_norms)
+    head = shape.lm_head
+    if head is None and policy.head_precision is not policy.embed:
+        head = TensorShape(HEAD_WEIGHT, shape.embed.shape)
+    if head is not None:
+        out.append(GgufTensor(head.name, head.shape, weight_type(policy.head_precision, head.shape[1], formats)))
+    return out
+
+
+def padded(nbytes: int, alignment: int = GGUF_DEFAULT_ALIGNMENT) -> int:
+    """``nbytes`` rounded up to the file's alignment (each tensor's data starts aligned)."""
+    return -(-nbytes // alignment) * alignment
+
+
+def gguf_data_bytes(tensors: Sequence[GgufTensor]) -> int:
+    """The bytes of the file's data section: every tensor, each padded to the alignment."""
+    return sum(padded(t.nbytes) for t in tensors)
+
+
+def type_counts(tensors: Sequence[GgufTensor]) -> dict[str, int]:
+    """How many tensors of each ggml type, e.g. ``{"F32": 61, "Q4_K": 20, "Q8_0": 40}`` (for records and tests)."""
+    counts: dict[str, int] = {}
+    for t in tensors:
+        counts[t.type.name] = counts.get(t.type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+__all__ = ["GgmlType", "GgufFormats", "GgufTensor", "Int4Format", "K_BLOCK", "gguf_data_bytes", "gguf_tensors",
+           "padded", "row_bytes", "type_counts", "weight_type"]

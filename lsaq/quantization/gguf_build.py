@@ -1,0 +1,189 @@
+"""A GGUF build: one ``.gguf`` file that llama.cpp runs, each tensor in the type its plan gives it.
+
+The writer streams: the header (metadata and every tensor's name, shape, type and size, all known from the byte
+model of :mod:`lsaq.planning.ggml`) is written first, then each tensor is read from the source, quantized by
+llama.cpp's own quantizer (:mod:`lsaq.quantization.ggml_quant`) and appended; only one tensor is in memory at a
+time (float32 plus its encoding). Each tensor's bytes are checked against the byte model as it is written, so
+the file's data section is exactly :func:`lsaq.planning.ggml.gguf_data_bytes` of the plan.
+
+The source is a GGUF file (the default model, any llama.cpp model): its tensors are already in llama.cpp's names
+and layouts (dequantized to float32 by the ``gguf`` package, the values every lsaq stage reads), and its
+metadata (architecture, hyperparameters, tokenizer, chat template) is copied. Source tensors that no plan covers
+(e.g. ``rope_freqs``) are copied as they are. lsaq adds ``general.quantized_by`` and ``lsaq.precisions`` (one per
+decoder layer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from lsaq.atomic import temp_file
+from lsaq.models.gguf import dequantized
+from lsaq.models.shapes import ModelShape
+from lsaq.planning.ggml import GgmlType, GgufFormats, GgufTensor, gguf_data_bytes, gguf_tensors, type_counts
+from lsaq.planning.memory import WeightPolicy
+from lsaq.precision import Precision
+from lsaq.quantization.ggml_quant import check_llama_cpp, quantize_rows
+from lsaq.version import __version__
+
+GGUF_FILE = "model.gguf"
+SKIPPED_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+QUANT_ROWS = 4096  # rows quantized per call: bounds the float32 copy of a large matrix (an embedding)
+
+
+@dataclass(frozen=True)
+class GgufFile:
+    """What a GGUF build wrote: the file's size, its data section as predicted, the types of its tensors."""
+
+    path: Path
+    file_bytes: int
+    data_bytes: int  # the data section: every tensor padded to the alignment; equals the byte model's
+    types: dict[str, int] = field(default_factory=dict)  # ggml type name -> tensors
+    copied: tuple[str, ...] = ()  # source tensors no plan covers, copied unchanged
+
+    @property
+    def header_bytes(self) -> int:
+        """Metadata and tensor infos: what the file holds besides the data section."""
+        return self.file_bytes - self.data_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.path.name, "file_bytes": self.file_bytes, "data_bytes": self.data_bytes,
+                "header_bytes": self.header_bytes, "types": dict(self.types), "copied": list(self.copied)}
+
+
+def _text(field_: Any) -> str:
+    return bytes(field_.parts[field_.data[0]]).decode()
+
+
+def llama_names(shape: ModelShape, architecture: str) -> dict[str, str]:
+    """transformers name -> llama.cpp name for every tensor of ``shape`` (gguf's tensor name map of
+    ``architecture``); ``ValueError`` naming a tensor llama.cpp has no name for."""
+    import gguf
+
+    arch = next((a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture), None)
+    if arch is None:
+        raise ValueError(f"GGUF architecture {architecture!r} is unknown to the gguf package")
+    names = gguf.get_tensor_name_map(arch, shape.num_layers)
+    hf = [shape.embed.name, "lm_head.weight"] + [t.name for t in shape.final_norms]
+    for i in range(shape.num_layers):
+        for lin in shape.layer_linears:
+            hf += [shape.layer_name(i, f"{lin.name}.weight"), shape.layer_name(i, f"{lin.name}.bias")]
+        hf += [shape.layer_name(i, t.name) for t in shape.layer_norms]
+    out = {}
+    for name in hf:
+        mapped = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped is not None:
+            out[name] = mapped
+    return out
+
+
+def _copy_metadata(reader: Any, writer: Any, precisions: Sequence[Precision]) -> None:
+    import gguf
+
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name in SKIPPED_KEYS:
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    writer.add_file_type(gguf.LlamaFileType.GUESSED)  # a per-tensor mix is none of llama.cpp's named file types
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_string("general.quantized_by", f"lsaq {__version__}")
+    writer.add_array("lsaq.precisions", [p.value for p in precisions])
+
+
+def _encode(f: Any, source: Any, planned: GgufTensor) -> np.ndarray:
+    """The bytes of ``planned`` from ``source`` (a ``gguf.ReaderTensor``), quantized in blocks of rows."""
+    values = dequantized(f, source)  # float32 [rows, row] (or [n])
+    if values.shape != planned.shape:
+        raise ValueError(f"source tensor {source.name} has shape {list(values.shape)}, the plan expects "
+                         f"{list(planned.shape)}")
+    if values.ndim == 1:
+        return quantize_rows(values, planned.type)
+    parts = [quantize_rows(values[i:i + QUANT_ROWS], planned.type) for i in range(0, values.shape[0], QUANT_ROWS)]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def write_gguf(source: str | os.PathLike, shape: ModelShape, precisions: Sequence[Precision], policy: WeightPolicy,
+               formats: GgufFormats, out: str | os.PathLike) -> GgufFile:
+    """Write the GGUF build of ``source`` (a ``.gguf`` file) with decoder layer ``i`` at ``precisions[i]`` to the
+    file ``out`` (through a temporary beside it: nothing half-written is left under that name).
+
+    ``ValueError`` when the source lacks a planned tensor or holds it in another shape; ``LlamaCppMissing`` when
+    llama.cpp's quantizer is not installed (checked before anything is read)."""
+    import gguf
+
+    check_llama_cpp()
+    source, out = Path(source), Path(out)
+    planned = gguf_tensors(shape, precisions, policy, formats)
+    reader = gguf.GGUFReader(source)
+    architecture = _text(reader.fields["general.architecture"])
+    names = llama_names(shape, architecture)
+    by_name = {t.name: t for t in reader.tensors}
+    rows: list[tuple[str, GgufTensor, Any]] = []  # (llama.cpp name, planned tensor, source tensor)
+    for t in planned:
+        name = names.get(t.name)
+        if name is None:
+            raise ValueError(f"{source}: llama.cpp ({architecture}) has no tensor name for {t.name}")
+        src = by_name.get(name)
+        if src is None and name == "output.weight":  # a tied model's head, stored on its own by the policy
+            src = by_name.get(names[shape.embed.name])
+        if src is None:
+            raise ValueError(f"{source}: no tensor {name} (for {t.name})")
+        rows.append((name, t, src))
+    covered = {name for name, _, _ in rows}
+    copied = [t for t in reader.tensors if t.name not in covered]
+
+    tmp = temp_file(out)
+    try:
+        writer = gguf.GGUFWriter(tmp, architecture)
+        _copy_metadata(reader, writer, precisions)
+        for name, t, _ in rows:
+            writer.add_tensor_info(name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
+        for src in copied:
+            data = np.asarray(src.data)
+            writer.add_tensor_info(src.name, data.shape, data.dtype, int(src.n_bytes), raw_dtype=src.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with open(source, "rb") as f:
+            for name, t, src in rows:
+                data = _encode(f, src, t)
+                if data.nbytes != t.nbytes:  # the byte model and llama.cpp's quantizer disagree: a bug
+                    raise RuntimeError(f"{name}: {data.nbytes} bytes of {t.type.name}, the byte model says {t.nbytes}")
+                writer.write_tensor_data(data)
+        for src in copied:
+            writer.write_tensor_data(np.asarray(src.data))
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    data_bytes = gguf_data_bytes([t for _, t, _ in rows]) + sum(-(-int(s.n_bytes) // 32) * 32 for s in copied)
+    counts = type_counts([t for _, t, _ in rows] + [GgufTensor(s.name, (1,), GgmlType(int(s.tensor_type)))
+                                                    for s in copied])
+    return GgufFile(out, out.stat().st_size, data_bytes, counts, tuple(s.name for s in copied))
+
+
+def read_gguf_types(path: str | os.PathLike) -> dict[str, str]:
+    """llama.cpp tensor name -> ggml type name of every tensor in the GGUF file ``path`` (tests, verification)."""
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+def gguf_metadata(path: str | os.PathLike, keys: Sequence[str]) -> Mapping[str, Any]:
+    """The values of metadata ``keys`` present in the GGUF file ``path``."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    return {k: fields[k].contents() for k in keys if k in fields}
+
+
+__all__ = ["GGUF_FILE", "GgufFile", "gguf_metadata", "llama_names", "read_gguf_types", "write_gguf"]
