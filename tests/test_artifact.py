@@ -191,7 +191,8 @@ def test_quantize_stage_returns_the_record_of_what_it_wrote(tiny, tmp_path):
     assert art.tensor_bytes == art.predicted_tensor_bytes == plan.breakdown.weights
     assert set(art.files) == {p.name for p in (tmp_path / "art").iterdir()} - {MANIFEST}
     manifest = json.loads((tmp_path / "art" / MANIFEST).read_text())
-    assert "path" not in manifest and manifest["version"] == 3 and manifest["model"].get("config") is None
+    assert "path" not in manifest and manifest["version"] == 4 and manifest["format"] == "compressed-tensors"
+    assert manifest["model"].get("config") is None
     assert load_quantized(art.path).info.content_hash == loaded.info.content_hash
 
 

@@ -234,3 +234,73 @@ def test_llama_cpp_runs_the_build_like_its_dequantized_reference(mixed_gguf):
     assert (ref.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
     assert greedy.startswith(" Paris")
     assert greedy_ids[:3] == ref_ids[:3].tolist()
+
+
+# ------------------------------------------------------------------------------------ the quantize stage
+
+
+@pytest.fixture(scope="module")
+def gguf_plan(shared_gguf):
+    """A llama.cpp plan of the shared model (identity from its structure) with layers cycling FP16, INT8, INT4."""
+    import dataclasses
+
+    from lsaq.models.families import model_shape
+    from lsaq.models.identity import ModelRef
+    from lsaq.models.loading import empty_model, locate_model, model_info
+    from lsaq.planning.devices import budget_profile
+    from lsaq.planning.planner import PlanOptions, make_plan
+
+    located = locate_model(shared_gguf)
+    info = model_info(located, empty_model(located.load_dir))
+    shape = model_shape(located.config)
+    base = make_plan(shape, [1.0] * shape.num_layers, budget_profile("1GiB"),
+                     PlanOptions(context=512, runtime="llama.cpp"), model=ModelRef.from_info(info))
+    mix = (P.FP16, P.INT8, P.INT4)
+    return dataclasses.replace(base, precisions=tuple(mix[i % 3] for i in range(shape.num_layers)))
+
+
+@pytest.mark.model
+def test_quantize_writes_a_gguf_build(gguf_plan, tmp_path):
+    from lsaq.quantization.gguf_runtime import generate_gguf, gguf_build
+    from lsaq.quantization.record import Artifact
+    from lsaq.quantization.stage import quantize
+    from lsaq.quantization.verify import ArtifactError, verify_artifact
+
+    art = quantize(gguf_plan, tmp_path / "build")
+    assert art.gguf and art.runtimes == ("llama.cpp",) and art.dtype == "float16"  # a GGUF source: F16
+    assert art.tensor_bytes == art.predicted_tensor_bytes == gguf_plan.breakdown.weights
+    assert sorted(art.files) == ["Modelfile", "lsaq_plan.json", "model.gguf"]
+    assert art == Artifact.load(tmp_path / "build") and verify_artifact(tmp_path / "build")["format"] == "gguf"
+    assert (tmp_path / "build" / "Modelfile").read_text().splitlines()[1:] == [
+        "FROM ./model.gguf", "PARAMETER num_ctx 512", "PARAMETER num_batch 128"]
+    assert art.memory is not None and art.memory.peak_host_bytes > 0
+    assert gguf_build(tmp_path / "build")[1] == gguf_plan
+    gen = generate_gguf(tmp_path / "build", "The capital of France is", 4)
+    assert gen.text.startswith(" Paris") and gen.tokens == 4 and gen.peak_rss_bytes > 0
+    with open(tmp_path / "build" / "model.gguf", "r+b") as f:
+        f.truncate(art.files["model.gguf"][0] - 100)
+    with pytest.raises(ArtifactError, match="model.gguf: size .* differs from the recorded"):
+        gguf_build(tmp_path / "build")
+
+
+@pytest.mark.model
+def test_quantize_refuses_what_gguf_builds_cannot_take(gguf_plan, shared_gguf, tmp_path):
+    import dataclasses
+
+    from lsaq.quantization.stage import quantize
+
+    with pytest.raises(ValueError, match="quantizer 'gptq' is not available for GGUF builds"):
+        quantize(gguf_plan, tmp_path / "a", quantizer="gptq")
+    other = dataclasses.replace(gguf_plan, model=dataclasses.replace(gguf_plan.model, content_hash="0" * 64))
+    with pytest.raises(ValueError, match="plan was made for model .* with content hash 0000"):
+        quantize(other, tmp_path / "b", model=str(shared_gguf))
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_gguf_builds_come_from_gguf_sources(tmp_path):
+    from lsaq.quantization.gguf_build import check_gguf_source
+
+    with pytest.raises(ValueError, match=r"a GGUF build \(runtime llama.cpp\) is made from a GGUF source; .*/hf is a "
+                                         r"safetensors checkpoint: convert it with llama.cpp's convert_hf_to_gguf.py"):
+        check_gguf_source(tmp_path / "hf", "rtn")
+    check_gguf_source(tmp_path / "m.gguf", "RTN")

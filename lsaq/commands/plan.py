@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embed-precision", default="fp16", help="token embedding: fp16 (default), int8, int4; on a tied model, quantizing either side unties them "
                         "(both matrices stored)")
     p.add_argument("--head-precision", default=None, help="LM head: fp16, int8, int4 (default: as the embedding)")
+    p.add_argument("--runtime", default=None,
+                   help="what runs the build: transformers, vllm, llama.cpp (a GGUF file); default: the device's")
+    p.add_argument("--gguf-int4", default="q4_k",
+                   help="INT4 in a GGUF build: q4_k (rows of 256; else q4_1, default), q4_1, q4_0")
     p.add_argument("--wait-for-memory", type=float, default=None, metavar="SECONDS",
                    help="with --device local: poll until the plan's minimum requirement is free, up to SECONDS")
     p.add_argument("--compare", action="store_true", help="also print every strategy side by side (fits or not)")
@@ -63,13 +67,15 @@ def run_devices(args: argparse.Namespace) -> int:
         prof = d.profile()
         print(f"local -> {prof.describe()} [{prof.origin}]")
         return 0
-    rows = [(p.name, p.kind.value if p.kind else "-", format_bytes(p.memory), format_bytes(p.reserve),
+    rows = [(p.name, p.kind.value if p.kind else "-", p.runs.value, format_bytes(p.memory), format_bytes(p.reserve),
              format_bytes(p.usable), p.notes) for p in list_devices(args.device_file)]
-    rows.append(("local", "live", "-", "-", "-", "this machine, detected when used (lsaq devices --detect)"))
-    head = ("name", "kind", "memory", "reserve", "usable", "notes")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
+    rows.append(("local", "live", "transformers", "-", "-", "-",
+                 "this machine, detected when used (lsaq devices --detect)"))
+    head = ("name", "kind", "runtime", "memory", "reserve", "usable", "notes")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(6)]
     for r in [head] + rows:
-        print("  ".join(f"{c:<{w}}" if i in (0, 1) else f"{c:>{w}}" for i, (c, w) in enumerate(zip(r, widths))) + "  " + r[5])
+        print("  ".join(f"{c:<{w}}" if i in (0, 1, 2) else f"{c:>{w}}" for i, (c, w) in enumerate(zip(r, widths)))
+              + "  " + r[6])
     return 0
 
 
@@ -85,7 +91,8 @@ def build_options(args: argparse.Namespace):
     group = parse_group_size(args.group_size)
     policy = WeightPolicy(group_size=None if group == AUTO_GROUP else group, embed=args.embed_precision,
                           head=args.head_precision)
-    return PlanOptions(context=args.context, batch=args.batch, strategy=args.strategy, allowed=allowed, policy=policy)
+    return PlanOptions(context=args.context, batch=args.batch, strategy=args.strategy, allowed=allowed, policy=policy,
+                       runtime=args.runtime, gguf_int4=args.gguf_int4)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -126,6 +133,10 @@ def format_plan(plan) -> str:
     head = (o.policy.head_precision.value + (" (untied: both stored)" if untied else "")
             if plan.shape.lm_head or untied else "tied")
     group = f"int4 group size {o.policy.group_size}" if o.policy.group_size else "int4 per-channel"
+    if o.gguf:
+        group = f"GGUF for llama.cpp, int4 {o.gguf_int4.value}"
+    elif o.runtime is not None and o.runtime.value != "transformers":
+        group += f", runtime {o.runtime.value}"
     lines = [
         f"plan: {m.name} ({m.model_type}, {plan.shape.num_layers} layers) on {plan.device.describe()}",
         f"strategy {o.strategy.value}, context {o.context} x batch {o.batch}, allowed {'/'.join(p.value for p in o.allowed)}, "

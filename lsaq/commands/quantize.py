@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     compute_device_arg(q)
     q.set_defaults(func=run_quantize)
 
-    g = sub.add_parser("generate", help="greedy generation from an artifact on lsaq's packed runtime")
+    g = sub.add_parser("generate", help="greedy generation from an artifact: lsaq's packed runtime, or llama.cpp for "
+                                        "a GGUF build")
     g.add_argument("artifact", help="artifact directory from `lsaq quantize`")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=40)
@@ -56,6 +57,12 @@ def run_quantize(args: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
     policy = plan.options.policy
+    if art.gguf:
+        print(f"wrote {art.path} ({plan.mix}; GGUF, INT4 as {plan.options.gguf_int4.value}; embedding "
+              f"{policy.embed.value}, head {policy.head_precision.value}; {art.file_bytes / 2**20:.1f} MiB on disk) in "
+              f"{time.perf_counter() - start:.1f}s {art.memory.describe()}")
+        print(f"loads in: {', '.join(art.runtimes)} (model.gguf; ollama: `ollama create NAME -f {art.path}/Modelfile`)")
+        return 0
     shards = sum(name.endswith(".safetensors") for name in art.files)
     print(f"wrote {art.path} ({plan.mix}, {art.quantizer}; embedding {policy.embed.value}, "
           f"head {policy.head_precision.value}; {art.dtype}; {art.file_bytes / 2**20:.1f} MiB on disk in "
@@ -66,6 +73,18 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if (Path(args.artifact) / "model.gguf").is_file():  # llama.cpp, without torch in the process
+        from lsaq.quantization.gguf_runtime import generate_gguf
+
+        gen = generate_gguf(args.artifact, args.prompt, args.max_new_tokens)
+        print(args.prompt + gen.text)
+        print(f"\n{gen.tokens} tokens in {gen.seconds:.2f}s = {gen.tokens_per_second:.1f} tokens/s (llama.cpp); peak "
+              f"resident memory {gen.peak_rss_bytes / 2**20:.0f} MiB", file=sys.stderr)
+        return 0
     import psutil
     import torch
 
@@ -74,8 +93,6 @@ def run_generate(args: argparse.Namespace) -> int:
     dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
     if args.dtype not in dtypes:
         raise ValueError(f"unknown --dtype {args.dtype!r}; valid: {', '.join(dtypes)}")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     loaded = load_quantized(args.artifact, dtype=dtypes[args.dtype])
     tok = loaded.tokenizer
     ids = tok(args.prompt, return_tensors="pt")

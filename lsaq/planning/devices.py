@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from lsaq.choices import Choice
+from lsaq.runtime import Runtime
 from lsaq.units import format_bytes, parse_bytes
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ BUDGET = "budget"  # the pseudo-device of an explicit --budget
 RESERVED_NAMES = (LOCAL, BUDGET)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 REQUIRED_FIELDS = ("name", "memory", "kind", "reserve")
-OPTIONAL_FIELDS = ("notes", "source")
+OPTIONAL_FIELDS = ("runtime", "notes", "source")
+CATALOG_FIELDS = ("notes", "source")  # required of the shipped catalog
 FILE_KEYS = ("version", "devices")
 
 
@@ -55,6 +57,12 @@ class DeviceProfile:
     notes: str = ""
     source: str = ""
     origin: str = "catalog"  # "catalog", the device file's path, "detected: ...", or "--budget"
+    runtime: Runtime | None = None  # what runs a build there; None: not named (transformers)
+
+    @property
+    def runs(self) -> Runtime:
+        """The runtime a build for this device is made for unless a build names another."""
+        return self.runtime or Runtime.TRANSFORMERS
 
     @property
     def usable(self) -> int:
@@ -71,6 +79,7 @@ class DeviceProfile:
             "notes": self.notes,
             "source": self.source,
             "origin": self.origin,
+            **({"runtime": self.runtime.value} if self.runtime is not None else {}),  # unnamed: records keep their id
         }
 
     @classmethod
@@ -84,6 +93,7 @@ class DeviceProfile:
             notes=obj.get("notes", ""),
             source=obj.get("source", ""),
             origin=obj.get("origin", ""),
+            runtime=Runtime.parse(obj["runtime"]) if obj.get("runtime") is not None else None,
         )
 
     def describe(self) -> str:
@@ -156,7 +166,7 @@ def _profile(entry: Any, index: int, path: str, *, require_source: bool) -> Devi
     for key in entry:
         if key not in allowed:
             raise ValueError(f"{where}: unknown field {key!r}; valid fields: {', '.join(allowed)}")
-    required = REQUIRED_FIELDS + (OPTIONAL_FIELDS if require_source else ())
+    required = REQUIRED_FIELDS + (CATALOG_FIELDS if require_source else ())
     for key in required:
         if key not in entry:
             raise ValueError(f"{where}: missing field {key!r}")
@@ -177,9 +187,13 @@ def _profile(entry: Any, index: int, path: str, *, require_source: bool) -> Devi
     for key in OPTIONAL_FIELDS:
         if key in entry and not isinstance(entry[key], str):
             raise ValueError(f"{where}: field {key!r} must be text")
+    try:
+        runtime = Runtime.parse(entry["runtime"]) if "runtime" in entry else None
+    except ValueError as e:
+        raise ValueError(f"{where}: field 'runtime': {e}") from None
     return DeviceProfile(
         name=name, memory=memory, kind=kind, reserve=reserve,
-        notes=entry.get("notes", ""), source=entry.get("source", ""), origin=path,
+        notes=entry.get("notes", ""), source=entry.get("source", ""), origin=path, runtime=runtime,
     )
 
 

@@ -17,6 +17,13 @@ type; it gets one only when the policy asks the head for another precision than 
 
 The file adds a header (metadata: architecture, tokenizer, chat template; tensor infos) and pads each tensor's
 data to 32 bytes; :func:`gguf_data_bytes` counts the padding, the header is known once written.
+
+Run time (:func:`gguf_breakdown`, measured with llama-cpp-python 0.3.36 on the shared model): the weights are
+memory-mapped and all resident once used; the KV cache is fp16, ``2 * layers * kv_heads * head_dim * context *
+batch * 2`` (llama.cpp's "KV buffer size": 90.00 MiB at context 4096); the compute buffer holds float32 logits of
+every position of a step, ``4 * vocab * ubatch``, plus its activations (99.4 MiB at ubatch 512, 24.8 MiB at 128),
+so lsaq runs llama.cpp with :data:`UBATCH` tokens per step; the process itself (Python, llama-cpp-python, the
+tokenizer's caches) takes about :data:`RUNTIME_OVERHEAD`.
 """
 
 from __future__ import annotations
@@ -28,11 +35,13 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
 
 from lsaq.choices import Choice
 from lsaq.models.shapes import HEAD_WEIGHT, ModelShape, TensorShape
-from lsaq.planning.memory import WeightPolicy
+from lsaq.planning.memory import MemoryBreakdown, WeightPolicy, kv_cache_bytes
 from lsaq.precision import Precision
 
 GgmlType = GGMLQuantizationType
 K_BLOCK = 256  # values per K-quant super-block
+UBATCH = 128  # tokens per llama.cpp compute step (n_batch = n_ubatch) when lsaq runs a GGUF build
+RUNTIME_OVERHEAD = 64 * 2**20  # the llama.cpp process besides weights, KV cache and compute buffer (measured: 63 MiB)
 
 
 class Int4Format(Choice):
@@ -157,5 +166,60 @@ def type_counts(tensors: Sequence[GgufTensor]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-__all__ = ["GgmlType", "GgufFormats", "GgufTensor", "Int4Format", "K_BLOCK", "gguf_data_bytes", "gguf_tensors",
+def compute_bytes(shape: ModelShape, context: int, batch: int) -> int:
+    """llama.cpp's compute buffer for steps of ``min(UBATCH, context) * batch`` tokens: float32 logits of each and
+    its activations inside one layer (residual, normed input, attention and MLP outputs, q/k/v, gate/up/product)."""
+    tokens = min(UBATCH, context) * batch
+    s = shape
+    attention = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+    per_token = s.vocab_size + 4 * s.hidden_size + attention + 3 * s.intermediate_size
+    return 4 * tokens * per_token
+
+
+def gguf_breakdown(shape: ModelShape, precisions: Sequence[Precision], policy: WeightPolicy, formats: GgufFormats,
+                   *, context: int, batch: int, reserve: int = 0, kv_bytes: int = 2) -> MemoryBreakdown:
+    """The :class:`~lsaq.planning.memory.MemoryBreakdown` of a GGUF build run by llama.cpp. Tensor bytes are padded
+    as in the file; ``workspace`` is the compute buffer plus :data:`RUNTIME_OVERHEAD`."""
+    tensors = {t.name: padded(t.nbytes) for t in gguf_tensors(shape, precisions, policy, formats)}
+    layers = []
+    for i in range(shape.num_layers):
+        prefix = shape.layer_name(i, "")
+        layers.append(sum(n for name, n in tensors.items() if name.startswith(prefix)))
+    norms = sum(n for name, n in tensors.items()
+                if name.startswith(f"{shape.layer_prefix}.") and any(name.endswith(t.name) for t in shape.layer_norms))
+    head = HEAD_WEIGHT if shape.lm_head is None else shape.lm_head.name
+    return MemoryBreakdown(
+        layers=tuple(layers),
+        layer_linears=sum(layers) - norms,
+        layer_norms=norms,
+        embeddings=tensors[shape.embed.name],
+        lm_head=tensors.get(head, 0),
+        final_norm=sum(tensors[t.name] for t in shape.final_norms),
+        kv_cache=kv_cache_bytes(shape, context, batch, kv_bytes),
+        workspace=compute_bytes(shape, context, batch) + RUNTIME_OVERHEAD,
+        reserve=reserve,
+    )
+
+
+def layer_bytes(shape: ModelShape, precision: Precision, formats: GgufFormats) -> int:
+    """Bytes (padded) of one decoder layer's linear weights and biases at ``precision``."""
+    total = 0
+    for lin in shape.layer_linears:
+        total += padded(lin.out_features * row_bytes(weight_type(precision, lin.in_features, formats), lin.in_features))
+        total += padded(4 * lin.out_features) if lin.bias else 0
+    return total
+
+
+def gguf_average_bits(shape: ModelShape, precisions: Sequence[Precision], policy: WeightPolicy,
+                      formats: GgufFormats) -> dict[str, float]:
+    """As :func:`lsaq.planning.memory.average_bits`, for the GGUF build's tensors (unpadded)."""
+    by_name = {t.name: t.nbytes for t in gguf_tensors(shape, precisions, policy, formats)}
+    linear = sum(by_name[shape.layer_name(i, f"{lin.name}.weight")]
+                 for i in range(shape.num_layers) for lin in shape.layer_linears)
+    return {"quantizable_linears": 8 * linear / (shape.num_layers * shape.linear_params_per_layer),
+            "all_weights": 8 * sum(by_name.values()) / shape.num_params}
+
+
+__all__ = ["RUNTIME_OVERHEAD", "UBATCH", "compute_bytes", "gguf_average_bits", "gguf_breakdown", "layer_bytes",
+           "GgmlType", "GgufFormats", "GgufTensor", "Int4Format", "K_BLOCK", "gguf_data_bytes", "gguf_tensors",
            "padded", "row_bytes", "type_counts", "weight_type"]

@@ -12,7 +12,7 @@ importance reference, device, options, the per-layer linear shapes, per-layer pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +22,8 @@ from lsaq.methods import UNIFORM_IMPORTANCE, ImportanceRef, ranking
 from lsaq.models.identity import ModelRef
 from lsaq.models.shapes import ModelShape
 from lsaq.planning.devices import DeviceProfile, load_catalog
+from lsaq.planning.ggml import GgufFormats, Int4Format, compute_bytes, gguf_average_bits, gguf_breakdown, layer_bytes
+from lsaq.planning.ggml import RUNTIME_OVERHEAD
 from lsaq.planning.memory import (
     FP16_BYTES,
     MemoryBreakdown,
@@ -47,6 +49,7 @@ from lsaq.planning.solvers import (
     predicted_loss,
 )
 from lsaq.precision import Precision
+from lsaq.runtime import Runtime
 from lsaq.records import atomic_write_json, canonical_json, decode_record, read_record, sha256_hex
 from lsaq.units import format_bytes
 
@@ -92,9 +95,13 @@ class PlanOptions:
     policy: WeightPolicy = field(default_factory=WeightPolicy)
     kv_bytes: int = FP16_BYTES  # bytes per cached K/V value
     quality: Mapping[Precision, float] = field(default_factory=default_quality)
+    runtime: Runtime | None = None  # what runs the build (its format, byte and memory model); None: the device's
+    gguf_int4: Int4Format = Int4Format.Q4_K  # how a GGUF build stores INT4 (runtime llama.cpp only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
+        object.__setattr__(self, "runtime", None if self.runtime is None else Runtime.parse(self.runtime))
+        object.__setattr__(self, "gguf_int4", Int4Format.parse(self.gguf_int4))
         object.__setattr__(self, "allowed", tuple(precision_levels(self.allowed)))
         for name in ("context", "batch", "kv_bytes"):
             v = getattr(self, name)
@@ -107,10 +114,24 @@ class PlanOptions:
         object.__setattr__(self, "quality", q)
 
     def with_policy(self, policy: WeightPolicy) -> "PlanOptions":
-        return PlanOptions(self.context, self.batch, self.strategy, self.allowed, policy, self.kv_bytes, self.quality)
+        return replace(self, policy=policy)
+
+    @property
+    def gguf(self) -> bool:
+        """Whether the build is a GGUF file (runtime llama.cpp)."""
+        return self.runtime is not None and self.runtime.gguf
+
+    def for_device(self, device: DeviceProfile) -> "PlanOptions":
+        """These options with the runtime resolved: the one asked for, else the device's."""
+        return self if self.runtime is not None else replace(self, runtime=device.runs)
+
+    @property
+    def gguf_formats(self) -> GgufFormats:
+        """The GGUF types whose bytes a llama.cpp plan counts (F16 and BF16 take the same bytes)."""
+        return GgufFormats(int4=self.gguf_int4)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "context": self.context,
             "batch": self.batch,
             "strategy": self.strategy.value,
@@ -119,6 +140,11 @@ class PlanOptions:
             "kv_bytes_per_value": self.kv_bytes,
             "quality": {p.value: v for p, v in self.quality.items()},
         }
+        if self.runtime not in (None, Runtime.TRANSFORMERS):  # plans for transformers keep their shape and id
+            obj["runtime"] = self.runtime.value
+            if self.gguf:
+                obj["gguf_int4"] = self.gguf_int4.value
+        return obj
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "PlanOptions":
@@ -126,6 +152,7 @@ class PlanOptions:
             context=obj["context"], batch=obj["batch"], strategy=obj["strategy"],
             allowed=tuple(Precision.parse(p) for p in obj["allowed"]), policy=WeightPolicy.from_json(obj),
             kv_bytes=obj["kv_bytes_per_value"], quality={Precision.parse(k): v for k, v in obj["quality"].items()},
+            runtime=obj.get("runtime", Runtime.TRANSFORMERS.value), gguf_int4=obj.get("gguf_int4", "q4_k"),
         )
 
 
@@ -144,7 +171,29 @@ class Budget:
         return self.fixed + num_layers * min(self.layer_costs[p] for p in levels)
 
 
+def breakdown_for(shape: ModelShape, precisions: Sequence[Precision], options: PlanOptions,
+                  reserve: int = 0) -> MemoryBreakdown:
+    """The bytes of ``shape`` at ``precisions`` in the format and at run time of ``options.runtime``."""
+    o = options
+    if o.gguf:
+        return gguf_breakdown(shape, precisions, o.policy, o.gguf_formats, context=o.context, batch=o.batch,
+                              reserve=reserve, kv_bytes=o.kv_bytes)
+    return memory_breakdown(shape, precisions, o.policy, context=o.context, batch=o.batch, reserve=reserve,
+                            kv_bytes=o.kv_bytes)
+
+
+def workspace_for(shape: ModelShape, options: PlanOptions, context: int) -> int:
+    """Run-time bytes besides weights and KV cache at ``context``: the runtime's workspace (and own overhead)."""
+    if options.gguf:
+        return compute_bytes(shape, context, options.batch) + RUNTIME_OVERHEAD
+    return workspace_bytes(shape, context, options.batch)
+
+
 def budget_for(shape: ModelShape, options: PlanOptions) -> Budget:
+    if options.gguf:
+        bd = breakdown_for(shape, [Precision.INT4] * shape.num_layers, options)
+        return Budget(bd.required - bd.layer_linears,
+                      {p: layer_bytes(shape, p, options.gguf_formats) for p in Precision})
     embed, head = embedding_bytes(shape, options.policy)
     fixed = (
         embed + head + shape.num_layers * layer_norm_bytes(shape) + sum(t.numel * FP16_BYTES for t in shape.final_norms)
@@ -191,10 +240,10 @@ def infeasible_error(shape: ModelShape, options: PlanOptions, device: DeviceProf
     b, usable = budget_for(shape, options), device.usable
     need = b.min_required(levels, shape.num_layers)
     kv = kv_cache_bytes(shape, options.context, options.batch, options.kv_bytes)
-    ws = workspace_bytes(shape, options.context, options.batch)
+    ws = workspace_for(shape, options, options.context)
 
-    def runtime(ctx: int) -> int:  # KV cache + workspace: affine in the context length
-        return kv_cache_bytes(shape, ctx, options.batch, options.kv_bytes) + workspace_bytes(shape, ctx, options.batch)
+    def runtime(ctx: int) -> int:  # KV cache + workspace: affine in the context length (below llama.cpp's UBATCH)
+        return kv_cache_bytes(shape, ctx, options.batch, options.kv_bytes) + workspace_for(shape, options, ctx)
 
     weights, per_token = need - kv - ws, runtime(2) - runtime(1)
     max_ctx = 1 + (usable - weights - runtime(1)) // per_token if usable >= weights + runtime(1) else 0
@@ -239,9 +288,7 @@ class Plan:
 
     @property
     def breakdown(self) -> MemoryBreakdown:
-        o = self.options
-        return memory_breakdown(self.shape, self.precisions, o.policy, context=o.context, batch=o.batch,
-                                reserve=self.device.reserve, kv_bytes=o.kv_bytes)
+        return breakdown_for(self.shape, self.precisions, self.options, self.device.reserve)
 
     @property
     def headroom(self) -> int:
@@ -254,7 +301,10 @@ class Plan:
 
     @property
     def avg_bits(self) -> dict[str, float]:
-        return average_bits(self.shape, self.precisions, self.options.policy)
+        o = self.options
+        if o.gguf:
+            return gguf_average_bits(self.shape, self.precisions, o.policy, o.gguf_formats)
+        return average_bits(self.shape, self.precisions, o.policy)
 
     @property
     def objective(self) -> float:
@@ -361,13 +411,14 @@ def make_plan(
 
     ``loss`` (per layer ``{precision: measured loss}``, :meth:`lsaq.importance.cost.LayerLoss.table`) is what the
     ``measured`` strategy minimises; the plan records it and the predicted total."""
-    options = options or PlanOptions()
+    options = (options or PlanOptions()).for_device(device)
     if model is None:
         model = ModelRef(id=None, model_type=shape.model_type, num_layers=shape.num_layers)
     elif (model.model_type, model.num_layers) != (shape.model_type, shape.num_layers):
         raise ValueError(f"model {model.name!r} is a {model.num_layers}-layer {model.model_type}, but the shapes to plan "
                          f"are a {shape.num_layers}-layer {shape.model_type}")
-    check_group_divides(shape, options.policy.group_size)
+    if not options.gguf:  # GGUF types have their own blocks (lsaq.planning.ggml)
+        check_group_divides(shape, options.policy.group_size)
     assign, info = assign_precisions(shape, importance, device.usable, options, loss)
     if assign is None:
         raise infeasible_error(shape, options, device, model.name)

@@ -309,8 +309,7 @@ def compare_strategies(
     for s in Strategy:
         if s is Strategy.MEASURED and record is None:
             continue
-        opts = PlanOptions(options.context, options.batch, s, options.allowed, options.policy, options.kv_bytes,
-                           options.quality)
+        opts = dataclasses.replace(options, strategy=s).for_device(profile)
         try:
             p = make_plan(inputs.shape, inputs.importance.values, profile, opts, model=inputs.model,
                           importance_ref=inputs.importance.ref, loss=table if s is Strategy.MEASURED else None,
@@ -320,4 +319,4 @@ def compare_strategies(
             levels: list[Precision] = [s.uniform] if s.uniform else list(options.allowed)
             need = budget_for(inputs.shape, opts).min_required(levels, inputs.shape.num_layers)
             rows.append(StrategyRow(s, None, need, profile.usable - need))
-    return Comparison(inputs.model, profile, options, tuple(rows))
+    return Comparison(inputs.model, profile, options.for_device(profile), tuple(rows))

@@ -25,14 +25,18 @@ import numpy as np
 
 from lsaq.atomic import temp_file
 from lsaq.models.gguf import dequantized
+from lsaq.models.identity import ModelRef
 from lsaq.models.shapes import ModelShape
-from lsaq.planning.ggml import GgmlType, GgufFormats, GgufTensor, gguf_data_bytes, gguf_tensors, type_counts
+from lsaq.planning.ggml import (UBATCH, GgmlType, GgufFormats, GgufTensor, gguf_data_bytes, gguf_tensors, padded,
+                                type_counts)
 from lsaq.planning.memory import WeightPolicy
-from lsaq.precision import Precision
+from lsaq.planning.planner import Plan
+from lsaq.precision import Precision, Quantizer
 from lsaq.quantization.ggml_quant import check_llama_cpp, quantize_rows
+from lsaq.quantization.record import GGUF, GGUF_WEIGHTS, LLAMA_CPP_RUNTIME, MANIFEST, MODELFILE, PLAN, Artifact
+from lsaq.records import atomic_dir, atomic_write_bytes, atomic_write_json, file_sha256
 from lsaq.version import __version__
 
-GGUF_FILE = "model.gguf"
 SKIPPED_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 QUANT_ROWS = 4096  # rows quantized per call: bounds the float32 copy of a large matrix (an embedding)
 
@@ -43,9 +47,15 @@ class GgufFile:
 
     path: Path
     file_bytes: int
-    data_bytes: int  # the data section: every tensor padded to the alignment; equals the byte model's
+    data_bytes: int  # the data section as written: every tensor padded to the alignment
     types: dict[str, int] = field(default_factory=dict)  # ggml type name -> tensors
     copied: tuple[str, ...] = ()  # source tensors no plan covers, copied unchanged
+    copied_bytes: int = 0  # their share of the data section
+
+    @property
+    def planned_bytes(self) -> int:
+        """The data section's planned tensors: what the byte model predicts."""
+        return self.data_bytes - self.copied_bytes
 
     @property
     def header_bytes(self) -> int:
@@ -54,7 +64,8 @@ class GgufFile:
 
     def to_json(self) -> dict[str, Any]:
         return {"file": self.path.name, "file_bytes": self.file_bytes, "data_bytes": self.data_bytes,
-                "header_bytes": self.header_bytes, "types": dict(self.types), "copied": list(self.copied)}
+                "header_bytes": self.header_bytes, "types": dict(self.types), "copied": list(self.copied),
+                "copied_bytes": self.copied_bytes}
 
 
 def _text(field_: Any) -> str:
@@ -151,24 +162,71 @@ def write_gguf(source: str | os.PathLike, shape: ModelShape, precisions: Sequenc
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        written = copied_bytes = 0
         with open(source, "rb") as f:
             for name, t, src in rows:
                 data = _encode(f, src, t)
                 if data.nbytes != t.nbytes:  # the byte model and llama.cpp's quantizer disagree: a bug
                     raise RuntimeError(f"{name}: {data.nbytes} bytes of {t.type.name}, the byte model says {t.nbytes}")
                 writer.write_tensor_data(data)
+                written += padded(data.nbytes)
         for src in copied:
-            writer.write_tensor_data(np.asarray(src.data))
+            data = np.asarray(src.data)
+            writer.write_tensor_data(data)
+            copied_bytes += padded(data.nbytes)
         writer.close()
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    data_bytes = gguf_data_bytes([t for _, t, _ in rows]) + sum(-(-int(s.n_bytes) // 32) * 32 for s in copied)
     counts = type_counts([t for _, t, _ in rows] + [GgufTensor(s.name, (1,), GgmlType(int(s.tensor_type)))
                                                     for s in copied])
-    return GgufFile(out, out.stat().st_size, data_bytes, counts, tuple(s.name for s in copied))
+    return GgufFile(out, out.stat().st_size, written + copied_bytes, counts, tuple(s.name for s in copied),
+                    copied_bytes)
+
+
+def check_gguf_source(path: Path, quantizer: Quantizer | str) -> None:
+    """``ValueError`` (before any weight is read) unless a GGUF build can be made from ``path`` with ``quantizer``."""
+    if Quantizer.parse(quantizer) is not Quantizer.RTN:
+        raise ValueError(f"quantizer {Quantizer.parse(quantizer).value!r} is not available for GGUF builds (runtime "
+                         "llama.cpp): llama.cpp's quantizer chooses their codes; use rtn")
+    if path.suffix != ".gguf":
+        raise ValueError(f"a GGUF build (runtime llama.cpp) is made from a GGUF source; {path} is a safetensors "
+                         "checkpoint: convert it with llama.cpp's convert_hf_to_gguf.py (--outtype bf16) and give "
+                         "that file as the model, or build for --runtime transformers")
+
+
+def modelfile(plan: Plan) -> str:
+    """ollama's recipe for the build: the file, and the context and batch the plan's memory was counted at (the
+    chat template and stop tokens are in the GGUF's metadata)."""
+    o = plan.options
+    return (f"# {plan.model.name} for {plan.device.name}: {plan.mix} (lsaq plan {plan.id[:12]})\n"
+            f"FROM ./{GGUF_WEIGHTS}\nPARAMETER num_ctx {o.context}\nPARAMETER num_batch {min(UBATCH, o.context)}\n")
+
+
+def write_gguf_artifact(source: Path, declared_dtype: str | None, plan: Plan, model: ModelRef,
+                        out_dir: str | os.PathLike) -> Path:
+    """The build directory of a llama.cpp ``plan``: ``model.gguf``, ``Modelfile``, the plan and the manifest,
+    written atomically (:func:`lsaq.records.atomic_dir`)."""
+    formats = GgufFormats.for_source(declared_dtype, plan.options.gguf_int4)
+    predicted = gguf_data_bytes(gguf_tensors(plan.shape, plan.precisions, plan.options.policy, formats))
+    with atomic_dir(out_dir) as tmp:
+        built = write_gguf(source, plan.shape, plan.precisions, plan.options.policy, formats, tmp / GGUF_WEIGHTS)
+        if built.planned_bytes != predicted:  # the byte model promised these bytes: a difference is a bug
+            raise AssertionError(f"GGUF tensors take {built.planned_bytes} bytes, the byte model says {predicted}")
+        atomic_write_bytes(tmp / MODELFILE, modelfile(plan).encode())
+        plan.save(tmp / PLAN)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        record = Artifact(
+            path=Path(out_dir), plan_id=plan.id, model=model,
+            dtype="bfloat16" if formats.float_type == "bf16" else "float16",
+            files={f: ((tmp / f).stat().st_size, file_sha256(tmp / f)) for f in files},
+            tensor_bytes=built.planned_bytes, predicted_tensor_bytes=predicted, runtimes=(LLAMA_CPP_RUNTIME,),
+            lsaq_version=__version__, quantizer=Quantizer.RTN.value, format=GGUF,
+        )
+        atomic_write_json(tmp / MANIFEST, record.manifest_json())
+    return Path(out_dir)
 
 
 def read_gguf_types(path: str | os.PathLike) -> dict[str, str]:
@@ -186,4 +244,5 @@ def gguf_metadata(path: str | os.PathLike, keys: Sequence[str]) -> Mapping[str, 
     return {k: fields[k].contents() for k in keys if k in fields}
 
 
-__all__ = ["GGUF_FILE", "GgufFile", "gguf_metadata", "llama_names", "read_gguf_types", "write_gguf"]
+__all__ = ["GgufFile", "check_gguf_source", "gguf_metadata", "llama_names", "modelfile", "read_gguf_types",
+           "write_gguf", "write_gguf_artifact"]

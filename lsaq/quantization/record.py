@@ -7,8 +7,10 @@ directory can be moved or copied and still describe itself.
 Version 2 added ``dtype`` (the 16-bit float the artifact stores) and ``runtimes``, and records the model as a
 :class:`~lsaq.models.identity.ModelRef`; version 1 manifests (always float16) still load. Version 3 added
 ``quantizer`` (how the codes were chosen: ``rtn`` or ``gptq``) and ``calibration`` (the hash of GPTQ's calibration
-tokens); older manifests are ``rtn``. The record (:meth:`Artifact.to_json`) adds the directory and the quantize run's
-peak host memory, which the manifest leaves out.
+tokens); older manifests are ``rtn``. Version 4 added ``format``: ``compressed-tensors`` (older manifests) or
+``gguf`` (one ``model.gguf`` for llama.cpp, :mod:`lsaq.quantization.gguf_build`). The record
+(:meth:`Artifact.to_json`) adds the directory and the quantize run's peak host memory, which the manifest leaves
+out.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ PLAN = "lsaq_plan.json"
 WEIGHTS = "model.safetensors"  # the weights of a one-shard artifact
 WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded artifact's index (transformers' names)
 REQUIRED = ("config.json", PLAN, MANIFEST)  # and the weights: WEIGHTS or WEIGHTS_INDEX with its shards
-SCHEMA, VERSION = "lsaq.quantization.artifact", 3
+GGUF_WEIGHTS = "model.gguf"  # a GGUF build's one weights file
+MODELFILE = "Modelfile"  # ollama's recipe beside it
+GGUF_REQUIRED = (GGUF_WEIGHTS, PLAN, MANIFEST)
+SCHEMA, VERSION = "lsaq.quantization.artifact", 4
+COMPRESSED_TENSORS, GGUF = "compressed-tensors", "gguf"  # the formats of a build
+LLAMA_CPP_RUNTIME = "llama.cpp"
 # Runtimes that load an artifact: lsaq's own (lsaq.quantization.reader.load_quantized) always; stock
 # transformers + compressed-tensors unless it holds a tensor form they cannot load (see runtimes_for_plan).
 LSAQ_RUNTIME, STOCK_RUNTIME = "lsaq", "transformers"
@@ -49,6 +56,7 @@ class Artifact:
     lsaq_version: str = __version__
     quantizer: str = "rtn"  # how the integer codes were chosen (lsaq.precision.Quantizer)
     calibration: str | None = None  # hash of the calibration tokens a calibrated quantizer used
+    format: str = COMPRESSED_TENSORS  # or GGUF
     # where the run that wrote it computed and its peak host and device memory (lsaq.resources.PeakMemory): in the
     # stage's record, not in the manifest, which describes the files (the same plan gives the same bytes whatever
     # memory the run took); records of the same files are equal whatever their runs took
@@ -65,6 +73,13 @@ class Artifact:
         object.__setattr__(self, "runtimes", tuple(self.runtimes))
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"unknown artifact dtype {self.dtype!r}; valid: {', '.join(STORAGE_DTYPES)}")
+        if self.format not in (COMPRESSED_TENSORS, GGUF):
+            raise ValueError(f"unknown artifact format {self.format!r}; valid: {COMPRESSED_TENSORS}, {GGUF}")
+
+    @property
+    def gguf(self) -> bool:
+        """Whether the build is one GGUF file for llama.cpp."""
+        return self.format == GGUF
 
     @property
     def file_bytes(self) -> int:
@@ -86,6 +101,7 @@ class Artifact:
             "predicted_tensor_bytes": self.predicted_tensor_bytes,
             "quantizer": self.quantizer,
             "calibration": self.calibration,
+            "format": self.format,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -111,6 +127,7 @@ class Artifact:
             lsaq_version=obj.get("lsaq_version", "?"),
             quantizer=obj.get("quantizer", "rtn"),
             calibration=obj.get("calibration"),
+            format=obj.get("format", COMPRESSED_TENSORS),
             memory=RunMemory.from_json(obj.get("memory")),
         )
 

@@ -24,8 +24,10 @@ from lsaq.models.identity import ModelRef
 from lsaq.engine.checkpoint import Checkpoint
 from lsaq.engine.skeleton import Skeleton
 from lsaq.engine.writer import DEFAULT_MAX_SHARD_BYTES
-from lsaq.models.loading import generation_config, load_tokenizer, locate_model, model_info
+from lsaq.models.loading import empty_model, generation_config, load_tokenizer, locate_model, model_info
+from lsaq.models.parts import decoder_parts
 from lsaq.planning.planner import Plan
+from lsaq.quantization.apply import check_plan
 from lsaq.quantization.artifact import write_streamed_artifact
 from lsaq.quantization.record import Artifact
 from lsaq.precision import Quantizer
@@ -83,6 +85,8 @@ def quantize(
     size): the host memory the run may use; refused before any layer is read when one layer's step needs more.
     """
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if plan.options.gguf:
+        return quantize_gguf(plan, out, model=model, quantizer=quantizer)
     quantizer = check_quantizer(quantizer, calibration)  # before the model loads
     shard_bytes = check_shard_size(max_shard_size)
     check_compute_device(compute_device)
@@ -109,6 +113,32 @@ def quantize(
     artifact = replace(Artifact.load(path), memory=peak.record(compute.device, compute.dtype))
     log.info("quantized %s into %s (%s, %s; %d tensor bytes, %s) in %.1fs, peak host memory %s", info.id, path,
              plan.mix, quantizer.value, artifact.tensor_bytes, artifact.dtype, time.perf_counter() - start,
+             format_bytes(peak.host_bytes) if peak.host_bytes is not None else "unknown")
+    return artifact
+
+
+def quantize_gguf(plan: Plan, out: str | Path, *, model: str | None = None,
+                  quantizer: Quantizer | str = Quantizer.RTN) -> Artifact:
+    """The GGUF build of a llama.cpp ``plan`` (:func:`lsaq.quantization.gguf_build.write_gguf_artifact`) in the
+    directory ``out``, from ``model`` or the plan's own; refused, before any weight is read, for a plan made for
+    other weights, a safetensors source or a quantizer other than rtn."""
+    from lsaq.quantization.gguf_build import check_gguf_source, write_gguf_artifact
+    from lsaq.quantization.ggml_quant import check_llama_cpp
+
+    source = model if model is not None else plan_model_source(plan.model)
+    start = time.perf_counter()
+    with PeakMemory() as peak:
+        located = locate_model(source)
+        check_gguf_source(located.path, quantizer)
+        check_llama_cpp()
+        empty = empty_model(located.load_dir)  # the structure, no weights: the identity and the plan's check
+        info = model_info(located, empty)
+        check_plan(plan, info, decoder_parts(empty))
+        del empty
+        path = write_gguf_artifact(located.path, located.declared_dtype, plan, ModelRef.from_info(info), out)
+    artifact = replace(Artifact.load(path), memory=peak.record(torch.device("cpu"), torch.float32))
+    log.info("built %s as GGUF into %s (%s; %d tensor bytes) in %.1fs, peak host memory %s", info.id, path, plan.mix,
+             artifact.tensor_bytes, time.perf_counter() - start,
              format_bytes(peak.host_bytes) if peak.host_bytes is not None else "unknown")
     return artifact
 
