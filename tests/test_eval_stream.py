@@ -15,7 +15,7 @@ from conftest import (WIDE_LLAMA, WIDE_PARAMS, kl_noise, logit_noise, lsaq_peak_
 from lsaq.engine.checkpoint import Checkpoint
 from lsaq.engine.logits import branch_logits
 from lsaq.engine.skeleton import Resident, Skeleton
-from lsaq.eval.fidelity import fidelity, stream_fidelity
+from lsaq.eval.fidelity import fidelity, stream_fidelity, stream_fidelity_to
 from lsaq.eval.perplexity import perplexity, stream_window_nll, window_nll
 from lsaq.models.families import SUPPORTED_MODEL_TYPES
 from lsaq.models.parts import decoder_parts
@@ -66,6 +66,20 @@ def test_streamed_fidelity_equals_the_whole_models(shared_pair):
     # an argmax flips only where two logits tie within the noise: none on 768 positions of real text
     assert abs(streamed.top1_agreement - whole.top1_agreement) <= 2 / whole.positions
     assert 0.05 < whole.kl_mean < 2.0  # the INT4 layers move the distributions: not a vacuous comparison
+    # a candidate that gives one window's logits at a time (a GGUF build in llama.cpp): chunks of 100 positions
+    # span two windows of 256, and the windows are asked for in order, each once
+    asked = []
+
+    def one_window(row: torch.Tensor) -> torch.Tensor:
+        asked.append(row)
+        with torch.no_grad():
+            return quant.model(input_ids=row[None]).logits[0]
+
+    by_window = stream_fidelity_to(skeleton, one_window, windows, source="wiki", source_hash=digest, batch_size=1,
+                                   chunk=100)
+    assert [r.tolist() for r in asked] == windows.tolist()
+    assert abs(by_window.kl_mean - whole.kl_mean) <= kl_noise(whole.kl_mean, noise, cfg.vocab_size, scale)
+    assert abs(by_window.top1_agreement - whole.top1_agreement) <= 2 / whole.positions
 
 
 @pytest.mark.parametrize("which", ["float", "quantized"])

@@ -304,3 +304,53 @@ def test_gguf_builds_come_from_gguf_sources(tmp_path):
                                          r"safetensors checkpoint: convert it with llama.cpp's convert_hf_to_gguf.py"):
         check_gguf_source(tmp_path / "hf", "rtn")
     check_gguf_source(tmp_path / "m.gguf", "RTN")
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+@pytest.fixture(scope="module")
+def gguf_build_dir(gguf_plan, tmp_path_factory):
+    from lsaq.quantization.stage import quantize
+
+    return quantize(gguf_plan, tmp_path_factory.mktemp("gguf-build") / "build").path
+
+
+@pytest.mark.model
+def test_evaluation_runs_the_build_in_llama_cpp(gguf_build_dir, gguf_plan, shared_gguf, wiki_valid):
+    """Fidelity and perplexity from llama.cpp's logits on the float model's windows; the build's resident memory
+    while generating (a fresh process) against the plan's run-time prediction: measured 92% of it here."""
+    from lsaq.eval.options import EvalOptions
+    from lsaq.eval.stage import evaluate
+
+    options = EvalOptions(ppl=True, ppl_source=str(wiki_valid), seq_len=256, max_windows=2, fidelity_windows=2)
+    report = evaluate(gguf_build_dir, options=options, baseline=str(shared_gguf))
+    fid = report.fidelity
+    assert fid.windows == 2 and fid.seq_len == 256 and fid.positions == 512
+    assert fid.kl_mean < 0.05 and fid.top1_agreement > 0.85  # a third of the layers Q4_K/Q4_1
+    base, quant = report.baseline["perplexity"], report.quantized["perplexity"]
+    assert base["tokens"] == quant["tokens"] == 2 * 255 and base["ppl"] < quant["ppl"] < 1.2 * base["ppl"]
+    art = report.artifact
+    assert art["format"] == "gguf" and art["runtime"] == "llama.cpp"
+    gen = art["generation"]
+    assert gen["predicted_bytes"] == gguf_plan.breakdown.required and gen["context"] == 512 and gen["tokens"] > 0
+    assert 0.6 * gen["predicted_bytes"] < gen["peak_rss_bytes"] <= gen["predicted_bytes"]  # the memory model
+    assert gen["fits"] and gen["usable_bytes"] == gguf_plan.device.usable
+
+
+@pytest.mark.model
+def test_evaluation_fails_a_build_its_device_cannot_hold(gguf_plan, shared_gguf, tmp_path):
+    import dataclasses
+
+    from lsaq.eval.options import EvalOptions
+    from lsaq.eval.stage import evaluate
+    from lsaq.planning.devices import budget_profile
+    from lsaq.quantization.stage import quantize
+
+    small = dataclasses.replace(gguf_plan, device=budget_profile("120MiB"))  # the weights alone take 150 MiB
+    quantize(small, tmp_path / "build")
+    with pytest.raises(ValueError, match=r"llama.cpp took .* resident while generating at context 512, more than "
+                                         r"the 120.00 MiB usable on budget"):
+        evaluate(tmp_path / "build", options=EvalOptions(fidelity_windows=1), baseline=str(shared_gguf))
+    with pytest.raises(ValueError, match="zero-shot tasks run on torch models; .* is a GGUF build"):
+        evaluate(tmp_path / "build", options=EvalOptions(tasks="piqa"), baseline=str(shared_gguf))

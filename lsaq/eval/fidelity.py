@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -160,12 +160,56 @@ def stream_fidelity(
     statistics as :func:`fidelity` within float rounding; ``progress(n)`` after each pass of n windows. ``chunk``
     and ``pass_bytes``: positions projected at once and the hidden states of a pass (:mod:`lsaq.eval.budget`)."""
     _check_windows(windows, batch_size)
+    pairs = ((first, ref, cand) for first, (ref, cand) in branch_logits(
+        [reference, candidate], windows, chunk=chunk, budget=pass_bytes, progress=progress,
+        batch_size=batch_size or max(1, AUTO_BATCH_TOKENS // windows.shape[1])))
+    return _collect(pairs, windows, source, source_hash, chunk)
+
+
+def stream_fidelity_to(
+    reference: Layers,
+    candidate: Callable[[torch.Tensor], torch.Tensor],
+    windows: torch.Tensor,
+    *,
+    source: str,
+    source_hash: str,
+    batch_size: int | None = None,
+    chunk: int = CHUNK,
+    pass_bytes: int = PASS_BYTES,
+    progress: Callable[[int], None] | None = None,
+) -> FidelityResult:
+    """:func:`stream_fidelity` against a candidate outside torch's layers (a GGUF build in llama.cpp) that gives the
+    logits of one window at a time: ``candidate(window [T]) -> [T, V]``. The reference is walked one layer at a
+    time as there; the candidate's logits of at most the two windows a chunk spans exist at once."""
+    _check_windows(windows, batch_size)
+    t = windows.shape[1]
+
+    def pairs() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        cached: dict[int, torch.Tensor] = {}  # window -> its candidate logits [T, V]
+        for first, (ref,) in branch_logits([reference], windows, chunk=chunk, budget=pass_bytes, progress=progress,
+                                           batch_size=batch_size or max(1, AUTO_BATCH_TOKENS // t)):
+            end = first + ref.shape[0]
+            rows = range(first // t, (end - 1) // t + 1)
+            for done in [r for r in cached if r < rows.start]:
+                del cached[done]
+            parts = []
+            for r in rows:
+                if r not in cached:
+                    cached[r] = candidate(windows[r])
+                parts.append(cached[r][max(first, r * t) - r * t:min(end, (r + 1) * t) - r * t])
+            yield first, ref, torch.cat(parts)
+
+    return _collect(pairs(), windows, source, source_hash, chunk)
+
+
+def _collect(pairs: Iterator[tuple[int, torch.Tensor, torch.Tensor]], windows: torch.Tensor, source: str,
+             source_hash: str, chunk: int) -> FidelityResult:
+    """The result of ``(first position, reference logits [c, V], candidate logits [c, V])`` over ``windows``."""
     n, t = windows.shape
     kl = torch.empty(n * t, dtype=torch.float64)
     agree = torch.empty(n * t, dtype=torch.bool)
     start = time.perf_counter()
-    for first, (ref, cand) in branch_logits([reference, candidate], windows, chunk=chunk, budget=pass_bytes,
-                                            progress=progress, batch_size=batch_size or max(1, AUTO_BATCH_TOKENS // t)):
+    for first, ref, cand in pairs:
         kl[first:first + ref.shape[0]], agree[first:first + ref.shape[0]] = position_stats(ref, cand, chunk)
     return _result(kl, agree, windows, source, source_hash, start)
 
@@ -187,4 +231,5 @@ def _result(kl: torch.Tensor, agree: torch.Tensor, windows: torch.Tensor, source
     )
 
 
-__all__ = ["AUTO_BATCH_TOKENS", "CHUNK", "FidelityResult", "fidelity", "position_stats", "stream_fidelity"]
+__all__ = ["AUTO_BATCH_TOKENS", "CHUNK", "FidelityResult", "fidelity", "position_stats", "stream_fidelity",
+           "stream_fidelity_to"]

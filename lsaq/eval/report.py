@@ -367,6 +367,10 @@ def render_markdown(report: "EvalReport | Mapping[str, Any]") -> str:
         + (f" (k={p['importance']['k']})" if p["importance"].get("k") is not None else "")
         + (f", record {str(p['importance']['id'])[:12]}" if p["importance"].get("id") not in (None, "none") else ""),
     ]
+    if (gen := art.get("generation")) is not None:  # a GGUF build, run in llama.cpp
+        lines.append(f"- GGUF build run in llama.cpp: {format_bytes(gen['peak_rss_bytes'])} resident while generating "
+                     f"at context {gen['context']} (plan: {format_bytes(gen['predicted_bytes'])}; usable "
+                     f"{format_bytes(gen['usable_bytes'])}), {gen['tokens_per_second']:.1f} tokens/s")
     if s:
         lines.append("- evaluated at " + ", ".join(f"{k} {v}" for k, v in s.items() if v is not None))
     if report.get("quantized") is None:

@@ -40,7 +40,8 @@ from lsaq.compute import step_bytes, within_max_memory
 from lsaq.engine.skeleton import Layers
 from lsaq.eval.budget import WalkBudget, eval_budget
 from lsaq.eval.fidelity import AUTO_BATCH_TOKENS as FIDELITY_BATCH_TOKENS
-from lsaq.eval.fidelity import FidelityResult, stream_fidelity
+from lsaq.eval.fidelity import FidelityResult, stream_fidelity, stream_fidelity_to
+from lsaq.eval.gguf import GgufModel, check_fits_device, generation_memory
 from lsaq.eval.harness import evaluate_tasks
 from lsaq.eval.options import DEFAULT_FIDELITY_SEQ_LEN, DTYPES, EvalOptions
 from lsaq.eval.perplexity import AUTO_BATCH_TOKENS as PPL_BATCH_TOKENS
@@ -202,9 +203,10 @@ def _run(loaded: EvalModel, options: EvalOptions, ppl_source: str | None, label:
     ppl, tasks = None, {}
     if options.ppl:
         with tqdm(desc=f"perplexity{label}", unit="window", file=sys.stderr) as bar:
+            one_by_one = isinstance(loaded.layers, GgufModel)  # llama.cpp scores a window at a time
             ppl = perplexity(loaded.layers, loaded.tokenizer, ppl_source, seq_len=options.seq_len,
-                             max_windows=options.max_windows, batch_size=options.ppl_batch_size, progress=bar.update,
-                             chunk=budget.chunk, pass_bytes=budget.pass_bytes)
+                             max_windows=options.max_windows, batch_size=1 if one_by_one else options.ppl_batch_size,
+                             progress=bar.update, chunk=budget.chunk, pass_bytes=budget.pass_bytes)
     if options.tasks:
         whole = loaded.whole(TASKS_NEED)
         tasks = evaluate_tasks(whole.model, whole.tokenizer, options.tasks, limit=options.limit,
@@ -238,6 +240,10 @@ def _fidelity(base: EvalModel, quant: EvalModel, options: EvalOptions, text: str
         gc.collect()
         windows, source, source_hash = calib.tokens, calib.source, calib.source_hash
     with tqdm(total=windows.shape[0], desc="fidelity", unit="window", file=sys.stderr) as bar:
+        if isinstance(quant.layers, GgufModel):  # the build's logits from llama.cpp, a window at a time
+            return stream_fidelity_to(base.layers, quant.layers.window, windows, source=source,
+                                      source_hash=source_hash, progress=bar.update, chunk=budget.chunk,
+                                      pass_bytes=budget.pass_bytes)
         return stream_fidelity(base.layers, quant.layers, windows, source=source, source_hash=source_hash,
                                progress=bar.update, chunk=budget.chunk, pass_bytes=budget.pass_bytes)
 
@@ -348,11 +354,24 @@ def _evaluate(path: str | None, artifact: bool, options: EvalOptions, baseline: 
     art = {"path": path, "plan_id": record.plan_id, "tensor_bytes": record.tensor_bytes,
            "files_bytes": record.file_bytes, "lsaq_version": record.lsaq_version}
     device = "cpu"
+    if record.gguf:
+        _check_gguf_eval(path, options, base_src)
+        art["format"], art["runtime"] = record.format, "llama.cpp"
+        generated = generation_memory(path, plan)
+        art["generation"] = generated.to_json()
+        check_fits_device(path, plan, generated)
     if options.measures or options.with_baseline:
-        config = json.loads((Path(path) / "config.json").read_text())
-        compute, budget = place.choose(config, options, models=2 if options.with_baseline else int(options.ppl))
+        if record.gguf:  # only the float model walks; the build runs in llama.cpp
+            config, walks = _located_config(base_src), int(options.with_baseline)
+        else:
+            config = json.loads((Path(path) / "config.json").read_text())
+            walks = 2 if options.with_baseline else int(options.ppl)
+        compute, budget = place.choose(config, options, models=walks)
         device = str(compute.device)
-        quant = load_for_eval(ModelSource(path, options.dtype, artifact=True), compute.device)
+        if record.gguf:
+            quant = _open_gguf_build(path, base_src, options)
+        else:
+            quant = load_for_eval(ModelSource(path, options.dtype, artifact=True), compute.device)
         base = load_for_eval(ModelSource(base_src, options.dtype), compute.device) if options.with_baseline else None
         if base is not None:
             expected = record.model.content_hash
@@ -374,6 +393,8 @@ def _evaluate(path: str | None, artifact: bool, options: EvalOptions, baseline: 
             b_start = time.perf_counter()
             b_run = _run(base, options, ppl_source, " (baseline)", b_start, budget)
             fid = _fidelity(base, quant, options, ppl_source or local_ppl_source(), budget)
+        if record.gguf:
+            quant.layers.llm.close()
         del quant, base
         gc.collect()  # free both models before the report is built and anything else is loaded
         report = build_report(q_run, b_run, plan=plan, artifact=art, settings=_settings(options, ppl_source, fid),
@@ -388,6 +409,38 @@ def _evaluate(path: str | None, artifact: bool, options: EvalOptions, baseline: 
                         plot_memory(plan, Path(options.plots) / "memory.png")):
             log.info("wrote %s", written)
     return report, device
+
+
+def _check_gguf_eval(path: str, options: EvalOptions, base_src: str | None) -> None:
+    """What a GGUF build's evaluation cannot do, refused before anything runs."""
+    if options.tasks:
+        raise OptionError(f"{{tasks}}: zero-shot tasks run on torch models; {literal(path)} is a GGUF build, "
+                          "evaluated in llama.cpp by fidelity and perplexity")
+    if base_src is not None and not Path(base_src).expanduser().exists():  # None: the embedded default model
+        raise OptionError(f"a GGUF build is evaluated with its float model's tokenizer and logits: "
+                          f"{literal(base_src)} is not here; pass {{baseline}} PATH")
+
+
+def _located_config(source: str | None) -> dict[str, Any]:
+    from lsaq.models.loading import locate_model
+
+    return locate_model(source).config
+
+
+def _open_gguf_build(path: str, base_src: str | None, options: EvalOptions) -> EvalModel:
+    """A GGUF build opened in llama.cpp for windows as long as the evaluation's, with its float model's tokenizer
+    and identity (the build holds the same vocabulary: token ids go into llama.cpp unchanged)."""
+    from lsaq.models.loading import empty_model, load_tokenizer, locate_model, model_info
+    from lsaq.quantization.gguf_runtime import load_gguf
+    from lsaq.quantization.record import GGUF_WEIGHTS
+
+    located = locate_model(base_src)
+    fid_len = options.fidelity_seq_len or (options.seq_len if options.ppl else DEFAULT_FIDELITY_SEQ_LEN)
+    context = max(fid_len, options.seq_len if options.ppl else 0)
+    llm = load_gguf(Path(path) / GGUF_WEIGHTS, context=context, logits_all=True, batch=context)  # caller closes it
+    weights = (Path(path) / GGUF_WEIGHTS).stat().st_size
+    return EvalModel(ModelSource(path, options.dtype, artifact=True), GgufModel(llm), load_tokenizer(located),
+                     model_info(located, empty_model(located.load_dir)), whole_bytes=weights)
 
 
 __all__ = ["DEFAULT_FIDELITY_SEQ_LEN", "DTYPES", "EvalOptions", "ModelSource", "OptionError",

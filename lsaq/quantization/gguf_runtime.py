@@ -37,19 +37,26 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-@contextlib.contextmanager
-def open_gguf(path: str | os.PathLike, *, context: int, logits_all: bool = False,
-              threads: int | None = None) -> Iterator[Any]:
-    """A ``llama_cpp.Llama`` of the GGUF file ``path`` for ``context`` tokens, closed on exit.
-    ``logits_all``: keep the logits of every position (:attr:`Llama.scores`), for evaluation."""
+def load_gguf(path: str | os.PathLike, *, context: int, logits_all: bool = False, threads: int | None = None,
+              batch: int = UBATCH) -> Any:
+    """A ``llama_cpp.Llama`` of the GGUF file ``path`` for ``context`` tokens in steps of ``batch`` (the plan's
+    :data:`UBATCH` on the device; an evaluation takes whole windows, 2-3 times faster); the caller closes it
+    (``close()``). ``logits_all``: keep the logits of every position (``scores``), for evaluation."""
     check_llama_cpp()
     from llama_cpp import Llama
 
-    batch = min(UBATCH, context)
+    batch = min(batch, context)
     kwargs: dict[str, Any] = {"n_threads": threads} if threads else {}
     with _quiet_stderr():
-        llm = Llama(str(path), n_ctx=context, n_batch=batch, n_ubatch=batch, logits_all=logits_all, verbose=False,
-                    **kwargs)
+        return Llama(str(path), n_ctx=context, n_batch=batch, n_ubatch=batch, logits_all=logits_all, verbose=False,
+                     **kwargs)
+
+
+@contextlib.contextmanager
+def open_gguf(path: str | os.PathLike, *, context: int, logits_all: bool = False,
+              threads: int | None = None) -> Iterator[Any]:
+    """:func:`load_gguf`, closed on exit."""
+    llm = load_gguf(path, context=context, logits_all=logits_all, threads=threads)
     try:
         yield llm
     finally:
@@ -82,8 +89,14 @@ class Generation:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory so far: Linux's ``VmHWM`` of this program's memory (``ru_maxrss`` would
+    carry over a parent's peak through fork and exec), else ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def generate_gguf(path: str | os.PathLike, prompt: str, max_new_tokens: int) -> Generation:
@@ -96,4 +109,23 @@ def generate_gguf(path: str | os.PathLike, prompt: str, max_new_tokens: int) -> 
     return Generation(out["choices"][0]["text"], int(out["usage"]["completion_tokens"]), seconds, peak_rss_bytes())
 
 
-__all__ = ["Generation", "generate_gguf", "gguf_build", "open_gguf", "peak_rss_bytes"]
+__all__ = ["Generation", "generate_gguf", "gguf_build", "load_gguf", "main", "open_gguf", "peak_rss_bytes"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lsaq.quantization.gguf_runtime DIR PROMPT TOKENS``: generate in a fresh process and print the
+    :class:`Generation` as JSON (the evaluation's measurement of a build's resident memory)."""
+    import json
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3:
+        print("usage: python -m lsaq.quantization.gguf_runtime DIR PROMPT TOKENS", file=sys.stderr)
+        return 2
+    gen = generate_gguf(args[0], args[1], int(args[2]))
+    print(json.dumps({"text": gen.text, "tokens": gen.tokens, "seconds": gen.seconds,
+                      "peak_rss_bytes": gen.peak_rss_bytes}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
