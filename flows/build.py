@@ -64,6 +64,7 @@ def build(
     group_size: int | str | None = DEFAULT_GROUP_SIZE,
     measure_samples: int = DEFAULT_MEASURE_SAMPLES,
     compute_device: str = "auto",
+    runtime: str | None = None,
 ) -> RunSummary:
     """Build ``model`` (default: the embedded one) for every device (``device``, ``devices``, ``budget``).
 
@@ -80,7 +81,9 @@ def build(
     ``measured`` measures the layer loss on this many calibration sequences (their own calibration set when fewer
     than ``samples``): it costs about 85-95 forward passes over them (README, study). ``compute_device``: where
     the importance run, quantization and evaluation compute on the machine that runs them (``auto``: the NVIDIA
-    GPU with the most free memory that holds a layer, else the CPU; ``cpu``; ``cuda:N``).
+    GPU with the most free memory that holds a layer, else the CPU; ``cpu``; ``cuda:N``). ``runtime``: what runs
+    every build (``transformers``, ``vllm``, ``llama.cpp``), instead of each device's own (``lsaq devices``); a
+    llama.cpp build is one GGUF file quantized by llama.cpp's own quantizer (``quantizer`` applies to the others).
     """
     # Every option is checked before anything runs: a bad value fails the flow with one line naming it.
     checked = BuildOptions(
@@ -89,7 +92,7 @@ def build(
         seq_len=seq_len, calib=calib, seed=seed, batch_size=batch_size, ppl=ppl, eval_tasks=eval_tasks,
         eval_limit=eval_limit, fidelity_windows=fidelity_windows, revision=revision, store=store, work=work,
         dispatch=dispatch, quantizer=quantizer, group_size=group_size, measure_samples=measure_samples,
-        compute_device=compute_device,
+        compute_device=compute_device, runtime=runtime,
     ).check()
     requests, options, group_size, quantizer = checked.requests, checked.plan, checked.group_size, checked.quantizer
     store, work = checked.store, checked.work
@@ -136,8 +139,10 @@ def build(
     chains: list[tuple[PrefectFuture, ...]] = []
     for target in targets.values():
         plan = t.plan.submit(ident, importance, target, options, store, work, group_size)
-        artifact = t.quantize.submit(ident, plan, store, work, quantizer,
-                                     calibration if quantizer != Quantizer.RTN.value else None, compute_device)
+        # a GGUF build's codes come from llama.cpp's quantizer: round to nearest per block
+        codes = Quantizer.RTN.value if options.for_device(target.device).gguf else quantizer
+        artifact = t.quantize.submit(ident, plan, store, work, codes,
+                                     calibration if codes != Quantizer.RTN.value else None, compute_device)
         report = t.evaluate.submit(ident, plan, artifact, checked.evaluation, store, work, compute_device)
         chains.append((plan, artifact, report, t.publish.submit(ident, plan, artifact, report, store, work)))
     wait([f for chain in chains for f in chain])

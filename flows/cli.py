@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-device", default="auto", metavar="DEVICE",
                    help="where importance, quantization and evaluation compute: auto (default: the NVIDIA GPU "
                         "with the most free memory that holds a layer, else the CPU), cpu, or cuda:N")
+    p.add_argument("--runtime", default=None,
+                   help="what runs every build: transformers, vllm or llama.cpp (a GGUF file); default: each "
+                        "device's own (lsaq devices)")
     p.add_argument("--method", default="cosine", help="importance method: cosine, jaccard or sensitivity")
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--samples", type=int, default=32)
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                            seq_len=args.seq_len, calib=args.calib, ppl=args.ppl,
                            fidelity_windows=args.fidelity_windows, store=store, work=work, quantizer=args.quantizer,
                            group_size=args.group_size, measure_samples=args.measure_samples,
-                           compute_device=args.compute_device)
+                           compute_device=args.compute_device, runtime=args.runtime)
     try:
         options.check()  # before Prefect starts: a bad value is one line, not a flow run's traceback
         check_prefect_home()

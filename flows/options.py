@@ -28,6 +28,7 @@ from lsaq.precision import AUTO_GROUP
 from lsaq.planning.planner import PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest, check_group_request, resolve_device
 from lsaq.precision import Quantizer
+from lsaq.runtime import Runtime
 from lsaq.store.stage import default_store_uri, open_store
 
 # The production defaults, set by the quality-per-byte study (README): measure each layer's loss with GPTQ's codes,
@@ -75,6 +76,7 @@ class BuildOptions:
     group_size: int | str | None = DEFAULT_GROUP_SIZE
     measure_samples: int = DEFAULT_MEASURE_SAMPLES
     compute_device: str = AUTO
+    runtime: str | None = None  # None: each device's own
 
     def params(self) -> dict[str, Any]:
         """The flow's keyword parameters (``devices`` as a list, as Prefect passes it)."""
@@ -92,7 +94,8 @@ class BuildOptions:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise OptionError(f"{{{name}}} must be an integer of at least {low}, got {literal(repr(value))}")
-        for name in ("model", "device", "budget", "device_file", "calib", "revision", "store", "work", "dispatch"):
+        for name in ("model", "device", "budget", "device_file", "calib", "revision", "store", "work", "dispatch",
+                     "runtime"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise OptionError(f"{{{name}}} must be a non-empty string, got {literal(repr(value))}")
@@ -104,9 +107,10 @@ class BuildOptions:
             quantizer = Quantizer.parse(self.quantizer)
             group_size = check_group_request(self.group_size, strategy)
             check_compute_device(self.compute_device)
+            runtime = Runtime.parse(self.runtime) if self.runtime is not None else None
         except ValueError as e:
             raise OptionError(literal(e)) from None
-        plan = PlanOptions(context=self.context, strategy=strategy)
+        plan = PlanOptions(context=self.context, strategy=strategy, runtime=runtime)
         if isinstance(group_size, int):
             plan = plan.with_policy(WeightPolicy(group_size=group_size))
         try:

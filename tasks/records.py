@@ -131,6 +131,7 @@ class EvalResult:
     fidelity: dict[str, float] | None
     seconds: float
     memory: dict[str, Any] | None = None  # the evaluation's RunMemory
+    generation: dict[str, Any] | None = None  # a GGUF build generating in llama.cpp: peak RSS (GenerationMemory)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class BuildResult:
     fidelity: dict[str, float] | None
     created: bool
     memory: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage (quantize, evaluate) -> its RunMemory
+    generation: dict[str, Any] | None = None  # a GGUF build generating in llama.cpp (EvalResult.generation)
 
 
 @dataclass(frozen=True)

@@ -371,7 +371,8 @@ def evaluate(model: ModelKey, plan: PlanResult, artifact: ArtifactResult, option
     return EvalResult(key=key, report=str(out), plan_id=artifact.plan_id, device=artifact.device,
                       fidelity=None if fid is None else {"kl_mean": fid.kl_mean, "kl_p99": fid.kl_p99,
                                                          "top1_agreement": fid.top1_agreement},
-                      seconds=report.seconds, memory=report.memory.to_json() if report.memory is not None else None)
+                      seconds=report.seconds, memory=report.memory.to_json() if report.memory is not None else None,
+                      generation=report.artifact.get("generation"))
 
 
 def _publish_key(evaluation: EvalResult, store: str, **_: Any) -> str:
@@ -395,7 +396,8 @@ def publish(model: ModelKey, plan: PlanResult, artifact: ArtifactResult, evaluat
                        file_bytes=m.file_bytes, weights_bytes=m.weights_bytes, required_bytes=m.required_bytes,
                        usable_bytes=plan.usable_bytes, fidelity=evaluation.fidelity, created=done.created,
                        memory={stage: m for stage, m in (("quantize", artifact.memory),
-                                                         ("evaluate", evaluation.memory)) if m is not None})
+                                                         ("evaluate", evaluation.memory)) if m is not None},
+                       generation=evaluation.generation)
 
 
 def _link(uri: str) -> str:

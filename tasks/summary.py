@@ -51,8 +51,8 @@ def summarize(model: ModelKey, importance: ImportanceResult | None, store: str,
 
 def rows(summary: RunSummary) -> list[dict[str, str]]:
     """One row per device: state, average bits, the weights' bytes (what the plan fits), every file's bytes
-    (weights, tokenizer, config, plan, report), memory needed (weights + KV cache + workspace) of usable,
-    fidelity, the most memory its stages held on the build machine, where the build is."""
+    (weights, tokenizer, config, plan, report), memory needed (weights + KV cache + workspace) of usable, what a
+    GGUF build took generating in llama.cpp, fidelity, the most memory its stages held on the build machine, where the build is."""
     out = []
     for o in summary.outcomes:
         b = o.build
@@ -64,6 +64,8 @@ def rows(summary: RunSummary) -> list[dict[str, str]]:
             "weights": format_bytes(b.weights_bytes) if b else "-",
             "files": format_bytes(b.file_bytes) if b else "-",
             "needs / usable": f"{format_bytes(b.required_bytes)} / {format_bytes(b.usable_bytes)}" if b else "-",
+            # a GGUF build's peak resident memory while generating in llama.cpp (its evaluation measures it)
+            "runs in": format_bytes(b.generation["peak_rss_bytes"]) if b and b.generation else "-",
             "KL": f"{fid['kl_mean']:.4f}" if "kl_mean" in fid else "-",
             "top-1": f"{fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "-",
             "peak memory": peak_memory(b.memory) if b else "-",

@@ -43,6 +43,7 @@ BAD = [
     (["--budget=-5MiB"], "--budget: '-5MiB' is negative"),
     (["--device", "nope"], "unknown device 'nope'; valid devices: a100-40gb"),
     (DEVICE + DEVICE, "a device is named twice in ['rpi-zero-2w', 'rpi-zero-2w']"),
+    (DEVICE + ["--runtime", "ollama"], "unknown runtime 'ollama'; valid runtimes: transformers, vllm, llama.cpp"),
     (DEVICE + ["--device-file", "/no/such/devices.yaml"], "--device-file '/no/such/devices.yaml' is not a file"),
     ([], "no device: give --device (a name from `lsaq devices`), --device (repeated) or --budget"),
 ]
@@ -122,6 +123,8 @@ def test_check_gives_the_stages_records(tmp_path):
     assert isinstance(checked, CheckedBuild)
     assert [(r.name, r.budget) for r in checked.requests] == [("rpi-zero-2w", None), (None, "300MiB")]
     assert checked.plan.strategy.value == "lsaq" and checked.plan.policy.group_size == 64 and not checked.measured
+    assert checked.plan.runtime is None  # each device's own
+    assert BuildOptions(device="rpi-zero-2w", runtime="Transformers").check().plan.runtime.value == "transformers"
     assert (checked.ranking, checked.quantizer, checked.group_size) == ("jaccard", "rtn", 64)
     assert checked.evaluation.tasks == ("piqa",) and checked.store == str(tmp_path)  # `..` resolved
     assert checked.work == str(tmp_path / "w") and not (tmp_path / "a").exists()

@@ -120,9 +120,14 @@ def test_missing_device_file(tmp_path):
         resolve_device(DeviceRequest("rtx3060", device_file=tmp_path / "nope.yaml"))
 
 
-def test_catalog_requires_sources():
-    with pytest.raises(ValueError, match="missing field 'notes'"):
+def test_catalog_requires_runtimes_and_sources():
+    with pytest.raises(ValueError, match="missing field 'runtime'"):
         parse_device_file("devices: [{name: a, memory: 1GiB, kind: system, reserve: 0GiB}]", "cat", require_source=True)
+    with pytest.raises(ValueError, match="missing field 'notes'"):
+        parse_device_file("devices: [{name: a, memory: 1GiB, kind: system, reserve: 0GiB, runtime: llama.cpp}]", "cat",
+                          require_source=True)
+    boards = {p.name: p.runs.value for p in load_catalog() if p.kind is MemoryKind.SYSTEM}
+    assert set(boards.values()) == {"llama.cpp"}  # boards and CPU hosts run GGUF builds
 
 
 # ---------------------------------------------------------------------------------------- detection

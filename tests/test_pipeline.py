@@ -27,7 +27,9 @@ pytest.importorskip("moto")
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 CACHED = re.compile(r"_cache/[a-z-]+-[0-9a-f]+")  # the record of a cached result, under its content key
-DEVICES = ["beaglebone-black", "rpi-zero-2w"]  # SBC profiles whose plans differ (FP16/INT8 vs INT8/INT4)
+# a board running torch (compressed-tensors, FP16/INT8) and one running llama.cpp (GGUF, INT8/INT4): plans differ
+DEVICES = ["board-torch", "rpi-zero-2w"]
+BOARDS = Path(__file__).with_name("boards.yaml")  # board-torch
 # a small importance run and evaluation, ranked and rounded to nearest: semantics, not quality
 FAST = dict(samples=4, seq_len=64, fidelity_windows=1, strategy="lsaq", quantizer="rtn")
 
@@ -58,7 +60,8 @@ def run(model: Path, store: str, work: Path, **params):
 
     from flows.build import build
 
-    state = build(model=str(model), store=store, work=str(work), **{**FAST, **params}, return_state=True)
+    state = build(model=str(model), store=store, work=str(work), **{**FAST, "device_file": str(BOARDS), **params},
+                  return_state=True)
     # The server records task states from events, asynchronously: wait until it has every run's final state
     # (a read straight after the flow returned has seen a Cached task still 'Running').
     deadline = time.monotonic() + 60
@@ -102,11 +105,13 @@ def test_two_devices_publish_two_verified_builds_from_one_importance_run(machine
     builds = {m.device_slug: m for m in list_builds(store)}
     assert set(builds) == set(DEVICES)
     bits = {d: m.avg_bits["quantizable_linears"] for d, m in builds.items()}
-    assert 8 < bits["beaglebone-black"] < 16 and 4 < bits["rpi-zero-2w"] < 8  # the plans differ
+    assert 4 < bits["rpi-zero-2w"] < bits["board-torch"] < 16  # the plans differ
+    weights = {"board-torch": "model.safetensors", "rpi-zero-2w": "model.gguf"}  # torch's format, llama.cpp's
+    assert builds["rpi-zero-2w"].runtimes == ("llama.cpp",) and "transformers" in builds["board-torch"].runtimes
     for d, m in builds.items():
         assert m.required_bytes <= m.device["usable_bytes"] and m.evaluation["fidelity"]["positions"] > 0
         got = download(store, tmp_path / d, device=d)  # every file checked against the manifest's sha256
-        assert got.manifest.build_id == m.build_id and (got.path / "model.safetensors").is_file()
+        assert got.manifest.build_id == m.build_id and (got.path / weights[d]).is_file()
         outcome = next(o for o in summary.outcomes if o.device == d)
         assert outcome.build.build_id == m.build_id and outcome.build.fidelity["top1_agreement"] > 0.3
         # where each stage computed and the most memory it held, as the summary shows it
@@ -116,6 +121,10 @@ def test_two_devices_publish_two_verified_builds_from_one_importance_run(machine
     assert summary.importance_memory["device"] == "cpu" and summary.importance_memory["peak_host_bytes"] > 2**20
     assert summary.calibration_memory["device"] == "cpu" and summary.calibration_memory["peak_host_bytes"] > 2**20
     assert "peak memory" in format_table(summary) and "GiB" in rows(summary)[0]["peak memory"]
+    runs_in = {r["device"]: r["runs in"] for r in rows(summary)}  # llama.cpp's resident memory while generating
+    assert runs_in["board-torch"] == "-" and runs_in["rpi-zero-2w"].endswith("MiB")
+    generation = builds["rpi-zero-2w"].evaluation["generation"]
+    assert generation["fits"] and generation["peak_rss_bytes"] <= generation["predicted_bytes"]
     keys = store.list("")
     assert sum("/importance/" in k for k in keys) == 1 and sum("/calibration/" in k for k in keys) == 2
     assert not any(os.environ["AWS_SECRET_ACCESS_KEY"] in store.get_bytes(k).decode(errors="ignore")

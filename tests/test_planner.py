@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -194,18 +195,24 @@ def test_plans_fit_and_grow_with_budget(shape, data):
             assert objective(imp, plans["optimal", budget].precisions) >= objective(imp, plans["lsaq", budget].precisions)
 
 
-def test_infeasible_message_on_a_real_device():
+@pytest.mark.parametrize("runtime", ["transformers", "llama.cpp"])
+def test_infeasible_message_on_a_real_device(runtime):
     shape = model_shape(json.loads(open(_cfg("llama-2-7b")).read()))
+    jetson = resolve_device("jetson-orin-nano-8gb")
     with pytest.raises(InfeasiblePlanError) as e:
-        make_plan(shape, [1.0] * 32, resolve_device("jetson-orin-nano-8gb"), PlanOptions(context=4096))
+        make_plan(shape, [1.0] * 32, jetson, PlanOptions(context=4096, runtime=runtime))
     msg = str(e.value)
-    assert e.value.min_required == 6_508_877_312 and e.value.available == resolve_device("jetson-orin-nano-8gb").usable
-    for hint in ("--context 2667 fits", "--embed-precision int8", "--embed-precision int4", "a device with at least"):
+    if runtime == "transformers":
+        assert e.value.min_required == 6_508_877_312
+    assert e.value.available == jetson.usable
+    for hint in ("fits", "--embed-precision int8", "--embed-precision int4", "a device with at least"):
         assert hint in msg
     # and the hint is right: that context fits, one more token does not
-    make_plan(shape, [1.0] * 32, resolve_device("jetson-orin-nano-8gb"), PlanOptions(context=2667))
+    context = int(re.search(r"--context (\d+) fits", msg).group(1))
+    assert context == 2667 or runtime != "transformers"
+    make_plan(shape, [1.0] * 32, jetson, PlanOptions(context=context, runtime=runtime))
     with pytest.raises(InfeasiblePlanError):
-        make_plan(shape, [1.0] * 32, resolve_device("jetson-orin-nano-8gb"), PlanOptions(context=2668))
+        make_plan(shape, [1.0] * 32, jetson, PlanOptions(context=context + 1, runtime=runtime))
 
 
 def test_uniform_baselines():
@@ -293,7 +300,7 @@ def test_cli_plan_with_importance_record_and_budget(tmp_path, capsys):
 
 
 def test_cli_plan_errors(tmp_path, capsys):
-    assert main(["plan", "--config", "llama-2-7b", "--device", "jetson-orin-nano-8gb"]) == 2
+    assert main(["plan", "--config", "llama-2-7b", "--device", "jetson-orin-nano-8gb", "--runtime", "transformers"]) == 2
     err = capsys.readouterr().err
     assert "needs at least 6.06 GiB" in err and "5.20 GiB" in err
     assert main(["plan", "--config", "llama-2-7b"]) == 2

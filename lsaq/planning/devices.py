@@ -30,7 +30,7 @@ RESERVED_NAMES = (LOCAL, BUDGET)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 REQUIRED_FIELDS = ("name", "memory", "kind", "reserve")
 OPTIONAL_FIELDS = ("runtime", "notes", "source")
-CATALOG_FIELDS = ("notes", "source")  # required of the shipped catalog
+CATALOG_FIELDS = ("runtime", "notes", "source")  # required of the shipped catalog
 FILE_KEYS = ("version", "devices")
 
 

@@ -242,11 +242,14 @@ def infeasible_error(shape: ModelShape, options: PlanOptions, device: DeviceProf
     kv = kv_cache_bytes(shape, options.context, options.batch, options.kv_bytes)
     ws = workspace_for(shape, options, options.context)
 
-    def runtime(ctx: int) -> int:  # KV cache + workspace: affine in the context length (below llama.cpp's UBATCH)
+    def runtime(ctx: int) -> int:  # KV cache + workspace: growing with the context length
         return kv_cache_bytes(shape, ctx, options.batch, options.kv_bytes) + workspace_for(shape, options, ctx)
 
-    weights, per_token = need - kv - ws, runtime(2) - runtime(1)
-    max_ctx = 1 + (usable - weights - runtime(1)) // per_token if usable >= weights + runtime(1) else 0
+    weights, low, high = need - kv - ws, 0, options.context - 1
+    while low < high:  # the longest context below the asked one that fits (0: none)
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if weights + runtime(mid) <= usable else (low, mid - 1)
+    max_ctx = low
     hints = [f"a shorter context (--context {max_ctx} fits)" if max_ctx >= 1 else "a shorter context alone will not do"]
     if options.batch > 1:
         hints.append(f"a smaller batch (KV cache and workspace grow with --batch {options.batch})")

@@ -217,8 +217,10 @@ def plan(
     options = options or PlanOptions()
     record = read_loss(loss)
     inputs = loss_plan_inputs(importance, config, record)
-    candidates = int4_formats(inputs.shape, options, group_size, record)
-    profile = _device_for(device, inputs, candidates[0])
+    profile = _device_for(device, inputs, options)
+    options = options.for_device(profile)  # the runtime: the one asked for, else the device's
+    # a GGUF build stores INT4 in llama.cpp's own blocks: no group size to weigh (INT4 losses per-channel)
+    candidates = [options] if options.gguf else int4_formats(inputs.shape, options, group_size, record)
     plans, errors = [], []
     for opts in candidates:
         table = record.table(opts.policy.group_size) if record is not None else None

@@ -52,6 +52,7 @@ def evaluation_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "fidelity": {k: fid.get(k) for k in ("kl_mean", "kl_p99", "top1_agreement", "positions")} if fid else None,
         "metrics": metrics,
+        **({"generation": gen} if (gen := (report.get("artifact") or {}).get("generation")) else {}),
     }
 
 
