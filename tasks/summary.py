@@ -52,7 +52,8 @@ def summarize(model: ModelKey, importance: ImportanceResult | None, store: str,
 def rows(summary: RunSummary) -> list[dict[str, str]]:
     """One row per device: state, average bits, the weights' bytes (what the plan fits), every file's bytes
     (weights, tokenizer, config, plan, report), memory needed (weights + KV cache + workspace) of usable, what a
-    GGUF build took generating in llama.cpp, fidelity, the most memory its stages held on the build machine, where the build is."""
+    GGUF build took generating in llama.cpp, fidelity, the most memory its stages held on the build machine, where
+    the build is."""
     out = []
     for o in summary.outcomes:
         b = o.build

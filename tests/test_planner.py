@@ -300,7 +300,8 @@ def test_cli_plan_with_importance_record_and_budget(tmp_path, capsys):
 
 
 def test_cli_plan_errors(tmp_path, capsys):
-    assert main(["plan", "--config", "llama-2-7b", "--device", "jetson-orin-nano-8gb", "--runtime", "transformers"]) == 2
+    argv = ["plan", "--config", "llama-2-7b", "--device", "jetson-orin-nano-8gb", "--runtime", "transformers"]
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert "needs at least 6.06 GiB" in err and "5.20 GiB" in err
     assert main(["plan", "--config", "llama-2-7b"]) == 2
