@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lsaq.eval.models import EvalModel, ModelSource
+from lsaq.eval.options import DEFAULT_FIDELITY_SEQ_LEN, EvalOptions
 from lsaq.planning.planner import Plan
 from lsaq.units import format_bytes
 
@@ -103,4 +105,21 @@ def check_fits_device(build: str | Path, plan: Plan, memory: GenerationMemory) -
             "smaller budget")
 
 
-__all__ = ["GENERATED_TOKENS", "GenerationMemory", "GgufModel", "check_fits_device", "generation_memory"]
+def open_gguf_build(path: str, base_src: str | None, options: EvalOptions) -> EvalModel:
+    """A GGUF build opened in llama.cpp for windows as long as the evaluation's, with its float model's tokenizer
+    and identity (the build holds the same vocabulary: token ids go into llama.cpp unchanged)."""
+    from lsaq.models.loading import empty_model, load_tokenizer, locate_model, model_info
+    from lsaq.quantization.gguf_runtime import load_gguf
+    from lsaq.quantization.record import GGUF_WEIGHTS
+
+    located = locate_model(base_src)
+    fid_len = options.fidelity_seq_len or (options.seq_len if options.ppl else DEFAULT_FIDELITY_SEQ_LEN)
+    context = max(fid_len, options.seq_len if options.ppl else 0)
+    llm = load_gguf(Path(path) / GGUF_WEIGHTS, context=context, logits_all=True, batch=context)  # caller closes it
+    weights = (Path(path) / GGUF_WEIGHTS).stat().st_size
+    return EvalModel(ModelSource(path, options.dtype, artifact=True), GgufModel(llm), load_tokenizer(located),
+                     model_info(located, empty_model(located.load_dir)), whole_bytes=weights)
+
+
+__all__ = ["GENERATED_TOKENS", "GenerationMemory", "GgufModel", "check_fits_device", "generation_memory",
+           "open_gguf_build"]
