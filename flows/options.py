@@ -126,6 +126,7 @@ class BuildOptions:
             except ValueError as e:
                 raise OptionError(literal(e)) from None
         requests = self._requests()
+        self._check_gguf_source(requests, runtime)
         store = self.store or default_store_uri()
         try:
             store = open_store(store).uri  # the URI as the store names it: a local path absolute, `..` resolved
@@ -137,6 +138,18 @@ class BuildOptions:
         return CheckedBuild(options=self, requests=requests, plan=plan, group_size=group_size,
                             ranking=ranking.value, quantizer=quantizer.value, evaluation=evaluation,
                             store=store, work=os.path.abspath(work))
+
+    def _check_gguf_source(self, requests: tuple[DeviceRequest, ...], runtime: Runtime | None) -> None:
+        """A device that runs llama.cpp gets a GGUF build, which is made from a GGUF model: any other model is
+        refused here, before the importance run, naming the device and what to do."""
+        if self.model is None or Path(self.model).suffix == ".gguf":  # None: the embedded model, a GGUF
+            return
+        for request in requests:
+            if request.name is not None and (runtime or resolve_device(request).runs).gguf:
+                raise OptionError(
+                    f"device {literal(request.name)} runs llama.cpp, whose GGUF builds are made from a GGUF model; "
+                    f"{literal(self.model)} is not one: convert it with llama.cpp's convert_hf_to_gguf.py and give "
+                    "that file as {model}, or build for {runtime} transformers")
 
     def _requests(self) -> tuple[DeviceRequest, ...]:
         """``device``, ``devices`` and ``budget`` together, each once, in order; each one looked up."""

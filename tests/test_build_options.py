@@ -44,6 +44,9 @@ BAD = [
     (["--device", "nope"], "unknown device 'nope'; valid devices: a100-40gb"),
     (DEVICE + DEVICE, "a device is named twice in ['rpi-zero-2w', 'rpi-zero-2w']"),
     (DEVICE + ["--runtime", "ollama"], "unknown runtime 'ollama'; valid runtimes: transformers, vllm, llama.cpp"),
+    (DEVICE + ["--model", "org/some-model"], "device rpi-zero-2w runs llama.cpp, whose GGUF builds are made from a "
+     "GGUF model; org/some-model is not one: convert it with llama.cpp's convert_hf_to_gguf.py and give that file "
+     "as --model, or build for --runtime transformers"),
     (DEVICE + ["--device-file", "/no/such/devices.yaml"], "--device-file '/no/such/devices.yaml' is not a file"),
     ([], "no device: give --device (a name from `lsaq devices`), --device (repeated) or --budget"),
 ]
