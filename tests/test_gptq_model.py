@@ -49,7 +49,7 @@ def test_gptq_keeps_the_artifact_format_and_records_its_calibration(tiny, tmp_pa
     assert (rtn.quantizer, rtn.calibration) == ("rtn", None)
     assert gptq.quantizer == "gptq" and gptq.calibration == load_calibration_dir(calib).hash
     assert gptq == Artifact.load(gptq.path)
-    assert json.loads((gptq.path / "lsaq_artifact.json").read_text())["version"] == 3
+    assert json.loads((gptq.path / "lsaq_artifact.json").read_text())["version"] == 4
     verify_artifact(gptq.path)
     assert gptq.tensor_bytes == rtn.tensor_bytes == plan.breakdown.weights
     a, b = tensors(rtn.path), tensors(gptq.path)

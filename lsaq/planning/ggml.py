@@ -1,7 +1,8 @@
 """The llama.cpp runtime's byte model: the GGUF type each tensor of a plan is written in, and its exact bytes.
 
 A GGUF file stores each tensor in one ggml type. A row of ``n`` values (a linear weight ``[out, in]`` has ``out``
-rows of ``n = in``) is ``n / block`` blocks of ``type_size`` bytes (``gguf.GGML_QUANT_SIZES``); a type whose block
+rows of ``n = in``) is ``n / block`` blocks of ``type_size`` bytes (:data:`BLOCKS`, ggml's own table, which the gguf
+package also carries as ``GGML_QUANT_SIZES``: a test holds them equal; this module needs no gguf); a type whose block
 does not divide the row cannot store it. lsaq's precisions become:
 
 * FP16 -> F16, or BF16 when the source model is bfloat16 (the 16-bit type the compressed-tensors build keeps).
@@ -31,14 +32,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
+from enum import IntEnum
 
 from lsaq.choices import Choice
 from lsaq.models.shapes import HEAD_WEIGHT, ModelShape, TensorShape
 from lsaq.planning.memory import MemoryBreakdown, WeightPolicy, kv_cache_bytes
 from lsaq.precision import Precision
 
-GgmlType = GGMLQuantizationType
+ALIGNMENT = 32  # GGUF's default data alignment: each tensor's data starts at a multiple of it
+
+
+class GgmlType(IntEnum):
+    """The ggml tensor types a GGUF build uses, by ggml's numbers (``ggml_type``)."""
+
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q8_0 = 8
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    BF16 = 30
+
+
+# ggml type -> (values per block, bytes per block)
+BLOCKS = {GgmlType.F32: (1, 4), GgmlType.F16: (1, 2), GgmlType.BF16: (1, 2), GgmlType.Q8_0: (32, 34),
+          GgmlType.Q4_0: (32, 18), GgmlType.Q4_1: (32, 20), GgmlType.Q4_K: (256, 144), GgmlType.Q5_K: (256, 176),
+          GgmlType.Q6_K: (256, 210)}
 K_BLOCK = 256  # values per K-quant super-block
 UBATCH = 128  # tokens per llama.cpp compute step (n_batch = n_ubatch) when lsaq runs a GGUF build
 RUNTIME_OVERHEAD = 64 * 2**20  # the llama.cpp process besides weights, KV cache and compute buffer (measured: 63 MiB)
@@ -83,7 +104,7 @@ class GgufFormats:
 
 def row_bytes(ggml_type: GgmlType, n: int) -> int:
     """Bytes of one row of ``n`` values in ``ggml_type``; ``ValueError`` when its block does not divide ``n``."""
-    block, size = GGML_QUANT_SIZES[ggml_type]
+    block, size = BLOCKS[ggml_type]
     if n < 1 or n % block:
         raise ValueError(f"a row of {n} values cannot be stored as {ggml_type.name} (blocks of {block})")
     return n // block * size
@@ -148,7 +169,7 @@ def gguf_tensors(shape: ModelShape, precisions: Sequence[Precision], policy: Wei
     return out
 
 
-def padded(nbytes: int, alignment: int = GGUF_DEFAULT_ALIGNMENT) -> int:
+def padded(nbytes: int, alignment: int = ALIGNMENT) -> int:
     """``nbytes`` rounded up to the file's alignment (each tensor's data starts aligned)."""
     return -(-nbytes // alignment) * alignment
 
@@ -158,11 +179,11 @@ def gguf_data_bytes(tensors: Sequence[GgufTensor]) -> int:
     return sum(padded(t.nbytes) for t in tensors)
 
 
-def type_counts(tensors: Sequence[GgufTensor]) -> dict[str, int]:
-    """How many tensors of each ggml type, e.g. ``{"F32": 61, "Q4_K": 20, "Q8_0": 40}`` (for records and tests)."""
+def type_counts(types: Sequence[str]) -> dict[str, int]:
+    """How many tensors of each ggml type name, e.g. ``{"F32": 61, "Q4_K": 20, "Q8_0": 40}`` (records, tests)."""
     counts: dict[str, int] = {}
-    for t in tensors:
-        counts[t.type.name] = counts.get(t.type.name, 0) + 1
+    for name in types:
+        counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))
 
 
@@ -220,6 +241,6 @@ def gguf_average_bits(shape: ModelShape, precisions: Sequence[Precision], policy
             "all_weights": 8 * sum(by_name.values()) / shape.num_params}
 
 
-__all__ = ["RUNTIME_OVERHEAD", "UBATCH", "compute_bytes", "gguf_average_bits", "gguf_breakdown", "layer_bytes",
+__all__ = ["ALIGNMENT", "BLOCKS", "RUNTIME_OVERHEAD", "UBATCH", "compute_bytes", "gguf_average_bits", "gguf_breakdown", "layer_bytes",
            "GgmlType", "GgufFormats", "GgufTensor", "Int4Format", "K_BLOCK", "gguf_data_bytes", "gguf_tensors",
            "padded", "row_bytes", "type_counts", "weight_type"]

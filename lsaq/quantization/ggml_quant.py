@@ -80,9 +80,10 @@ def quantize_rows(values: np.ndarray, ggml_type: GgmlType, *, threads: int | Non
 
 def dequantize_rows(data: np.ndarray, ggml_type: GgmlType, n: int) -> np.ndarray:
     """Inverse of :func:`quantize_rows` (the ``gguf`` package's dequantizer): float32 ``[rows, n]``."""
-    from gguf import dequantize
+    from gguf import GGMLQuantizationType, dequantize
 
-    return dequantize(np.ascontiguousarray(data).reshape(-1, row_bytes(ggml_type, n)), ggml_type).reshape(-1, n)
+    rows = np.ascontiguousarray(data).reshape(-1, row_bytes(ggml_type, n))
+    return dequantize(rows, GGMLQuantizationType(int(ggml_type))).reshape(-1, n)
 
 
 __all__ = ["INSTALL_HINT", "LlamaCppMissing", "check_llama_cpp", "dequantize_rows", "quantize_rows"]

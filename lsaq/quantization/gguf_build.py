@@ -27,7 +27,7 @@ from lsaq.atomic import temp_file
 from lsaq.models.gguf import dequantized
 from lsaq.models.identity import ModelRef
 from lsaq.models.shapes import ModelShape
-from lsaq.planning.ggml import (UBATCH, GgmlType, GgufFormats, GgufTensor, gguf_data_bytes, gguf_tensors, padded,
+from lsaq.planning.ggml import (UBATCH, GgufFormats, GgufTensor, gguf_data_bytes, gguf_tensors, padded,
                                 type_counts)
 from lsaq.planning.memory import WeightPolicy
 from lsaq.planning.planner import Plan
@@ -152,7 +152,8 @@ def write_gguf(source: str | os.PathLike, shape: ModelShape, precisions: Sequenc
         writer = gguf.GGUFWriter(tmp, architecture)
         _copy_metadata(reader, writer, precisions)
         for name, t, _ in rows:
-            writer.add_tensor_info(name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
+            writer.add_tensor_info(name, t.shape, np.dtype(np.float32), t.nbytes,
+                                   raw_dtype=gguf.GGMLQuantizationType(int(t.type)))
         for src in copied:
             data = np.asarray(src.data)
             writer.add_tensor_info(src.name, data.shape, data.dtype, int(src.n_bytes), raw_dtype=src.tensor_type)
@@ -177,8 +178,7 @@ def write_gguf(source: str | os.PathLike, shape: ModelShape, precisions: Sequenc
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    counts = type_counts([t for _, t, _ in rows] + [GgufTensor(s.name, (1,), GgmlType(int(s.tensor_type)))
-                                                    for s in copied])
+    counts = type_counts([t.type.name for _, t, _ in rows] + [s.tensor_type.name for s in copied])
     return GgufFile(out, out.stat().st_size, written + copied_bytes, counts, tuple(s.name for s in copied),
                     copied_bytes)
 
