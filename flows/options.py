@@ -25,6 +25,7 @@ from lsaq.models.weights import check_model_spec
 from lsaq.paths import cache_dir
 from lsaq.planning.memory import WeightPolicy
 from lsaq.precision import AUTO_GROUP
+from lsaq.planning.devices import DeviceProfile
 from lsaq.planning.planner import PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest, check_group_request, resolve_device
 from lsaq.precision import Quantizer
@@ -125,8 +126,9 @@ class BuildOptions:
                 check_model_spec(self.model)  # a local checkpoint's headers; a hub id is resolved by the flow
             except ValueError as e:
                 raise OptionError(literal(e)) from None
-        requests = self._requests()
-        self._check_gguf_source(requests, runtime)
+        resolved = self._requests()
+        self._check_gguf_source(resolved, runtime)
+        requests = tuple(request for request, _ in resolved)
         store = self.store or default_store_uri()
         try:
             store = open_store(store).uri  # the URI as the store names it: a local path absolute, `..` resolved
@@ -139,20 +141,20 @@ class BuildOptions:
                             ranking=ranking.value, quantizer=quantizer.value, evaluation=evaluation,
                             store=store, work=os.path.abspath(work))
 
-    def _check_gguf_source(self, requests: tuple[DeviceRequest, ...], runtime: Runtime | None) -> None:
+    def _check_gguf_source(self, resolved: list[tuple[DeviceRequest, DeviceProfile]], runtime: Runtime | None) -> None:
         """A device that runs llama.cpp gets a GGUF build, which is made from a GGUF model: any other model is
         refused here, before the importance run, naming the device and what to do."""
         if self.model is None or Path(self.model).suffix == ".gguf":  # None: the embedded model, a GGUF
             return
-        for request in requests:
-            if request.name is not None and (runtime or resolve_device(request).runs).gguf:
+        for request, profile in resolved:
+            if request.name is not None and (runtime or profile.runs).gguf:
                 raise OptionError(
                     f"device {literal(request.name)} runs llama.cpp, whose GGUF builds are made from a GGUF model; "
                     f"{literal(self.model)} is not one: convert it with llama.cpp's convert_hf_to_gguf.py and give "
                     "that file as {model}, or build for {runtime} transformers")
 
-    def _requests(self) -> tuple[DeviceRequest, ...]:
-        """``device``, ``devices`` and ``budget`` together, each once, in order; each one looked up."""
+    def _requests(self) -> list[tuple[DeviceRequest, DeviceProfile]]:
+        """``device``, ``devices`` and ``budget`` together, each once, in order, each with the profile it names."""
         if self.devices is not None and (isinstance(self.devices, str)
                                          or not all(isinstance(d, str) and d.strip() for d in self.devices)):
             raise OptionError(f"{{devices}} must be a list of device names, got {literal(repr(self.devices))}")
@@ -166,12 +168,13 @@ class BuildOptions:
             raise OptionError(f"{{device_file}} {literal(repr(self.device_file))} is not a file")
         requests = [DeviceRequest(name=n, device_file=self.device_file) for n in names]
         requests += [DeviceRequest(budget=self.budget)] if self.budget is not None else []
+        resolved = []
         for request in requests:
-            try:
-                resolve_device(request)  # an unknown name lists the known ones; a budget is parsed and bounded
+            try:  # an unknown name lists the known ones; a budget is parsed and bounded
+                resolved.append((request, resolve_device(request)))
             except ValueError as e:
                 raise OptionError(literal(e)) from None
-        return tuple(requests)
+        return resolved
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from conftest import (WIDE_LLAMA, WIDE_PARAMS, kl_noise, logit_noise, lsaq_peak_
 from lsaq.engine.checkpoint import Checkpoint
 from lsaq.engine.logits import branch_logits
 from lsaq.engine.skeleton import Resident, Skeleton
-from lsaq.eval.fidelity import fidelity, stream_fidelity, stream_fidelity_to
+from lsaq.eval.fidelity import fidelity, stream_fidelity
 from lsaq.eval.perplexity import perplexity, stream_window_nll, window_nll
 from lsaq.models.families import SUPPORTED_MODEL_TYPES
 from lsaq.models.parts import decoder_parts
@@ -75,8 +75,8 @@ def test_streamed_fidelity_equals_the_whole_models(shared_pair):
         with torch.no_grad():
             return quant.model(input_ids=row[None]).logits[0]
 
-    by_window = stream_fidelity_to(skeleton, one_window, windows, source="wiki", source_hash=digest, batch_size=1,
-                                   chunk=100)
+    by_window = stream_fidelity(skeleton, one_window, windows, source="wiki", source_hash=digest, batch_size=1,
+                                chunk=100)
     assert [r.tolist() for r in asked] == windows.tolist()
     assert abs(by_window.kl_mean - whole.kl_mean) <= kl_noise(whole.kl_mean, noise, cfg.vocab_size, scale)
     assert abs(by_window.top1_agreement - whole.top1_agreement) <= 2 / whole.positions

@@ -144,7 +144,7 @@ def fidelity(
 
 def stream_fidelity(
     reference: Layers,
-    candidate: Layers,
+    candidate: Layers | Callable[[torch.Tensor], torch.Tensor],
     windows: torch.Tensor,
     *,
     source: str,
@@ -158,36 +158,20 @@ def stream_fidelity(
     (:func:`lsaq.engine.logits.branch_logits`: a float checkpoint's :class:`~lsaq.engine.skeleton.Skeleton` and its
     build's :class:`~lsaq.quantization.reader.ArtifactLayers`), so neither model is ever held whole. Same
     statistics as :func:`fidelity` within float rounding; ``progress(n)`` after each pass of n windows. ``chunk``
-    and ``pass_bytes``: positions projected at once and the hidden states of a pass (:mod:`lsaq.eval.budget`)."""
-    _check_windows(windows, batch_size)
-    pairs = ((first, ref, cand) for first, (ref, cand) in branch_logits(
-        [reference, candidate], windows, chunk=chunk, budget=pass_bytes, progress=progress,
-        batch_size=batch_size or max(1, AUTO_BATCH_TOKENS // windows.shape[1])))
-    return _collect(pairs, windows, source, source_hash, chunk)
+    and ``pass_bytes``: positions projected at once and the hidden states of a pass (:mod:`lsaq.eval.budget`).
 
-
-def stream_fidelity_to(
-    reference: Layers,
-    candidate: Callable[[torch.Tensor], torch.Tensor],
-    windows: torch.Tensor,
-    *,
-    source: str,
-    source_hash: str,
-    batch_size: int | None = None,
-    chunk: int = CHUNK,
-    pass_bytes: int = PASS_BYTES,
-    progress: Callable[[int], None] | None = None,
-) -> FidelityResult:
-    """:func:`stream_fidelity` against a candidate outside torch's layers (a GGUF build in llama.cpp) that gives the
-    logits of one window at a time: ``candidate(window [T]) -> [T, V]``. The reference is walked one layer at a
-    time as there; the candidate's logits of at most the two windows a chunk spans exist at once."""
+    A candidate outside torch's layers (a GGUF build in llama.cpp) is a function giving the logits of one window at
+    a time, ``candidate(window [T]) -> [T, V]``: only the reference walks, and the candidate's logits of at most the
+    two windows a chunk spans exist at once."""
     _check_windows(windows, batch_size)
     t = windows.shape[1]
+    per_window = callable(candidate)  # layers are walked, not called
+    walk = branch_logits([reference] if per_window else [reference, candidate], windows, chunk=chunk,
+                         budget=pass_bytes, progress=progress, batch_size=batch_size or max(1, AUTO_BATCH_TOKENS // t))
 
-    def pairs() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def by_window() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         cached: dict[int, torch.Tensor] = {}  # window -> its candidate logits [T, V]
-        for first, (ref,) in branch_logits([reference], windows, chunk=chunk, budget=pass_bytes, progress=progress,
-                                           batch_size=batch_size or max(1, AUTO_BATCH_TOKENS // t)):
+        for first, (ref,) in walk:
             end = first + ref.shape[0]
             rows = range(first // t, (end - 1) // t + 1)
             for done in [r for r in cached if r < rows.start]:
@@ -199,7 +183,8 @@ def stream_fidelity_to(
                 parts.append(cached[r][max(first, r * t) - r * t:min(end, (r + 1) * t) - r * t])
             yield first, ref, torch.cat(parts)
 
-    return _collect(pairs(), windows, source, source_hash, chunk)
+    pairs = by_window() if per_window else ((first, ref, cand) for first, (ref, cand) in walk)
+    return _collect(pairs, windows, source, source_hash, chunk)
 
 
 def _collect(pairs: Iterator[tuple[int, torch.Tensor, torch.Tensor]], windows: torch.Tensor, source: str,
@@ -231,5 +216,4 @@ def _result(kl: torch.Tensor, agree: torch.Tensor, windows: torch.Tensor, source
     )
 
 
-__all__ = ["AUTO_BATCH_TOKENS", "CHUNK", "FidelityResult", "fidelity", "position_stats", "stream_fidelity",
-           "stream_fidelity_to"]
+__all__ = ["AUTO_BATCH_TOKENS", "CHUNK", "FidelityResult", "fidelity", "position_stats", "stream_fidelity"]

@@ -4,7 +4,7 @@ A GGUF build is what runs on the device, so it is measured there, not through a 
 
 * **fidelity** (KL, top-1): the float model is walked one decoder layer at a time as for any build, and each
   window's token ids go unchanged into llama.cpp (``logits_all``: the ``[T, V]`` logits of every position), one
-  window at a time (:func:`lsaq.eval.fidelity.stream_fidelity_to`);
+  window at a time (:func:`lsaq.eval.fidelity.stream_fidelity` with a per-window candidate);
 * **perplexity**: the same windows and statistic as a float model's (:func:`lsaq.eval.perplexity.perplexity`) from
   llama.cpp's logits;
 * **resident memory while generating**: the build generates in a fresh process at its plan's context

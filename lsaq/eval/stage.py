@@ -40,7 +40,7 @@ from lsaq.compute import AUTO, Compute, check_compute_device, check_max_memory, 
 from lsaq.eval.budget import WalkBudget, eval_budget
 from lsaq.eval.models import EvalModel, ModelSource, is_artifact, load_for_eval
 from lsaq.eval.fidelity import AUTO_BATCH_TOKENS as FIDELITY_BATCH_TOKENS
-from lsaq.eval.fidelity import FidelityResult, stream_fidelity, stream_fidelity_to
+from lsaq.eval.fidelity import FidelityResult, stream_fidelity
 from lsaq.eval.gguf import GgufModel, check_fits_device, generation_memory, open_gguf_build
 from lsaq.eval.harness import evaluate_tasks
 from lsaq.eval.options import DEFAULT_FIDELITY_SEQ_LEN, DTYPES, EvalOptions
@@ -138,11 +138,9 @@ def _fidelity(base: EvalModel, quant: EvalModel, options: EvalOptions, text: str
         gc.collect()
         windows, source, source_hash = calib.tokens, calib.source, calib.source_hash
     with tqdm(total=windows.shape[0], desc="fidelity", unit="window", file=sys.stderr) as bar:
-        if isinstance(quant.layers, GgufModel):  # the build's logits from llama.cpp, a window at a time
-            return stream_fidelity_to(base.layers, quant.layers.window, windows, source=source,
-                                      source_hash=source_hash, progress=bar.update, chunk=budget.chunk,
-                                      pass_bytes=budget.pass_bytes)
-        return stream_fidelity(base.layers, quant.layers, windows, source=source, source_hash=source_hash,
+        # a GGUF build's logits come from llama.cpp, a window at a time
+        candidate = quant.layers.window if isinstance(quant.layers, GgufModel) else quant.layers
+        return stream_fidelity(base.layers, candidate, windows, source=source, source_hash=source_hash,
                                progress=bar.update, chunk=budget.chunk, pass_bytes=budget.pass_bytes)
 
 

@@ -144,29 +144,48 @@ def _vector(t: TensorShape) -> GgufTensor:
     return GgufTensor(t.name, t.shape, GgmlType.F32)
 
 
+def _linears(shape: ModelShape, layer: int, precision: Precision, formats: GgufFormats) -> list[GgufTensor]:
+    """Decoder layer ``layer``'s linear weights at ``precision`` and their biases (F32)."""
+    out = []
+    for lin in shape.layer_linears:
+        name = shape.layer_name(layer, lin.name)
+        out.append(GgufTensor(f"{name}.weight", (lin.out_features, lin.in_features),
+                              weight_type(precision, lin.in_features, formats)))
+        if lin.bias:
+            out.append(GgufTensor(f"{name}.bias", (lin.out_features,), GgmlType.F32))
+    return out
+
+
+def _embeddings(shape: ModelShape, policy: WeightPolicy, formats: GgufFormats) -> tuple[GgufTensor, GgufTensor | None]:
+    """The token embedding, and the head when the file stores one (an untied model's, or a tied model's whose
+    policy gives the head another precision than the embedding)."""
+    vocab, hidden = shape.embed.shape
+    embed = GgufTensor(shape.embed.name, (vocab, hidden), weight_type(policy.embed, hidden, formats))
+    head = shape.lm_head
+    if head is None and policy.head_precision is not policy.embed:
+        head = TensorShape(HEAD_WEIGHT, shape.embed.shape)
+    if head is None:
+        return embed, None
+    return embed, GgufTensor(head.name, head.shape, weight_type(policy.head_precision, head.shape[1], formats))
+
+
+def _check_layers(shape: ModelShape, precisions: Sequence[Precision]) -> None:
+    if len(precisions) != shape.num_layers:
+        raise ValueError(f"{len(precisions)} precisions given for a model with {shape.num_layers} layers")
+
+
 def gguf_tensors(shape: ModelShape, precisions: Sequence[Precision], policy: WeightPolicy,
                  formats: GgufFormats) -> list[GgufTensor]:
     """Every tensor a GGUF build of ``shape`` stores, with decoder layer ``i`` at ``precisions[i]``: the embedding,
     then each layer's linears (and biases) and norms, then the final norms and the head when stored."""
-    if len(precisions) != shape.num_layers:
-        raise ValueError(f"{len(precisions)} precisions given for a model with {shape.num_layers} layers")
-    vocab, hidden = shape.embed.shape
-    out = [GgufTensor(shape.embed.name, (vocab, hidden), weight_type(policy.embed, hidden, formats))]
+    _check_layers(shape, precisions)
+    embed, head = _embeddings(shape, policy, formats)
+    out = [embed]
     for i, p in enumerate(precisions):
-        for lin in shape.layer_linears:
-            name = shape.layer_name(i, lin.name)
-            out.append(GgufTensor(f"{name}.weight", (lin.out_features, lin.in_features),
-                                  weight_type(p, lin.in_features, formats)))
-            if lin.bias:
-                out.append(GgufTensor(f"{name}.bias", (lin.out_features,), GgmlType.F32))
+        out.extend(_linears(shape, i, p, formats))
         out.extend(_vector(TensorShape(shape.layer_name(i, t.name), t.shape)) for t in shape.layer_norms)
     out.extend(_vector(t) for t in shape.final_norms)
-    head = shape.lm_head
-    if head is None and policy.head_precision is not policy.embed:
-        head = TensorShape(HEAD_WEIGHT, shape.embed.shape)
-    if head is not None:
-        out.append(GgufTensor(head.name, head.shape, weight_type(policy.head_precision, head.shape[1], formats)))
-    return out
+    return out + ([head] if head is not None else [])
 
 
 def padded(nbytes: int, alignment: int = ALIGNMENT) -> int:
@@ -197,38 +216,35 @@ def compute_bytes(shape: ModelShape, context: int, batch: int) -> int:
     return 4 * tokens * per_token
 
 
-def gguf_breakdown(shape: ModelShape, precisions: Sequence[Precision], policy: WeightPolicy, formats: GgufFormats,
-                   *, context: int, batch: int, reserve: int = 0, kv_bytes: int = 2) -> MemoryBreakdown:
-    """The :class:`~lsaq.planning.memory.MemoryBreakdown` of a GGUF build run by llama.cpp. Tensor bytes are padded
-    as in the file; ``workspace`` is the compute buffer plus :data:`RUNTIME_OVERHEAD`."""
-    tensors = {t.name: padded(t.nbytes) for t in gguf_tensors(shape, precisions, policy, formats)}
-    layers = []
-    for i in range(shape.num_layers):
-        prefix = shape.layer_name(i, "")
-        layers.append(sum(n for name, n in tensors.items() if name.startswith(prefix)))
-    norms = sum(n for name, n in tensors.items()
-                if name.startswith(f"{shape.layer_prefix}.") and any(name.endswith(t.name) for t in shape.layer_norms))
-    head = HEAD_WEIGHT if shape.lm_head is None else shape.lm_head.name
-    return MemoryBreakdown(
-        layers=tuple(layers),
-        layer_linears=sum(layers) - norms,
-        layer_norms=norms,
-        embeddings=tensors[shape.embed.name],
-        lm_head=tensors.get(head, 0),
-        final_norm=sum(tensors[t.name] for t in shape.final_norms),
-        kv_cache=kv_cache_bytes(shape, context, batch, kv_bytes),
-        workspace=compute_bytes(shape, context, batch) + RUNTIME_OVERHEAD,
-        reserve=reserve,
-    )
+def runtime_bytes(shape: ModelShape, context: int, batch: int) -> int:
+    """What llama.cpp holds besides weights and KV cache: its compute buffer and :data:`RUNTIME_OVERHEAD`."""
+    return compute_bytes(shape, context, batch) + RUNTIME_OVERHEAD
 
 
 def layer_bytes(shape: ModelShape, precision: Precision, formats: GgufFormats) -> int:
     """Bytes (padded) of one decoder layer's linear weights and biases at ``precision``."""
-    total = 0
-    for lin in shape.layer_linears:
-        total += padded(lin.out_features * row_bytes(weight_type(precision, lin.in_features, formats), lin.in_features))
-        total += padded(4 * lin.out_features) if lin.bias else 0
-    return total
+    return sum(padded(t.nbytes) for t in _linears(shape, 0, precision, formats))
+
+
+def gguf_breakdown(shape: ModelShape, precisions: Sequence[Precision], policy: WeightPolicy, formats: GgufFormats,
+                   *, context: int, batch: int, reserve: int = 0, kv_bytes: int = 2) -> MemoryBreakdown:
+    """The :class:`~lsaq.planning.memory.MemoryBreakdown` of a GGUF build run by llama.cpp: the bytes of
+    :func:`gguf_tensors`, each padded as in the file; ``workspace`` is :func:`runtime_bytes`."""
+    _check_layers(shape, precisions)
+    norms = sum(padded(t.nbytes) for t in map(_vector, shape.layer_norms))
+    cost = {p: layer_bytes(shape, p, formats) for p in set(precisions)}
+    embed, head = _embeddings(shape, policy, formats)
+    return MemoryBreakdown(
+        layers=tuple(cost[p] + norms for p in precisions),
+        layer_linears=sum(cost[p] for p in precisions),
+        layer_norms=norms * shape.num_layers,
+        embeddings=padded(embed.nbytes),
+        lm_head=padded(head.nbytes) if head is not None else 0,
+        final_norm=sum(padded(t.nbytes) for t in map(_vector, shape.final_norms)),
+        kv_cache=kv_cache_bytes(shape, context, batch, kv_bytes),
+        workspace=runtime_bytes(shape, context, batch),
+        reserve=reserve,
+    )
 
 
 def gguf_average_bits(shape: ModelShape, precisions: Sequence[Precision], policy: WeightPolicy,
@@ -241,6 +257,6 @@ def gguf_average_bits(shape: ModelShape, precisions: Sequence[Precision], policy
             "all_weights": 8 * sum(by_name.values()) / shape.num_params}
 
 
-__all__ = ["ALIGNMENT", "BLOCKS", "RUNTIME_OVERHEAD", "UBATCH", "compute_bytes", "gguf_average_bits", "gguf_breakdown", "layer_bytes",
-           "GgmlType", "GgufFormats", "GgufTensor", "Int4Format", "K_BLOCK", "gguf_data_bytes", "gguf_tensors",
-           "padded", "row_bytes", "type_counts", "weight_type"]
+__all__ = ["ALIGNMENT", "BLOCKS", "K_BLOCK", "RUNTIME_OVERHEAD", "UBATCH", "GgmlType", "GgufFormats", "GgufTensor",
+           "Int4Format", "compute_bytes", "gguf_average_bits", "gguf_breakdown", "gguf_data_bytes", "gguf_tensors",
+           "layer_bytes", "padded", "row_bytes", "runtime_bytes", "type_counts", "weight_type"]

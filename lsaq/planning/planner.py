@@ -22,8 +22,7 @@ from lsaq.methods import UNIFORM_IMPORTANCE, ImportanceRef, ranking
 from lsaq.models.identity import ModelRef
 from lsaq.models.shapes import ModelShape
 from lsaq.planning.devices import DeviceProfile, load_catalog
-from lsaq.planning.ggml import GgufFormats, Int4Format, compute_bytes, gguf_average_bits, gguf_breakdown, layer_bytes
-from lsaq.planning.ggml import RUNTIME_OVERHEAD
+from lsaq.planning.ggml import GgufFormats, Int4Format, gguf_average_bits, gguf_breakdown, layer_bytes, runtime_bytes
 from lsaq.planning.memory import (
     FP16_BYTES,
     MemoryBreakdown,
@@ -185,7 +184,7 @@ def breakdown_for(shape: ModelShape, precisions: Sequence[Precision], options: P
 def workspace_for(shape: ModelShape, options: PlanOptions, context: int) -> int:
     """Run-time bytes besides weights and KV cache at ``context``: the runtime's workspace (and own overhead)."""
     if options.gguf:
-        return compute_bytes(shape, context, options.batch) + RUNTIME_OVERHEAD
+        return runtime_bytes(shape, context, options.batch)
     return workspace_bytes(shape, context, options.batch)
 
 

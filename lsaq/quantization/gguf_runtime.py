@@ -37,8 +37,7 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def load_gguf(path: str | os.PathLike, *, context: int, logits_all: bool = False, threads: int | None = None,
-              batch: int = UBATCH) -> Any:
+def load_gguf(path: str | os.PathLike, *, context: int, logits_all: bool = False, batch: int = UBATCH) -> Any:
     """A ``llama_cpp.Llama`` of the GGUF file ``path`` for ``context`` tokens in steps of ``batch`` (the plan's
     :data:`UBATCH` on the device; an evaluation takes whole windows, 2-3 times faster); the caller closes it
     (``close()``). ``logits_all``: keep the logits of every position (``scores``), for evaluation."""
@@ -46,17 +45,14 @@ def load_gguf(path: str | os.PathLike, *, context: int, logits_all: bool = False
     from llama_cpp import Llama
 
     batch = min(batch, context)
-    kwargs: dict[str, Any] = {"n_threads": threads} if threads else {}
     with _quiet_stderr():
-        return Llama(str(path), n_ctx=context, n_batch=batch, n_ubatch=batch, logits_all=logits_all, verbose=False,
-                     **kwargs)
+        return Llama(str(path), n_ctx=context, n_batch=batch, n_ubatch=batch, logits_all=logits_all, verbose=False)
 
 
 @contextlib.contextmanager
-def open_gguf(path: str | os.PathLike, *, context: int, logits_all: bool = False,
-              threads: int | None = None) -> Iterator[Any]:
+def open_gguf(path: str | os.PathLike, *, context: int, logits_all: bool = False) -> Iterator[Any]:
     """:func:`load_gguf`, closed on exit."""
-    llm = load_gguf(path, context=context, logits_all=logits_all, threads=threads)
+    llm = load_gguf(path, context=context, logits_all=logits_all)
     try:
         yield llm
     finally:
