@@ -28,6 +28,7 @@ from flows.options import (
     BuildOptions,
 )
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD
+from lsaq.planning.ggml import CODE_GROUPS
 from lsaq.planning.planner import InfeasiblePlanError
 from lsaq.precision import Quantizer
 from tasks.dispatch import dispatch_device
@@ -65,6 +66,7 @@ def build(
     measure_samples: int = DEFAULT_MEASURE_SAMPLES,
     compute_device: str = "auto",
     runtime: str | None = None,
+    gguf_int4: str = "q4_k",
 ) -> RunSummary:
     """Build ``model`` (default: the embedded one) for every device (``device``, ``devices``, ``budget``).
 
@@ -82,8 +84,9 @@ def build(
     than ``samples``): it costs about 85-95 forward passes over them (README, study). ``compute_device``: where
     the importance run, quantization and evaluation compute on the machine that runs them (``auto``: the NVIDIA
     GPU with the most free memory that holds a layer, else the CPU; ``cpu``; ``cuda:N``). ``runtime``: what runs
-    every build (``transformers``, ``vllm``, ``llama.cpp``), instead of each device's own (``lsaq devices``); a
-    llama.cpp build is one GGUF file quantized by llama.cpp's own quantizer (``quantizer`` applies to the others).
+    every build (``transformers``, ``vllm``, ``llama.cpp``), instead of each device's own (``lsaq devices``).
+    ``gguf_int4``: how a llama.cpp build (one GGUF file) stores INT4: ``q4_k`` (default), quantized by llama.cpp's
+    own quantizer whatever ``quantizer`` says; ``q4_0`` or ``q4_1``, which keep ``quantizer``'s codes.
     """
     # Every option is checked before anything runs: a bad value fails the flow with one line naming it.
     checked = BuildOptions(
@@ -92,7 +95,7 @@ def build(
         seq_len=seq_len, calib=calib, seed=seed, batch_size=batch_size, ppl=ppl, eval_tasks=eval_tasks,
         eval_limit=eval_limit, fidelity_windows=fidelity_windows, revision=revision, store=store, work=work,
         dispatch=dispatch, quantizer=quantizer, group_size=group_size, measure_samples=measure_samples,
-        compute_device=compute_device, runtime=runtime,
+        compute_device=compute_device, runtime=runtime, gguf_int4=gguf_int4,
     ).check()
     requests, options, group_size, quantizer = checked.requests, checked.plan, checked.group_size, checked.quantizer
     store, work = checked.store, checked.work
@@ -139,8 +142,10 @@ def build(
     chains: list[tuple[PrefectFuture, ...]] = []
     for target in targets.values():
         plan = t.plan.submit(ident, importance, target, options, store, work, group_size)
-        # a GGUF build's codes come from llama.cpp's quantizer: round to nearest per block
-        codes = Quantizer.RTN.value if options.for_device(target.device).gguf else quantizer
+        # a GGUF build with INT4 in K-quants takes llama.cpp's codes (round to nearest, scales it searches)
+        device_options = options.for_device(target.device)
+        keeps = not device_options.gguf or device_options.gguf_int4 in CODE_GROUPS
+        codes = quantizer if keeps else Quantizer.RTN.value
         artifact = t.quantize.submit(ident, plan, store, work, codes,
                                      calibration if codes != Quantizer.RTN.value else None, compute_device)
         report = t.evaluate.submit(ident, plan, artifact, checked.evaluation, store, work, compute_device)

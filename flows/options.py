@@ -29,6 +29,7 @@ from lsaq.planning.devices import DeviceProfile
 from lsaq.planning.planner import PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest, check_group_request, resolve_device
 from lsaq.precision import Quantizer
+from lsaq.planning.ggml import Int4Format
 from lsaq.runtime import Runtime
 from lsaq.store.stage import default_store_uri, open_store
 
@@ -78,6 +79,7 @@ class BuildOptions:
     measure_samples: int = DEFAULT_MEASURE_SAMPLES
     compute_device: str = AUTO
     runtime: str | None = None  # None: each device's own
+    gguf_int4: str = Int4Format.Q4_K.value  # how GGUF builds store INT4; q4_0/q4_1 keep the quantizer's codes
 
     def params(self) -> dict[str, Any]:
         """The flow's keyword parameters (``devices`` as a list, as Prefect passes it)."""
@@ -109,9 +111,10 @@ class BuildOptions:
             group_size = check_group_request(self.group_size, strategy)
             check_compute_device(self.compute_device)
             runtime = Runtime.parse(self.runtime) if self.runtime is not None else None
+            gguf_int4 = Int4Format.parse(self.gguf_int4)
         except ValueError as e:
             raise OptionError(literal(e)) from None
-        plan = PlanOptions(context=self.context, strategy=strategy, runtime=runtime)
+        plan = PlanOptions(context=self.context, strategy=strategy, runtime=runtime, gguf_int4=gguf_int4)
         if isinstance(group_size, int):
             plan = plan.with_policy(WeightPolicy(group_size=group_size))
         try:

@@ -128,6 +128,10 @@ def test_check_gives_the_stages_records(tmp_path):
     assert checked.plan.strategy.value == "lsaq" and checked.plan.policy.group_size == 64 and not checked.measured
     assert checked.plan.runtime is None  # each device's own
     assert BuildOptions(device="rpi-zero-2w", runtime="Transformers").check().plan.runtime.value == "transformers"
+    assert checked.plan.gguf_int4.value == "q4_k"
+    assert BuildOptions(device="rpi-zero-2w", gguf_int4="Q4_1").check().plan.gguf_int4.value == "q4_1"
+    with pytest.raises(OptionError, match="unknown INT4 GGUF format 'q3_k'"):
+        BuildOptions(device="rpi-zero-2w", gguf_int4="q3_k").check()
     assert (checked.ranking, checked.quantizer, checked.group_size) == ("jaccard", "rtn", 64)
     assert checked.evaluation.tasks == ("piqa",) and checked.store == str(tmp_path)  # `..` resolved
     assert checked.work == str(tmp_path / "w") and not (tmp_path / "a").exists()

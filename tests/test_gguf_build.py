@@ -172,6 +172,31 @@ PASSAGE = (b"The tower is 324 metres (1,063 ft) tall, about the same height as a
            b"structure in Paris. Its base is square, measuring 125 metres on each side.")
 
 
+def llama_cpp_run(path, new_tokens: int):
+    """llama.cpp on the GGUF file ``path``: PASSAGE's tokens and their logits ``[tokens, vocab]``, then greedy text
+    after PROMPT_TEXT, its token ids and the prompt's ids ``[1, n]``."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    try:
+        tokens = llm.tokenize(PASSAGE, add_bos=False)
+        llm.eval(tokens)
+        logits = torch.from_numpy(np.array(llm.scores[:len(tokens)]))
+        llm.reset()
+        greedy = llm.create_completion(PROMPT_TEXT, max_tokens=new_tokens, temperature=0)["choices"][0]["text"]
+        prompt = torch.tensor([llm.tokenize(PROMPT_TEXT.encode(), add_bos=False)])
+        return tokens, logits, greedy, llm.tokenize(greedy.encode(), add_bos=False), prompt
+    finally:
+        llm.close()
+
+
+def assert_close_logits(ref: torch.Tensor, ours: torch.Tensor) -> None:
+    """Mean KL(ref || ours) under three times the measured 0.0033, top-1 agreement at least 0.9."""
+    log_ref, log_ours = ref.log_softmax(-1), ours.log_softmax(-1)
+    assert (log_ref.exp() * (log_ref - log_ours)).sum(-1).mean() < 0.01
+    assert (ref.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+
+
 @pytest.fixture(scope="module")
 def mixed_gguf(shared_gguf, tmp_path_factory):
     """The shared model as a GGUF build: 5 fp16, 10 int8 and 15 int4 layers (Q4_K where rows allow, else Q4_1)."""
@@ -211,32 +236,68 @@ def test_llama_cpp_runs_the_build_like_its_dequantized_reference(mixed_gguf):
     quantized to 8 bits per block (2^-8 of a block's range), through 30 layers; the reference is the same file
     dequantized into transformers in float32. Measured here: mean KL 0.0033, top-1 agreement 52 of 54 positions,
     the largest logit difference 1.3 of logits up to 35; the bounds are three times the KL, and 0.9."""
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM
 
     built = mixed_gguf[0]
-    llm = Llama(str(built.path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
-    try:
-        tokens = llm.tokenize(PASSAGE, add_bos=False)
-        llm.eval(tokens)
-        ours = torch.from_numpy(np.array(llm.scores[:len(tokens)]))
-        llm.reset()
-        greedy = llm.create_completion(PROMPT_TEXT, max_tokens=6, temperature=0)["choices"][0]["text"]
-        prompt = torch.tensor([llm.tokenize(PROMPT_TEXT.encode(), add_bos=False)])
-        greedy_ids = llm.tokenize(greedy.encode(), add_bos=False)
-    finally:
-        llm.close()
+    tokens, ours, greedy, greedy_ids, prompt = llama_cpp_run(built.path, 6)
     ref_model = AutoModelForCausalLM.from_pretrained(built.path.parent, gguf_file=built.path.name,
                                                      dtype=torch.float32)
     with torch.no_grad():
         ref = ref_model(torch.tensor([tokens])).logits[0]
         ref_ids = ref_model.generate(prompt, max_new_tokens=6, do_sample=False)[0, prompt.shape[1]:]
-    log_ref, log_ours = ref.log_softmax(-1), ours.log_softmax(-1)
-    kl = (log_ref.exp() * (log_ref - log_ours)).sum(-1)
-    assert kl.mean() < 0.01
-    assert (ref.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+    assert_close_logits(ref, ours)
     assert greedy.startswith(" Paris")
     assert greedy_ids[:3] == ref_ids[:3].tolist()
+
+
+@pytest.fixture(scope="module")
+def coded_gguf(mixed_artifact, shared_gguf, tmp_path_factory):
+    """The codes of ``mixed_artifact`` (FP16, INT8, INT4 per channel cycling) kept in a GGUF build: Q8_0, Q4_0."""
+    from lsaq.quantization.gguf_build import write_gguf
+    from lsaq.quantization.reader import ArtifactCodes
+
+    path, plan = mixed_artifact
+    codes = ArtifactCodes(path)
+    out = tmp_path_factory.mktemp("coded") / "model.gguf"
+    return write_gguf(shared_gguf, plan.shape, plan.precisions, plan.options.policy, GgufFormats(int4="q4_0"), out,
+                      codes), codes
+
+
+@pytest.mark.model
+def test_gguf_keeps_the_artifacts_codes_exactly(coded_gguf, mixed_artifact):
+    """Every quantized linear reads back (the gguf package's dequantizer, q/k rows put back in transformers' order by
+    transformers' own GGUF loader) as exactly the values lsaq's artifact holds."""
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from lsaq.quantization.gguf_build import llama_names
+
+    built, codes = coded_gguf
+    shape = mixed_artifact[1].shape
+    assert built.types == {"F16": 71, "F32": 61, "Q4_0": 70, "Q8_0": 70}
+    names = llama_names(shape, "llama")
+    tensors = {t.name: t for t in GGUFReader(built.path).tensors}
+    undo = LlamaTensorProcessor(config={"num_attention_heads": shape.num_heads, "num_key_value_heads":
+                                        shape.num_kv_heads})
+    assert len(codes.modules) == 20 * len(shape.layer_linears)
+    for weight in codes.modules:
+        t = tensors[names[weight]]
+        values = undo.process(dequantize(t.data, t.tensor_type), t.name).weights
+        np.testing.assert_array_equal(values, codes(weight).dequantize().numpy(), err_msg=weight)
+
+
+@pytest.mark.model
+def test_llama_cpp_runs_the_codes_like_lsaqs_runtime(coded_gguf, mixed_artifact):
+    """The coded GGUF in llama.cpp against the same artifact on lsaq's packed runtime in float32: llama.cpp rounds
+    activations (fp16, 8 bits per block), so the bounds are those of the dequantized-reference test."""
+    from lsaq.quantization.reader import load_quantized
+
+    tokens, ours, greedy, _, _ = llama_cpp_run(coded_gguf[0].path, 4)
+    ref_model = load_quantized(mixed_artifact[0], dtype=torch.float32).model
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([tokens])).logits[0].float()
+    assert_close_logits(ref, ours)
+    assert greedy.startswith(" Paris")
 
 
 # ------------------------------------------------------------------------------------ the quantize stage
@@ -287,13 +348,40 @@ def test_quantize_writes_a_gguf_build(gguf_plan, tmp_path):
 
 
 @pytest.mark.model
+def test_gptq_codes_go_into_a_gguf_build(gguf_plan, shared_gguf, wiki_valid, tmp_path):
+    """GPTQ through the quantize stage for a llama.cpp plan with INT4 as Q4_1: the codes of a compressed-tensors
+    build of the same precisions (INT4 in groups of 32), made beside it and removed."""
+    import dataclasses
+
+    from lsaq.calibration.sets import calibrate, load_calibration_dir
+    from lsaq.quantization.gguf_build import read_gguf_types
+    from lsaq.quantization.gguf_runtime import generate_gguf
+    from lsaq.quantization.stage import quantize
+
+    n = gguf_plan.shape.num_layers
+    plan = dataclasses.replace(gguf_plan, options=dataclasses.replace(gguf_plan.options, gguf_int4="q4_1"),
+                               precisions=(P.INT4,) * 3 + (P.INT8,) * 2 + (P.FP16,) * (n - 5))
+    calibrate(str(shared_gguf), tmp_path / "calib", source=str(wiki_valid), samples=4, seq_len=64)
+    art = quantize(plan, tmp_path / "build", quantizer="gptq", calibration=tmp_path / "calib")
+    assert art.gguf and art.quantizer == "gptq" and art.calibration == load_calibration_dir(tmp_path / "calib").hash
+    assert art.tensor_bytes == art.predicted_tensor_bytes == plan.breakdown.weights
+    types = read_gguf_types(tmp_path / "build" / "model.gguf")
+    assert sum(t == "Q4_1" for t in types.values()) == 3 * 7 and sum(t == "Q8_0" for t in types.values()) == 2 * 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build", "calib"]  # the codes' build is gone
+    assert generate_gguf(tmp_path / "build", PROMPT_TEXT, 3).text.startswith(" Paris")
+
+
+@pytest.mark.model
 def test_quantize_refuses_what_gguf_builds_cannot_take(gguf_plan, shared_gguf, tmp_path):
     import dataclasses
 
     from lsaq.quantization.stage import quantize
 
-    with pytest.raises(ValueError, match="quantizer 'gptq' is not available for GGUF builds"):
+    with pytest.raises(ValueError, match="'gptq' needs a calibration directory"):
         quantize(gguf_plan, tmp_path / "a", quantizer="gptq")
+    with pytest.raises(ValueError, match="quantizer 'gptq' cannot make a GGUF build with INT4 as q4_k .* use "
+                                         "--gguf-int4 q4_0 .* or q4_1"):
+        quantize(gguf_plan, tmp_path / "a", quantizer="gptq", calibration=tmp_path)
     other = dataclasses.replace(gguf_plan, model=dataclasses.replace(gguf_plan.model, content_hash="0" * 64))
     with pytest.raises(ValueError, match="plan was made for model .* with content hash 0000"):
         quantize(other, tmp_path / "b", model=str(shared_gguf))

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
     q.add_argument("--quantizer", default="rtn",
                    help="rtn: round to nearest (default); gptq: error feedback on calibration activations (same "
-                        "bytes, closer to the float model; needs --calibration)")
+                        "bytes, closer to the float model; needs --calibration; for a GGUF plan, INT4 as q4_0 or q4_1)")
     q.add_argument("--calibration", default=None, metavar="DIR",
                    help="--quantizer gptq: a calibration directory from `lsaq calibrate` for this model")
     q.add_argument("--max-shard-size", default=None, metavar="SIZE",
@@ -58,7 +58,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             bar.close()
     policy = plan.options.policy
     if art.gguf:
-        print(f"wrote {art.path} ({plan.mix}; GGUF, INT4 as {plan.options.gguf_int4.value}; embedding "
+        print(f"wrote {art.path} ({plan.mix}, {art.quantizer}; GGUF, INT4 as {plan.options.gguf_int4.value}; embedding "
               f"{policy.embed.value}, head {policy.head_precision.value}; {art.file_bytes / 2**20:.1f} MiB on disk) in "
               f"{time.perf_counter() - start:.1f}s {art.memory.describe()}")
         print(f"loads in: {', '.join(art.runtimes)} (model.gguf; ollama: `ollama create NAME -f {art.path}/Modelfile`)")

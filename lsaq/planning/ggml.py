@@ -77,6 +77,11 @@ class Int4Format(Choice):
         return "INT4 GGUF format", "formats"
 
 
+# INT4 GGUF formats that hold lsaq's own INT4 codes (GPTQ's) exactly, with the group size those codes need: Q4_0
+# per-channel symmetric codes, Q4_1 groups of 32 (lsaq.quantization.ggml_codes); K-quants search their own scales.
+CODE_GROUPS: dict[Int4Format, int | None] = {Int4Format.Q4_0: None, Int4Format.Q4_1: 32}
+
+
 @dataclass(frozen=True)
 class GgufFormats:
     """The GGUF types of a build: the 16-bit float type and the INT4 format (INT8 is always Q8_0)."""
@@ -257,6 +262,6 @@ def gguf_average_bits(shape: ModelShape, precisions: Sequence[Precision], policy
             "all_weights": 8 * sum(by_name.values()) / shape.num_params}
 
 
-__all__ = ["ALIGNMENT", "BLOCKS", "K_BLOCK", "RUNTIME_OVERHEAD", "UBATCH", "GgmlType", "GgufFormats", "GgufTensor",
-           "Int4Format", "compute_bytes", "gguf_average_bits", "gguf_breakdown", "gguf_data_bytes", "gguf_tensors",
+__all__ = ["ALIGNMENT", "BLOCKS", "CODE_GROUPS", "K_BLOCK", "RUNTIME_OVERHEAD", "UBATCH", "GgmlType", "GgufFormats",
+           "GgufTensor", "Int4Format", "compute_bytes", "gguf_average_bits", "gguf_breakdown", "gguf_data_bytes", "gguf_tensors",
            "layer_bytes", "padded", "row_bytes", "runtime_bytes", "type_counts", "weight_type"]

@@ -3,8 +3,10 @@
 The writer streams: the header (metadata and every tensor's name, shape, type and size, all known from the byte
 model of :mod:`lsaq.planning.ggml`) is written first, then each tensor is read from the source, quantized by
 llama.cpp's own quantizer (:mod:`lsaq.quantization.ggml_quant`) and appended; only one tensor is in memory at a
-time (float32 plus its encoding: 0.5 GiB for a 32000 x 4096 embedding). Each tensor's bytes are checked against the byte model as it is written, so
-the file's data section is exactly :func:`lsaq.planning.ggml.gguf_data_bytes` of the plan.
+time (float32 plus its encoding: 0.5 GiB for a 32000 x 4096 embedding). A weight whose lsaq codes are given (GPTQ's,
+read from a compressed-tensors build of the same precisions) is written from them instead, code for code
+(:mod:`lsaq.quantization.ggml_codes`). Each tensor's bytes are checked against the byte model as it is written,
+so the file's data section is exactly :func:`lsaq.planning.ggml.gguf_data_bytes` of the plan.
 
 The source is a GGUF file (the default model, any llama.cpp model): its tensors are already in llama.cpp's names
 and layouts (dequantized to float32 by the ``gguf`` package, the values every lsaq stage reads), and its
@@ -19,7 +21,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -27,16 +29,19 @@ from lsaq.atomic import temp_file
 from lsaq.models.gguf import dequantized
 from lsaq.models.identity import ModelRef
 from lsaq.models.shapes import ModelShape
-from lsaq.planning.ggml import (UBATCH, GgufFormats, GgufTensor, gguf_data_bytes, gguf_tensors, padded,
-                                type_counts)
+from lsaq.planning.ggml import (CODE_GROUPS, UBATCH, GgufFormats, GgufTensor, Int4Format, gguf_data_bytes, gguf_tensors,
+                                padded, type_counts)
 from lsaq.planning.memory import WeightPolicy
 from lsaq.planning.planner import Plan
 from lsaq.precision import Precision, Quantizer
+from lsaq.quantization.ggml_codes import encode_codes, permute_rope
 from lsaq.quantization.ggml_quant import check_llama_cpp, quantize_rows
+from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.quantization.record import GGUF, GGUF_WEIGHTS, LLAMA_CPP_RUNTIME, MANIFEST, MODELFILE, PLAN, Artifact
 from lsaq.records import atomic_dir, atomic_write_bytes, atomic_write_json, file_sha256
 from lsaq.version import __version__
 
+Codes = Callable[[str], "QuantizedWeight | None"]  # transformers weight name -> its lsaq codes, None: quantize it
 SKIPPED_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 
 
@@ -107,9 +112,33 @@ def _copy_metadata(reader: Any, writer: Any, precisions: Sequence[Precision]) ->
     writer.add_array("lsaq.precisions", [p.value for p in precisions])
 
 
-def _encode(f: Any, source: Any, planned: GgufTensor) -> np.ndarray:
-    """The bytes of ``planned`` from ``source`` (a ``gguf.ReaderTensor``): float32 ``[rows, row]`` (or ``[n]``)
-    in llama.cpp's layout, requantized in its planned type."""
+def rope_heads(reader: Any, architecture: str) -> dict[str, int]:
+    """llama.cpp name part -> heads for the projections whose rows llama.cpp stores in its rotary order
+    (``{"attn_q": heads, "attn_k": kv_heads}``): exactly those transformers' GGUF loader puts back in its own order
+    when lsaq reads the source (its tensor processor for ``architecture``); empty for other architectures."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, LlamaTensorProcessor
+
+    processor = TENSOR_PROCESSORS.get(architecture)
+    if processor is None or not issubclass(processor, LlamaTensorProcessor):
+        return {}
+    heads = int(reader.fields[f"{architecture}.attention.head_count"].contents())
+    kv = reader.fields.get(f"{architecture}.attention.head_count_kv")
+    return {"attn_q": heads, "attn_k": int(kv.contents()) if kv is not None else heads}
+
+
+def _encode(f: Any, source: Any, planned: GgufTensor, name: str, codes: Codes | None,
+            rope: Mapping[str, int]) -> np.ndarray:
+    """The bytes of ``planned`` (llama.cpp's ``name``): its lsaq codes as ggml blocks when ``codes`` holds them
+    (rows moved to llama.cpp's rotary order where ``rope`` says), else ``source`` (a ``gguf.ReaderTensor``,
+    float32 ``[rows, row]`` or ``[n]`` in llama.cpp's layout) quantized by llama.cpp in its planned type."""
+    qw = codes(planned.name) if codes is not None else None
+    if qw is not None:
+        heads = rope.get(name.split(".")[2]) if name.startswith("blk.") else None
+        kind, data = encode_codes(permute_rope(qw, heads) if heads else qw)
+        if kind is not planned.type or qw.shape != tuple(planned.shape):
+            raise ValueError(f"{planned.name}: its codes are {kind.name} {list(qw.shape)}, the plan stores "
+                             f"{planned.type.name} {list(planned.shape)}")
+        return data
     values = dequantized(f, source)
     if values.shape != planned.shape:
         raise ValueError(f"source tensor {source.name} has shape {list(values.shape)}, the plan expects "
@@ -118,9 +147,11 @@ def _encode(f: Any, source: Any, planned: GgufTensor) -> np.ndarray:
 
 
 def write_gguf(source: str | os.PathLike, shape: ModelShape, precisions: Sequence[Precision], policy: WeightPolicy,
-               formats: GgufFormats, out: str | os.PathLike) -> GgufFile:
+               formats: GgufFormats, out: str | os.PathLike, codes: Codes | None = None) -> GgufFile:
     """Write the GGUF build of ``source`` (a ``.gguf`` file) with decoder layer ``i`` at ``precisions[i]`` to the
-    file ``out`` (through a temporary beside it: nothing half-written is left under that name).
+    file ``out`` (through a temporary beside it: nothing half-written is left under that name). ``codes``: lsaq's
+    codes by transformers weight name (:class:`~lsaq.quantization.reader.ArtifactCodes`, e.g. GPTQ's), kept code
+    for code (:mod:`lsaq.quantization.ggml_codes`); weights it does not hold are quantized by llama.cpp.
 
     ``ValueError`` when the source lacks a planned tensor or holds it in another shape; ``LlamaCppMissing`` when
     llama.cpp's quantizer is not installed (checked before anything is read)."""
@@ -132,6 +163,7 @@ def write_gguf(source: str | os.PathLike, shape: ModelShape, precisions: Sequenc
     reader = gguf.GGUFReader(source)
     architecture = _text(reader.fields["general.architecture"])
     names = llama_names(shape, architecture)
+    rope = rope_heads(reader, architecture) if codes is not None else {}
     by_name = {t.name: t for t in reader.tensors}
     rows: list[tuple[str, GgufTensor, Any]] = []  # (llama.cpp name, planned tensor, source tensor)
     for t in planned:
@@ -163,7 +195,7 @@ def write_gguf(source: str | os.PathLike, shape: ModelShape, precisions: Sequenc
         written = copied_bytes = 0
         with open(source, "rb") as f:
             for name, t, src in rows:
-                data = _encode(f, src, t)
+                data = _encode(f, src, t, name, codes, rope)
                 if data.nbytes != t.nbytes:  # the byte model and llama.cpp's quantizer disagree: a bug
                     raise RuntimeError(f"{name}: {data.nbytes} bytes of {t.type.name}, the byte model says {t.nbytes}")
                 writer.write_tensor_data(data)
@@ -183,11 +215,15 @@ def write_gguf(source: str | os.PathLike, shape: ModelShape, precisions: Sequenc
                     copied_bytes)
 
 
-def check_gguf_source(path: Path, quantizer: Quantizer | str) -> None:
-    """``ValueError`` (before any weight is read) unless a GGUF build can be made from ``path`` with ``quantizer``."""
-    if Quantizer.parse(quantizer) is not Quantizer.RTN:
-        raise ValueError(f"quantizer {Quantizer.parse(quantizer).value!r} is not available for GGUF builds (runtime "
-                         "llama.cpp): llama.cpp's quantizer chooses their codes; use rtn")
+def check_gguf_source(path: Path, quantizer: Quantizer | str, int4: Int4Format | str = Int4Format.Q4_K) -> None:
+    """``ValueError`` (before any weight is read) unless a GGUF build with INT4 as ``int4`` can be made from
+    ``path`` with ``quantizer``: GPTQ's codes are kept in Q8_0, Q4_0 and Q4_1, not in K-quants (whose scales
+    llama.cpp's quantizer searches itself)."""
+    quantizer, int4 = Quantizer.parse(quantizer), Int4Format.parse(int4)
+    if quantizer is not Quantizer.RTN and int4 not in CODE_GROUPS:
+        raise ValueError(f"quantizer {quantizer.value!r} cannot make a GGUF build with INT4 as {int4.value} "
+                         "(llama.cpp's K-quants choose their own scales): use --gguf-int4 q4_0 (per-channel "
+                         "INT4 codes) or q4_1 (groups of 32), or quantizer rtn")
     if path.suffix != ".gguf":
         raise ValueError(f"a GGUF build (runtime llama.cpp) is made from a GGUF source; {path} is a safetensors "
                          "checkpoint: convert it with llama.cpp's convert_hf_to_gguf.py (--outtype bf16) and give "
@@ -203,13 +239,17 @@ def modelfile(plan: Plan) -> str:
 
 
 def write_gguf_artifact(source: Path, declared_dtype: str | None, plan: Plan, model: ModelRef,
-                        out_dir: str | os.PathLike) -> Path:
+                        out_dir: str | os.PathLike, codes: Codes | None = None,
+                        quantizer: Quantizer = Quantizer.RTN, calibration: str | None = None) -> Path:
     """The build directory of a llama.cpp ``plan``: ``model.gguf``, ``Modelfile``, the plan and the manifest,
-    written atomically (:func:`lsaq.records.atomic_dir`)."""
+    written atomically (:func:`lsaq.records.atomic_dir`). ``codes``, ``quantizer``, ``calibration``: the decoder
+    layers' codes when another quantizer chose them (:func:`write_gguf`), its name and its calibration's hash for
+    the manifest."""
     formats = GgufFormats.for_source(declared_dtype, plan.options.gguf_int4)
     predicted = gguf_data_bytes(gguf_tensors(plan.shape, plan.precisions, plan.options.policy, formats))
     with atomic_dir(out_dir) as tmp:
-        built = write_gguf(source, plan.shape, plan.precisions, plan.options.policy, formats, tmp / GGUF_WEIGHTS)
+        built = write_gguf(source, plan.shape, plan.precisions, plan.options.policy, formats, tmp / GGUF_WEIGHTS,
+                           codes)
         if built.planned_bytes != predicted:  # the byte model promised these bytes: a difference is a bug
             raise AssertionError(f"GGUF tensors take {built.planned_bytes} bytes, the byte model says {predicted}")
         atomic_write_bytes(tmp / MODELFILE, modelfile(plan).encode())
@@ -220,7 +260,8 @@ def write_gguf_artifact(source: Path, declared_dtype: str | None, plan: Plan, mo
             dtype="bfloat16" if formats.float_type == "bf16" else "float16",
             files={f: ((tmp / f).stat().st_size, file_sha256(tmp / f)) for f in files},
             tensor_bytes=built.planned_bytes, predicted_tensor_bytes=predicted, runtimes=(LLAMA_CPP_RUNTIME,),
-            lsaq_version=__version__, quantizer=Quantizer.RTN.value, format=GGUF,
+            lsaq_version=__version__, quantizer=quantizer.value, calibration=calibration,
+            format=GGUF,
         )
         atomic_write_json(tmp / MANIFEST, record.manifest_json())
     return Path(out_dir)
@@ -241,5 +282,5 @@ def gguf_metadata(path: str | os.PathLike, keys: Sequence[str]) -> Mapping[str, 
     return {k: fields[k].contents() for k in keys if k in fields}
 
 
-__all__ = ["GgufFile", "check_gguf_source", "gguf_metadata", "llama_names", "modelfile", "read_gguf_types",
-           "write_gguf", "write_gguf_artifact"]
+__all__ = ["Codes", "GgufFile", "check_gguf_source", "gguf_metadata", "llama_names", "modelfile",
+           "read_gguf_types", "rope_heads", "write_gguf", "write_gguf_artifact"]

@@ -35,7 +35,7 @@ from lsaq.quantization.primitives import QuantizedWeight
 from lsaq.quantization.qembedding import QuantizedEmbedding
 from lsaq.resources import trim_heap
 
-__all__ = ["ArtifactLayers", "load_quantized"]
+__all__ = ["ArtifactCodes", "ArtifactLayers", "load_quantized", "read_codes"]
 
 
 def stored_suffixes(precision: Precision, group_size: int | None) -> tuple[str, ...]:
@@ -43,6 +43,38 @@ def stored_suffixes(precision: Precision, group_size: int | None) -> tuple[str, 
     if precision is Precision.INT8:
         return ("weight", "weight_scale")
     return ("weight_packed", "weight_scale", "weight_shape") + (("weight_zero_point",) if group_size else ())
+
+
+def read_codes(checkpoint: Checkpoint, module: str, precision: Precision, group_size: int | None) -> QuantizedWeight:
+    """The quantized weight of ``module`` (``model.layers.0.self_attn.q_proj``) as its codes, read from
+    ``checkpoint`` (an artifact's weights)."""
+    names = [f"{module}.{s}" for s in stored_suffixes(precision, group_size)]
+    stored = {n.rsplit(".", 1)[1]: t for n, t in checkpoint.read(names).items()}
+    return QuantizedWeight.from_compressed_tensors(stored, group_size)
+
+
+class ArtifactCodes:
+    """The codes of an artifact's quantized decoder linears by weight name (``...q_proj.weight``): what a GGUF build
+    of the same plan keeps code for code. Every file is checked (sizes, headers, sha256) on opening."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        verify_artifact(path)
+        self.plan = Plan.load(path / PLAN)
+        self.checkpoint = Checkpoint.open(path)
+        shape, group = self.plan.shape, self.plan.options.policy.group_size
+        self.modules: dict[str, tuple[str, Precision, int | None]] = {}  # weight name -> module, precision, group
+        for i, precision in enumerate(self.plan.precisions):
+            if precision is not Precision.FP16:
+                for lin in shape.layer_linears:
+                    module = shape.layer_name(i, lin.name)
+                    self.modules[f"{module}.weight"] = (module, precision,
+                                                        group if precision is Precision.INT4 else None)
+
+    def __call__(self, weight: str) -> QuantizedWeight | None:
+        """The codes stored for ``weight``; None for a weight the artifact keeps in float."""
+        found = self.modules.get(weight)
+        return None if found is None else read_codes(self.checkpoint, *found)
 
 
 @dataclass
@@ -145,8 +177,7 @@ class ArtifactLayers:
             if missing:
                 raise ArtifactError(f"{self.path}: tensor {missing[0]} is missing from its weights")
             taken.update(names)
-            stored = {n.rsplit(".", 1)[1]: t for n, t in self.checkpoint.read(names).items()}
-            return QuantizedWeight.from_compressed_tensors(stored, self.group(precision))
+            return read_codes(self.checkpoint, module, precision, self.group(precision))
 
         if policy.embed is not Precision.FP16:
             qw = quantized(shape.embed.name.removesuffix(".weight"), policy.embed)

@@ -10,6 +10,7 @@ identities only, no model or tensor crosses the stage boundary.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from lsaq.engine.skeleton import Skeleton
 from lsaq.engine.writer import DEFAULT_MAX_SHARD_BYTES
 from lsaq.models.loading import empty_model, generation_config, load_tokenizer, locate_model, model_info
 from lsaq.models.parts import decoder_parts
+from lsaq.planning.memory import WeightPolicy
 from lsaq.planning.planner import Plan
 from lsaq.quantization.apply import check_plan
 from lsaq.quantization.artifact import write_streamed_artifact
@@ -33,6 +35,7 @@ from lsaq.quantization.record import Artifact
 from lsaq.precision import Quantizer
 from lsaq.quantization.sequential import CALIBRATION_BATCH, check_quantizer
 from lsaq.resources import PeakMemory
+from lsaq.runtime import Runtime
 from lsaq.units import format_bytes, parse_bytes
 
 __all__ = ["Artifact", "Quantizer", "quantize", "plan_model_source", "check_shard_size"]
@@ -86,7 +89,8 @@ def quantize(
     """
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     if plan.options.gguf:
-        return quantize_gguf(plan, out, model=model, quantizer=quantizer)
+        return quantize_gguf(plan, out, model=model, quantizer=quantizer, calibration=calibration,
+                             compute_device=compute_device, max_memory=max_memory, progress=progress)
     quantizer = check_quantizer(quantizer, calibration)  # before the model loads
     shard_bytes = check_shard_size(max_shard_size)
     check_compute_device(compute_device)
@@ -118,27 +122,52 @@ def quantize(
 
 
 def quantize_gguf(plan: Plan, out: str | Path, *, model: str | None = None,
-                  quantizer: Quantizer | str = Quantizer.RTN) -> Artifact:
+                  quantizer: Quantizer | str = Quantizer.RTN, calibration: str | Path | None = None,
+                  compute_device: str = AUTO, max_memory: int | str | None = None,
+                  progress: Callable[[int], None] | None = None) -> Artifact:
     """The GGUF build of a llama.cpp ``plan`` (:func:`lsaq.quantization.gguf_build.write_gguf_artifact`) in the
     directory ``out``, from ``model`` or the plan's own; refused, before any weight is read, for a plan made for
-    other weights, a safetensors source or a quantizer other than rtn."""
+    other weights, a safetensors source, or GPTQ with INT4 in K-quants.
+
+    ``rtn``: llama.cpp's quantizer rounds every tensor from the source's values. ``gptq``: :func:`quantize` first
+    makes the compressed-tensors build of the same precisions (INT4 per channel for Q4_0, in groups of 32 for
+    Q4_1; the other arguments as there) in a temporary directory beside ``out``, and the GGUF keeps its decoder
+    layers' codes exactly (:mod:`lsaq.quantization.ggml_codes`); the embedding and head are llama.cpp's."""
+    from lsaq.planning.ggml import CODE_GROUPS
     from lsaq.quantization.gguf_build import check_gguf_source, write_gguf_artifact
     from lsaq.quantization.ggml_quant import check_llama_cpp
+    from lsaq.quantization.reader import ArtifactCodes
 
+    quantizer = check_quantizer(quantizer, calibration)
     source = model if model is not None else plan_model_source(plan.model)
+    out = Path(out)
     start = time.perf_counter()
     with PeakMemory() as peak:
         located = locate_model(source)
-        check_gguf_source(located.path, quantizer)
+        check_gguf_source(located.path, quantizer, plan.options.gguf_int4)
+        if calibration is not None:
+            check_calibration_dir(calibration)
         check_llama_cpp()
         empty = empty_model(located.load_dir)  # the structure, no weights: the identity and the plan's check
         info = model_info(located, empty)
         check_plan(plan, info, decoder_parts(empty))
         del empty
-        path = write_gguf_artifact(located.path, located.declared_dtype, plan, ModelRef.from_info(info), out)
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".lsaq-codes-", dir=out.absolute().parent) as work:
+            codes, calibration_hash = None, None
+            if quantizer is not Quantizer.RTN:
+                group = CODE_GROUPS[plan.options.gguf_int4]
+                ct_plan = replace(plan, options=replace(plan.options, runtime=Runtime.TRANSFORMERS,
+                                                        policy=WeightPolicy(group_size=group)))
+                calibration_hash = quantize(ct_plan, Path(work) / "codes", model=source, quantizer=quantizer,
+                                            calibration=calibration, compute_device=compute_device,
+                                            max_memory=max_memory, progress=progress).calibration
+                codes = ArtifactCodes(Path(work) / "codes")
+            path = write_gguf_artifact(located.path, located.declared_dtype, plan, ModelRef.from_info(info), out,
+                                       codes, quantizer, calibration_hash)
     artifact = replace(Artifact.load(path), memory=peak.record(torch.device("cpu"), torch.float32))
-    log.info("built %s as GGUF into %s (%s; %d tensor bytes) in %.1fs, peak host memory %s", info.id, path, plan.mix,
-             artifact.tensor_bytes, time.perf_counter() - start,
+    log.info("built %s as GGUF into %s (%s, %s; %d tensor bytes) in %.1fs, peak host memory %s", info.id, path,
+             plan.mix, quantizer.value, artifact.tensor_bytes, time.perf_counter() - start,
              format_bytes(peak.host_bytes) if peak.host_bytes is not None else "unknown")
     return artifact
 
