@@ -241,10 +241,10 @@ def test_a_team_builds_serves_watches_and_downloads_through_prefect_and_s3(share
             step("local selection")
             # 4. The watch: nothing changed, nothing starts; the model changes, one rebuild starts (once, however
             #    often the watch runs meanwhile) and publishes the new revision.
-            # the rebuild also quantizes with GPTQ on the stored calibration set: a compressed-tensors build for torch
-            # (the board's own runtime, llama.cpp, quantizes GGUF builds itself)
+            # the rebuild also quantizes with GPTQ on the stored calibration set, its codes kept in the board's GGUF
+            # (INT4 as Q4_0)
             watch = ["--param", 'build_parameters={"samples": 4, "seq_len": 64, "fidelity_windows": 1, '
-                                '"strategy": "lsaq", "quantizer": "gptq", "runtime": "transformers"}']
+                                '"strategy": "lsaq", "quantizer": "gptq", "gguf_int4": "q4_0"}']
             before = len(api.runs_of("lsaq/build"))
             deployment_run("lsaq-watch/scheduled", *watch)
             assert len(api.runs_of("lsaq/build")) == before
@@ -263,8 +263,8 @@ def test_a_team_builds_serves_watches_and_downloads_through_prefect_and_s3(share
             rebuilt = [m for m in list_builds(store) if m.revision != first.revision]
             assert [m.device_slug for m in rebuilt] == ["rpi-zero-2w"]
             made = json.loads(store.get_bytes(f"{rebuilt[0].prefix}/lsaq_artifact.json"))
-            assert made["quantizer"] == "gptq" and made["calibration"] and made["format"] == "compressed-tensors"
-            assert first.runtimes == ("llama.cpp",) and "transformers" in rebuilt[0].runtimes
+            assert made["quantizer"] == "gptq" and made["calibration"] and made["format"] == "gguf"
+            assert first.runtimes == rebuilt[0].runtimes == ("llama.cpp",)
             assert rebuilt[0].required_bytes <= rebuilt[0].device["usable_bytes"]
             step("rebuilt")
             before = len(api.runs_of("lsaq/build"))

@@ -74,15 +74,17 @@ def real_calib(shared_model, wiki_valid):
     return load_calibration(shared_model.tokenizer, str(wiki_valid), samples=8, seq_len=128, seed=0)
 
 
-@pytest.mark.parametrize("method", [pytest.param("jaccard", marks=pytest.mark.slow), "cosine"])
+@pytest.mark.parametrize("method", ["jaccard", "cosine"])
 def test_real_model_scores_are_sane_and_deterministic(shared_model, real_calib, method):
-    a = score_importance(shared_model.model, shared_model.info, real_calib, method, k=10)
-    b = score_importance(shared_model.model, shared_model.info, real_calib, method, k=10)
+    # jaccard's logit lens projects every layer onto the 49K vocabulary: a quarter of the windows keeps it quick
+    calib = real_calib.split(4)[0] if method == "jaccard" else real_calib
+    a = score_importance(shared_model.model, shared_model.info, calib, method, k=10)
+    b = score_importance(shared_model.model, shared_model.info, calib, method, k=10)
     assert a.num_layers == 30 == shared_model.info.num_layers
     assert all(0.0 <= x <= 1.0 for x in a.importance)
     assert a.importance == b.importance and a.id == b.id  # identical inputs, identical scores
     assert sorted(a.ranking) == list(range(30))
-    assert a.calibration.hash == real_calib.hash and a.model.content_hash == shared_model.info.content_hash
+    assert a.calibration.hash == calib.hash and a.model.content_hash == shared_model.info.content_hash
 
 
 @pytest.mark.slow
