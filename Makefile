@@ -16,9 +16,20 @@ LLAMA_SIMD := $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /p
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF $(LLAMA_SIMD) -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
 
+# llama.cpp's converter of Hugging Face checkpoints (convert_hf_to_gguf.py, its conversion package and gguf-py) comes
+# from the same sdist as the library: unpacked into $(LLAMA_SHARE), where lsaq looks for it (lsaq/models/hf_gguf.py).
+SDIST       := .venv/sdist
+LLAMA_SHARE := .venv/share/llama.cpp
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir -c constraints.txt llama-cpp-python
+	rm -rf $(SDIST) $(LLAMA_SHARE)
+	$(PY) -m pip download -q --no-deps --no-binary llama-cpp-python -c constraints.txt -d $(SDIST) llama-cpp-python
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir -c constraints.txt $(SDIST)/*.tar.gz
+	mkdir -p $(LLAMA_SHARE)
+	tar -xzf $(SDIST)/*.tar.gz -C $(LLAMA_SHARE) --strip-components=3 --wildcards \
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/gguf/*'
+	rm -rf $(SDIST)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 

@@ -29,6 +29,7 @@ from lsaq.planning.devices import DeviceProfile
 from lsaq.planning.planner import PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest, check_group_request, resolve_device
 from lsaq.precision import Quantizer
+from lsaq.models.hf_gguf import converter
 from lsaq.planning.ggml import Int4Format
 from lsaq.runtime import Runtime
 from lsaq.store.stage import default_store_uri, open_store
@@ -145,16 +146,19 @@ class BuildOptions:
                             store=store, work=os.path.abspath(work))
 
     def _check_gguf_source(self, resolved: list[tuple[DeviceRequest, DeviceProfile]], runtime: Runtime | None) -> None:
-        """A device that runs llama.cpp gets a GGUF build, which is made from a GGUF model: any other model is
-        refused here, before the importance run, naming the device and what to do."""
+        """A device that runs llama.cpp gets a GGUF build; from a safetensors model that takes llama.cpp's converter
+        (:func:`lsaq.models.hf_gguf.converter`): without it the build is refused here, before the importance run,
+        naming the device and what to do."""
         if self.model is None or Path(self.model).suffix == ".gguf":  # None: the embedded model, a GGUF
             return
         for request, profile in resolved:
             if request.name is not None and (runtime or profile.runs).gguf:
-                raise OptionError(
-                    f"device {literal(request.name)} runs llama.cpp, whose GGUF builds are made from a GGUF model; "
-                    f"{literal(self.model)} is not one: convert it with llama.cpp's convert_hf_to_gguf.py and give "
-                    "that file as {model}, or build for {runtime} transformers")
+                try:
+                    converter()
+                except ValueError as e:
+                    raise OptionError(f"device {literal(request.name)} runs llama.cpp: {literal(e)}; or build for "
+                                      "{runtime} transformers") from None
+                return
 
     def _requests(self) -> list[tuple[DeviceRequest, DeviceProfile]]:
         """``device``, ``devices`` and ``budget`` together, each once, in order, each with the profile it names."""

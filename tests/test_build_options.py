@@ -44,9 +44,6 @@ BAD = [
     (["--device", "nope"], "unknown device 'nope'; valid devices: a100-40gb"),
     (DEVICE + DEVICE, "a device is named twice in ['rpi-zero-2w', 'rpi-zero-2w']"),
     (DEVICE + ["--runtime", "ollama"], "unknown runtime 'ollama'; valid runtimes: transformers, vllm, llama.cpp"),
-    (DEVICE + ["--model", "org/some-model"], "device rpi-zero-2w runs llama.cpp, whose GGUF builds are made from a "
-     "GGUF model; org/some-model is not one: convert it with llama.cpp's convert_hf_to_gguf.py and give that file "
-     "as --model, or build for --runtime transformers"),
     (DEVICE + ["--device-file", "/no/such/devices.yaml"], "--device-file '/no/such/devices.yaml' is not a file"),
     ([], "no device: give --device (a name from `lsaq devices`), --device (repeated) or --budget"),
 ]
@@ -60,6 +57,18 @@ def test_a_bad_build_option_is_one_line_and_writes_nothing(argv, message, tmp_pa
     assert captured.out == "" and captured.err == f"lsaq-build: error: {captured.err.split('error: ', 1)[1]}"
     assert captured.err.count("\n") == 1 and message in captured.err and "Traceback" not in captured.err
     assert not out.exists()
+
+
+def test_a_safetensors_model_for_a_llama_cpp_device_needs_llama_cpps_converter(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LSAQ_LLAMA_CONVERT", str(tmp_path / "convert_hf_to_gguf.py"))
+    assert main(DEVICE + ["--model", "org/some-model", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and not (tmp_path / "out").exists()
+    assert ("device rpi-zero-2w runs llama.cpp: a GGUF build of a safetensors checkpoint needs llama.cpp's "
+            f"convert_hf_to_gguf.py ($LSAQ_LLAMA_CONVERT names {tmp_path}/convert_hf_to_gguf.py, which is not a "
+            "file)") in err and err.rstrip().endswith("or build for --runtime transformers"), err
+    # for a device that runs torch the converter is not needed
+    assert BuildOptions(device="a100-40gb", model="org/some-model").check().requests[0].name == "a100-40gb"
 
 
 def test_bad_stores_work_folders_and_device_files_are_named(tmp_path, capsys):

@@ -388,13 +388,19 @@ def test_quantize_refuses_what_gguf_builds_cannot_take(gguf_plan, shared_gguf, t
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
-def test_gguf_builds_come_from_gguf_sources(tmp_path):
+def test_a_safetensors_source_needs_llama_cpps_converter(tmp_path, monkeypatch):
+    from lsaq.models.hf_gguf import converter
     from lsaq.quantization.gguf_build import check_gguf_source
 
-    with pytest.raises(ValueError, match=r"a GGUF build \(runtime llama.cpp\) is made from a GGUF source; .*/hf is a "
-                                         r"safetensors checkpoint: convert it with llama.cpp's convert_hf_to_gguf.py"):
-        check_gguf_source(tmp_path / "hf", "rtn")
+    assert converter().name == "convert_hf_to_gguf.py"  # the set-up's copy (make setup)
+    check_gguf_source(tmp_path / "hf", "rtn")
     check_gguf_source(tmp_path / "m.gguf", "RTN")
+    monkeypatch.setenv("LSAQ_LLAMA_CONVERT", str(tmp_path / "nowhere.py"))
+    with pytest.raises(ValueError, match=r"a GGUF build of a safetensors checkpoint needs llama.cpp's "
+                                         r"convert_hf_to_gguf.py \(\$LSAQ_LLAMA_CONVERT names .*nowhere.py, which is "
+                                         r"not a file\): `make setup` unpacks it"):
+        check_gguf_source(tmp_path / "hf", "rtn")
+    check_gguf_source(tmp_path / "m.gguf", "rtn")  # a GGUF source needs no converter
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -405,6 +411,38 @@ def gguf_build_dir(gguf_plan, tmp_path_factory):
     from lsaq.quantization.stage import quantize
 
     return quantize(gguf_plan, tmp_path_factory.mktemp("gguf-build") / "build").path
+
+
+@pytest.mark.model
+def test_a_safetensors_checkpoint_builds_the_same_gguf(gguf_build_dir, gguf_plan, shared_gguf, tmp_path,
+                                                       monkeypatch):
+    """The shared model's float safetensors copy, converted by llama.cpp's converter (F32: its exact values), builds
+    tensor for tensor the bytes its GGUF source builds, with the vocabulary and pre-tokenizer llama.cpp knows it by."""
+    import dataclasses
+
+    from gguf import GGUFReader
+
+    from lsaq.models.identity import ModelRef
+    from lsaq.models.loading import empty_model, locate_model, model_info
+    from lsaq.quantization.gguf_build import gguf_metadata
+    from lsaq.quantization.gguf_runtime import generate_gguf
+    from lsaq.quantization.stage import quantize
+
+    hf = locate_model(locate_model(shared_gguf).load_dir)
+    monkeypatch.setenv("LSAQ_CACHE", str(tmp_path / "cache"))  # the conversion lands here, not in the user's cache
+    assert hf.path.suffix != ".gguf" and (hf.path / "model.safetensors").is_file()
+    plan = dataclasses.replace(gguf_plan, model=ModelRef.from_info(model_info(hf, empty_model(hf.load_dir))))
+    art = quantize(plan, tmp_path / "build", model=str(hf.path))
+    assert art.tensor_bytes == art.predicted_tensor_bytes == plan.breakdown.weights
+    assert [p.name for p in (tmp_path / "cache" / "hf-gguf").iterdir()] == [f"{hf.content_hash[:24]}-f32.gguf"]
+    ours = {t.name: t for t in GGUFReader(tmp_path / "build" / "model.gguf").tensors}
+    theirs = {t.name: t for t in GGUFReader(gguf_build_dir / "model.gguf").tensors}
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        assert ours[name].tensor_type == t.tensor_type and np.array_equal(ours[name].data, t.data), name
+    keys = ["tokenizer.ggml.pre", "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.chat_template"]
+    assert gguf_metadata(tmp_path / "build" / "model.gguf", keys) == gguf_metadata(shared_gguf, keys)
+    assert generate_gguf(tmp_path / "build", PROMPT_TEXT, 3).text.startswith(" Paris")
 
 
 @pytest.mark.model

@@ -8,7 +8,8 @@ read from a compressed-tensors build of the same precisions) is written from the
 (:mod:`lsaq.quantization.ggml_codes`). Each tensor's bytes are checked against the byte model as it is written,
 so the file's data section is exactly :func:`lsaq.planning.ggml.gguf_data_bytes` of the plan.
 
-The source is a GGUF file (the default model, any llama.cpp model): its tensors are already in llama.cpp's names
+The source is a GGUF file (the default model, any llama.cpp model, or a safetensors checkpoint converted by
+llama.cpp's own converter, :mod:`lsaq.models.hf_gguf`): its tensors are already in llama.cpp's names
 and layouts (dequantized to float32 by the ``gguf`` package, the values every lsaq stage reads), and its
 metadata (architecture, hyperparameters, tokenizer, chat template) is copied. Source tensors that no plan covers
 (e.g. ``rope_freqs``) are copied as they are. lsaq adds ``general.quantized_by`` and ``lsaq.precisions`` (one per
@@ -27,6 +28,7 @@ import numpy as np
 
 from lsaq.atomic import temp_file
 from lsaq.models.gguf import dequantized
+from lsaq.models.hf_gguf import converter
 from lsaq.models.identity import ModelRef
 from lsaq.models.shapes import ModelShape
 from lsaq.planning.ggml import (CODE_GROUPS, UBATCH, GgufFormats, GgufTensor, Int4Format, gguf_data_bytes, gguf_tensors,
@@ -217,17 +219,16 @@ def write_gguf(source: str | os.PathLike, shape: ModelShape, precisions: Sequenc
 
 def check_gguf_source(path: Path, quantizer: Quantizer | str, int4: Int4Format | str = Int4Format.Q4_K) -> None:
     """``ValueError`` (before any weight is read) unless a GGUF build with INT4 as ``int4`` can be made from
-    ``path`` with ``quantizer``: GPTQ's codes are kept in Q8_0, Q4_0 and Q4_1, not in K-quants (whose scales
-    llama.cpp's quantizer searches itself)."""
+    ``path`` with ``quantizer``: a safetensors checkpoint needs llama.cpp's converter
+    (:func:`lsaq.models.hf_gguf.converter`); GPTQ's codes are kept in Q8_0, Q4_0 and Q4_1, not in K-quants (whose
+    scales llama.cpp's quantizer searches itself)."""
     quantizer, int4 = Quantizer.parse(quantizer), Int4Format.parse(int4)
     if quantizer is not Quantizer.RTN and int4 not in CODE_GROUPS:
         raise ValueError(f"quantizer {quantizer.value!r} cannot make a GGUF build with INT4 as {int4.value} "
                          "(llama.cpp's K-quants choose their own scales): use --gguf-int4 q4_0 (per-channel "
                          "INT4 codes) or q4_1 (groups of 32), or quantizer rtn")
     if path.suffix != ".gguf":
-        raise ValueError(f"a GGUF build (runtime llama.cpp) is made from a GGUF source; {path} is a safetensors "
-                         "checkpoint: convert it with llama.cpp's convert_hf_to_gguf.py (--outtype bf16) and give "
-                         "that file as the model, or build for --runtime transformers")
+        converter()
 
 
 def modelfile(plan: Plan) -> str:

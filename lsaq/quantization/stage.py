@@ -126,13 +126,15 @@ def quantize_gguf(plan: Plan, out: str | Path, *, model: str | None = None,
                   compute_device: str = AUTO, max_memory: int | str | None = None,
                   progress: Callable[[int], None] | None = None) -> Artifact:
     """The GGUF build of a llama.cpp ``plan`` (:func:`lsaq.quantization.gguf_build.write_gguf_artifact`) in the
-    directory ``out``, from ``model`` or the plan's own; refused, before any weight is read, for a plan made for
-    other weights, a safetensors source, or GPTQ with INT4 in K-quants.
+    directory ``out``, from ``model`` or the plan's own (a safetensors checkpoint is converted to a float GGUF first
+    by llama.cpp's converter, :func:`lsaq.models.hf_gguf.hf_to_gguf`); refused, before any weight is read, for a
+    plan made for other weights, GPTQ with INT4 in K-quants, or a safetensors source without the converter.
 
     ``rtn``: llama.cpp's quantizer rounds every tensor from the source's values. ``gptq``: :func:`quantize` first
     makes the compressed-tensors build of the same precisions (INT4 per channel for Q4_0, in groups of 32 for
     Q4_1; the other arguments as there) in a temporary directory beside ``out``, and the GGUF keeps its decoder
     layers' codes exactly (:mod:`lsaq.quantization.ggml_codes`); the embedding and head are llama.cpp's."""
+    from lsaq.models.hf_gguf import hf_to_gguf
     from lsaq.planning.ggml import CODE_GROUPS
     from lsaq.quantization.gguf_build import check_gguf_source, write_gguf_artifact
     from lsaq.quantization.ggml_quant import check_llama_cpp
@@ -163,8 +165,10 @@ def quantize_gguf(plan: Plan, out: str | Path, *, model: str | None = None,
                                             calibration=calibration, compute_device=compute_device,
                                             max_memory=max_memory, progress=progress).calibration
                 codes = ArtifactCodes(Path(work) / "codes")
-            path = write_gguf_artifact(located.path, located.declared_dtype, plan, ModelRef.from_info(info), out,
-                                       codes, quantizer, calibration_hash)
+            gguf = (located.path if located.path.suffix == ".gguf"
+                    else hf_to_gguf(located.load_dir, located.content_hash, located.declared_dtype))
+            path = write_gguf_artifact(gguf, located.declared_dtype, plan, ModelRef.from_info(info), out, codes,
+                                       quantizer, calibration_hash)
     artifact = replace(Artifact.load(path), memory=peak.record(torch.device("cpu"), torch.float32))
     log.info("built %s as GGUF into %s (%s, %s; %d tensor bytes) in %.1fs, peak host memory %s", info.id, path,
              plan.mix, quantizer.value, artifact.tensor_bytes, time.perf_counter() - start,
