@@ -103,7 +103,7 @@ def cases(m: Path) -> list[tuple[str, list[str], str]]:
          "exists and is not empty; choose another directory or replace it"),
         ("download local with build", [*dl, "--device", "local", "--build", "x"], "--device local chooses the build"),
         ("download limit for a named device", [*dl, "--device", "test-1gib", "--max-memory", "1GiB"],
-         "--max-memory and --wait-for-memory apply to --device local, not 'test-1gib'"),
+         "--max-memory, --wait-for-memory and --runtime apply to --device local, not 'test-1gib'"),
         ("download zero limit", [*dl, "--device", "local", "--max-memory", "0"], "--max-memory must be positive"),
         ("download limit over an exabyte", [*dl, "--device", "local", "--max-memory", "1e400GiB"],
          "--max-memory: '1e400GiB' is over an exabyte; accepted: 0 to 1 EB"),

@@ -19,7 +19,8 @@ MODEL = ModelRef(id="default", model_type="llama", num_layers=2, content_hash="a
 
 
 def put_build(store, device: str, required_mib: int, kl: float | None, *, revision: str = "sha256-abababababababab",
-              published_at: str = "2026-11-29T10:00:00+00:00", model_slug: str = "tiny") -> BuildManifest:
+              published_at: str = "2026-11-29T10:00:00+00:00", model_slug: str = "tiny",
+              runtimes: tuple[str, ...] = ("lsaq",)) -> BuildManifest:
     """A small but complete build (its files really stored, its manifest last), with the figures selection reads."""
     data = f"{device}-{required_mib}-{kl}".encode()
     files = {"model.safetensors": (len(data), sha256_hex(data))}
@@ -28,7 +29,7 @@ def put_build(store, device: str, required_mib: int, kl: float | None, *, revisi
     m = BuildManifest(build_id=build_id(plan_id, files), model_slug=model_slug, revision=revision, device_slug=device,
                       model=MODEL, device={"name": device, "usable_bytes": required_mib * MiB}, plan_id=plan_id,
                       strategy="lsaq", context=512, batch=1, avg_bits={"all_weights": 8.0}, weights_bytes=len(data),
-                      required_bytes=required_mib * MiB, dtype="bfloat16", runtimes=("lsaq",), files=files,
+                      required_bytes=required_mib * MiB, dtype="bfloat16", runtimes=runtimes, files=files,
                       evaluation=None if fid is None else {"fidelity": fid, "metrics": {}},
                       published_at=published_at)
     store.put_bytes(f"{m.prefix}/model.safetensors", data)
@@ -80,6 +81,26 @@ def test_unknown_model_and_limits(store):
     assert select_local(store, "tiny", max_memory=310 * MiB, probe=lambda: local(1000)).build.device_slug == "mid"
 
 
+def test_only_builds_a_runtime_here_runs_compete(store):
+    """The most faithful build is a GGUF: picked where llama.cpp is installed (or asked for), passed over where not."""
+    put_build(store, "gguf", 300, 0.0001, runtimes=("llama.cpp",))
+
+    def pick(**kw):
+        return select_local(store, "tiny", probe=lambda: local(1000), **kw).build.device_slug
+
+    assert pick(installed=frozenset({"lsaq"})) == "big"
+    assert pick(installed=frozenset({"lsaq", "llama.cpp"})) == "gguf"
+    assert pick(runtime="llama.cpp", installed=frozenset({"lsaq"})) == "gguf"  # asked for: the user runs it elsewhere
+    assert pick(runtime="transformers") == "big"  # lsaq's packed runtime or stock transformers
+    with pytest.raises(NoBuildFitsError, match=r"^no build of tiny runs in vllm: its builds run in llama.cpp, lsaq$"):
+        pick(runtime="vllm")
+    only_gguf = open_store(store.uri + "/only-gguf")
+    put_build(only_gguf, "g", 10, 0.1, runtimes=("llama.cpp",))
+    with pytest.raises(NoBuildFitsError, match=r"^no build of tiny runs in lsaq \(installed here\): its builds run in "
+                                               r"llama.cpp \(llama.cpp: pip install 'lsaq\[llama\]'\)$"):
+        select_local(only_gguf, "tiny", probe=lambda: local(1000), installed=frozenset({"lsaq"}))
+
+
 def test_waiting_for_memory_polls_until_the_smallest_build_fits(store):
     seen = iter([100, 150, 260, 260])
     picked = select_local(store, "tiny", wait_seconds=60, probe=lambda: local(next(seen)))
@@ -104,3 +125,10 @@ def test_download_device_local_from_the_command_line(store, tmp_path, capsys):
     assert main(["download", "--model", "tiny", "--device", "mid", "--max-memory", "1GiB", "--to",
                  str(tmp_path / "x"), "--store", store.uri]) == 2
     assert "apply to --device local" in capsys.readouterr().err
+    assert main(["download", "--model", "tiny", "--device", "local", "--runtime", "ollama", "--to",
+                 str(tmp_path / "y"), "--store", store.uri]) == 2
+    assert "unknown runtime 'ollama'; valid runtimes: transformers, vllm, llama.cpp" in capsys.readouterr().err
+    put_build(store, "gguf", 300, 0.0001, runtimes=("llama.cpp",))
+    assert main(["download", "--model", "tiny", "--device", "local", "--runtime", "llama.cpp", "--max-memory",
+                 "310MiB", "--to", str(tmp_path / "gguf"), "--store", store.uri]) == 0
+    assert "chose gguf" in capsys.readouterr().out

@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--device local: use at most this much memory (e.g. 300MiB), whatever is free")
     d.add_argument("--wait-for-memory", type=float, default=None, metavar="SECONDS",
                    help="--device local: first wait up to SECONDS for the smallest build to fit")
+    d.add_argument("--runtime", default=None,
+                   help="--device local: only builds this runtime runs (transformers, vllm, llama.cpp); default: "
+                        "any runtime installed here (a GGUF build needs llama-cpp-python)")
     add_store_args(d)
     d.set_defaults(func=run_download)
 
@@ -134,13 +137,17 @@ def run_ls(args: argparse.Namespace) -> int:
 
 def run_download(args: argparse.Namespace) -> int:
     from lsaq.planning.devices import LOCAL
+    from lsaq.runtime import Runtime
     from lsaq.store.backend import StoreError
     from lsaq.store.select import describe, download_local
     from lsaq.store.stage import download
 
     local = args.device == LOCAL
-    if not local and (args.max_memory is not None or args.wait_for_memory is not None):
-        raise ValueError(f"--max-memory and --wait-for-memory apply to --device {LOCAL}, not {args.device!r}")
+    if not local and (args.max_memory is not None or args.wait_for_memory is not None or args.runtime is not None):
+        raise ValueError(f"--max-memory, --wait-for-memory and --runtime apply to --device {LOCAL}, not "
+                         f"{args.device!r}")
+    if args.runtime is not None:
+        Runtime.parse(args.runtime)  # an unknown runtime is named before the store is read
     if local and args.build is not None:
         raise ValueError(f"--device {LOCAL} chooses the build; give a device name with --build {args.build}")
     limit = parse_bytes(args.max_memory, what="--max-memory") if args.max_memory is not None else None
@@ -153,7 +160,7 @@ def run_download(args: argparse.Namespace) -> int:
         store = open_from_args(args)
         if local:
             chosen, result = download_local(store, args.to, args.model, max_memory=limit, wait_seconds=wait,
-                                            force=args.force)
+                                            force=args.force, runtime=args.runtime)
             capped = f" ({chosen.available.notes})" if limit is not None else ""
             print(f"{chosen.available.describe()}{capped}: chose {describe(chosen.build)}")
         else:
