@@ -28,7 +28,7 @@ from flows.options import (
     BuildOptions,
 )
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD
-from lsaq.planning.ggml import CODE_GROUPS
+from lsaq.planning.ggml import CODE_GROUPS, Int8Format
 from lsaq.planning.planner import InfeasiblePlanError
 from lsaq.precision import Quantizer
 from tasks.dispatch import dispatch_device
@@ -67,6 +67,7 @@ def build(
     compute_device: str = "auto",
     runtime: str | None = None,
     gguf_int4: str = "q4_k",
+    gguf_int8: str = "q8_0",
 ) -> RunSummary:
     """Build ``model`` (default: the embedded one) for every device (``device``, ``devices``, ``budget``).
 
@@ -85,8 +86,9 @@ def build(
     the importance run, quantization and evaluation compute on the machine that runs them (``auto``: the NVIDIA
     GPU with the most free memory that holds a layer, else the CPU; ``cpu``; ``cuda:N``). ``runtime``: what runs
     every build (``transformers``, ``vllm``, ``llama.cpp``), instead of each device's own (``lsaq devices``).
-    ``gguf_int4``: how a llama.cpp build (one GGUF file) stores INT4: ``q4_k`` (default), quantized by llama.cpp's
-    own quantizer whatever ``quantizer`` says; ``q4_0`` or ``q4_1``, which keep ``quantizer``'s codes.
+    ``gguf_int4``/``gguf_int8``: how a llama.cpp build (one GGUF file) stores INT4 (``q4_k``, the default,
+    ``q5_k``, ``q3_k``, ``q4_1``, ``q4_0``) and INT8 (``q8_0``, the default, or ``q6_k``); K-quants are quantized by
+    llama.cpp's own quantizer whatever ``quantizer`` says, ``q4_0``/``q4_1`` with ``q8_0`` keep ``quantizer``'s codes.
     """
     # Every option is checked before anything runs: a bad value fails the flow with one line naming it.
     checked = BuildOptions(
@@ -95,7 +97,7 @@ def build(
         seq_len=seq_len, calib=calib, seed=seed, batch_size=batch_size, ppl=ppl, eval_tasks=eval_tasks,
         eval_limit=eval_limit, fidelity_windows=fidelity_windows, revision=revision, store=store, work=work,
         dispatch=dispatch, quantizer=quantizer, group_size=group_size, measure_samples=measure_samples,
-        compute_device=compute_device, runtime=runtime, gguf_int4=gguf_int4,
+        compute_device=compute_device, runtime=runtime, gguf_int4=gguf_int4, gguf_int8=gguf_int8,
     ).check()
     requests, options, group_size, quantizer = checked.requests, checked.plan, checked.group_size, checked.quantizer
     store, work = checked.store, checked.work
@@ -144,7 +146,8 @@ def build(
         plan = t.plan.submit(ident, importance, target, options, store, work, group_size)
         # a GGUF build with INT4 in K-quants takes llama.cpp's codes (round to nearest, scales it searches)
         device_options = options.for_device(target.device)
-        keeps = not device_options.gguf or device_options.gguf_int4 in CODE_GROUPS
+        keeps = not device_options.gguf or (device_options.gguf_int4 in CODE_GROUPS
+                                            and device_options.gguf_int8 is Int8Format.Q8_0)
         codes = quantizer if keeps else Quantizer.RTN.value
         artifact = t.quantize.submit(ident, plan, store, work, codes,
                                      calibration if codes != Quantizer.RTN.value else None, compute_device)

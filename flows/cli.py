@@ -65,9 +65,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default=None,
                    help="what runs every build: transformers, vllm or llama.cpp (a GGUF file); default: each "
                         "device's own (lsaq devices)")
-    p.add_argument("--gguf-int4", default="q4_k", choices=["q4_k", "q4_1", "q4_0"],
-                   help="how GGUF builds store INT4: q4_k (default; llama.cpp's quantizer), or q4_0/q4_1, which "
-                        "keep --quantizer's codes (GPTQ's)")
+    p.add_argument("--gguf-int4", default="q4_k",
+                   help="how GGUF builds store INT4: q4_k (default), q5_k, q3_k (llama.cpp's quantizer), or "
+                        "q4_0/q4_1, which keep --quantizer's codes (GPTQ's)")
+    p.add_argument("--gguf-int8", default="q8_0",
+                   help="how GGUF builds store INT8: q8_0 (default; keeps --quantizer's codes) or q6_k")
     p.add_argument("--method", default="cosine", help="importance method: cosine, jaccard or sensitivity")
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--samples", type=int, default=32)
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                            seq_len=args.seq_len, calib=args.calib, ppl=args.ppl,
                            fidelity_windows=args.fidelity_windows, store=store, work=work, quantizer=args.quantizer,
                            group_size=args.group_size, measure_samples=args.measure_samples,
-                           compute_device=args.compute_device, runtime=args.runtime, gguf_int4=args.gguf_int4)
+                           compute_device=args.compute_device, runtime=args.runtime, gguf_int4=args.gguf_int4,
+                           gguf_int8=args.gguf_int8)
     try:
         options.check()  # before Prefect starts: a bad value is one line, not a flow run's traceback
         check_prefect_home()

@@ -30,7 +30,7 @@ from lsaq.planning.planner import PlanOptions, Strategy
 from lsaq.planning.stage import DeviceRequest, check_group_request, resolve_device
 from lsaq.precision import Quantizer
 from lsaq.models.hf_gguf import converter
-from lsaq.planning.ggml import Int4Format
+from lsaq.planning.ggml import Int4Format, Int8Format
 from lsaq.runtime import Runtime
 from lsaq.store.stage import default_store_uri, open_store
 
@@ -81,6 +81,7 @@ class BuildOptions:
     compute_device: str = AUTO
     runtime: str | None = None  # None: each device's own
     gguf_int4: str = Int4Format.Q4_K.value  # how GGUF builds store INT4; q4_0/q4_1 keep the quantizer's codes
+    gguf_int8: str = Int8Format.Q8_0.value  # how GGUF builds store INT8; q8_0 keeps the quantizer's codes
 
     def params(self) -> dict[str, Any]:
         """The flow's keyword parameters (``devices`` as a list, as Prefect passes it)."""
@@ -112,10 +113,11 @@ class BuildOptions:
             group_size = check_group_request(self.group_size, strategy)
             check_compute_device(self.compute_device)
             runtime = Runtime.parse(self.runtime) if self.runtime is not None else None
-            gguf_int4 = Int4Format.parse(self.gguf_int4)
+            gguf_int4, gguf_int8 = Int4Format.parse(self.gguf_int4), Int8Format.parse(self.gguf_int8)
         except ValueError as e:
             raise OptionError(literal(e)) from None
-        plan = PlanOptions(context=self.context, strategy=strategy, runtime=runtime, gguf_int4=gguf_int4)
+        plan = PlanOptions(context=self.context, strategy=strategy, runtime=runtime, gguf_int4=gguf_int4,
+                           gguf_int8=gguf_int8)
         if isinstance(group_size, int):
             plan = plan.with_policy(WeightPolicy(group_size=group_size))
         try:

@@ -139,8 +139,11 @@ def test_check_gives_the_stages_records(tmp_path):
     assert BuildOptions(device="rpi-zero-2w", runtime="Transformers").check().plan.runtime.value == "transformers"
     assert checked.plan.gguf_int4.value == "q4_k"
     assert BuildOptions(device="rpi-zero-2w", gguf_int4="Q4_1").check().plan.gguf_int4.value == "q4_1"
-    with pytest.raises(OptionError, match="unknown INT4 GGUF format 'q3_k'"):
-        BuildOptions(device="rpi-zero-2w", gguf_int4="q3_k").check()
+    assert BuildOptions(device="rpi-zero-2w", gguf_int8="Q6_K").check().plan.gguf_int8.value == "q6_k"
+    with pytest.raises(OptionError, match="unknown INT4 GGUF format 'q2_k'"):
+        BuildOptions(device="rpi-zero-2w", gguf_int4="q2_k").check()
+    with pytest.raises(OptionError, match="unknown INT8 GGUF format 'q5_k'; valid formats: q8_0, q6_k"):
+        BuildOptions(device="rpi-zero-2w", gguf_int8="q5_k").check()
     assert (checked.ranking, checked.quantizer, checked.group_size) == ("jaccard", "rtn", 64)
     assert checked.evaluation.tasks == ("piqa",) and checked.store == str(tmp_path)  # `..` resolved
     assert checked.work == str(tmp_path / "w") and not (tmp_path / "a").exists()

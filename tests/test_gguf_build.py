@@ -47,6 +47,13 @@ def _shape(*, tied: bool, hidden: int = 576, inter: int = 1536, layers: int = 2,
     ("int4", 576, GgufFormats(), GgmlType.Q4_1),  # not a multiple of 256: blocks of 32 with a minimum
     ("int4", 1536, GgufFormats(int4="q4_1"), GgmlType.Q4_1),
     ("int4", 1536, GgufFormats(int4="q4_0"), GgmlType.Q4_0),
+    ("int4", 1536, GgufFormats(int4="q5_k"), GgmlType.Q5_K),
+    ("int4", 576, GgufFormats(int4="q5_k"), GgmlType.Q5_1),  # llama.cpp's own fallback
+    ("int4", 1536, GgufFormats(int4="q3_k"), GgmlType.Q3_K),
+    ("int4", 576, GgufFormats(int4="q3_k"), GgmlType.Q4_0),
+    ("int8", 1536, GgufFormats(int8="q6_k"), GgmlType.Q6_K),
+    ("int8", 576, GgufFormats(int8="q6_k"), GgmlType.Q8_0),  # llama.cpp's own fallback
+    ("fp16", 1536, GgufFormats(int8="q6_k", int4="q3_k"), GgmlType.F16),
 ])
 def test_weight_type(precision, row, formats, expected):
     assert weight_type(precision, row, formats) is expected
@@ -58,15 +65,17 @@ def test_weight_type_refuses_rows_no_block_divides():
     assert weight_type("fp16", 100, GgufFormats()) is GgmlType.F16
     with pytest.raises(ValueError, match="'f32'"):
         GgufFormats(float_type="f32")
-    with pytest.raises(ValueError, match="q4_k"):
-        GgufFormats(int4="q3_k")
+    with pytest.raises(ValueError, match="unknown INT4 GGUF format 'q2_k'; valid formats: q4_k, q4_1, q4_0, q5_k"):
+        GgufFormats(int4="q2_k")
+    with pytest.raises(ValueError, match="unknown INT8 GGUF format 'q5_k'; valid formats: q8_0, q6_k"):
+        GgufFormats(int8="q5_k")
 
 
 def test_formats_follow_the_source_dtype_and_round_trip():
     assert GgufFormats.for_source("bfloat16").float_type == "bf16"
     assert GgufFormats.for_source("float16").float_type == "f16"
     assert GgufFormats.for_source(None, "q4_0") == GgufFormats("f16", Int4Format.Q4_0)
-    f = GgufFormats("bf16", Int4Format.Q4_1)
+    f = GgufFormats("bf16", Int4Format.Q4_1, "q6_k")
     assert GgufFormats.from_json(f.to_json()) == f
 
 
@@ -113,15 +122,16 @@ def test_tied_head_is_stored_only_for_another_precision():
 # ------------------------------------------------------------------------------------ llama.cpp's quantizer
 
 
-@pytest.mark.parametrize("t", [GgmlType.Q8_0, GgmlType.Q4_0, GgmlType.Q4_1, GgmlType.BF16])
+@pytest.mark.parametrize("t", [GgmlType.Q8_0, GgmlType.Q4_0, GgmlType.Q4_1, GgmlType.Q5_1, GgmlType.BF16])
 def test_quantizer_matches_the_gguf_package(t):
     """The gguf package's numpy quantizers are an independent implementation of the same formats."""
     x = np.random.default_rng(1).standard_normal((37, 256)).astype(np.float32)
     assert np.array_equal(quantize_rows(x, t), quants.quantize(x, t))
 
 
-@pytest.mark.parametrize("t, rmse", [(GgmlType.Q8_0, 0.006), (GgmlType.Q6_K, 0.02), (GgmlType.Q4_K, 0.075),
-                                     (GgmlType.Q4_1, 0.085), (GgmlType.Q4_0, 0.09)])
+@pytest.mark.parametrize("t, rmse", [(GgmlType.Q8_0, 0.006), (GgmlType.Q6_K, 0.02), (GgmlType.Q5_K, 0.04),
+                                     (GgmlType.Q5_1, 0.045), (GgmlType.Q4_K, 0.075), (GgmlType.Q4_1, 0.085),
+                                     (GgmlType.Q4_0, 0.09), (GgmlType.Q3_K, 0.17)])
 def test_quantizer_error_per_type(t, rmse):
     """Standard normal rows: each type's error is what its bits allow (Q8_0 ~ 1/250 of a block's range; Q4_K,
     searched, below Q4_1 and Q4_0 at 4.5 bits), and the bytes are the byte model's."""
@@ -348,6 +358,27 @@ def test_quantize_writes_a_gguf_build(gguf_plan, tmp_path):
 
 
 @pytest.mark.model
+def test_k_quant_levels_build_as_planned(gguf_plan, tmp_path):
+    """INT8 as Q6_K and INT4 as Q5_K: rows of 576 fall back as llama.cpp's own converter does (Q8_0, Q5_1)."""
+    import dataclasses
+
+    from lsaq.quantization.gguf_build import read_gguf_types
+    from lsaq.quantization.gguf_runtime import generate_gguf
+    from lsaq.quantization.stage import quantize
+
+    plan = dataclasses.replace(gguf_plan, options=dataclasses.replace(gguf_plan.options, gguf_int8="q6_k",
+                                                                      gguf_int4="q5_k"))
+    art = quantize(plan, tmp_path / "build")
+    assert art.tensor_bytes == art.predicted_tensor_bytes == plan.breakdown.weights
+    ours, theirs = plan.breakdown.layers, gguf_plan.breakdown.layers  # layers cycle FP16, INT8, INT4
+    assert ours[0] == theirs[0] and ours[1] < theirs[1] and ours[2] > theirs[2]
+    types = read_gguf_types(tmp_path / "build" / "model.gguf")
+    assert types["blk.1.ffn_down.weight"] == "Q6_K" and types["blk.1.ffn_up.weight"] == "Q8_0"  # rows of 1536, 576
+    assert types["blk.2.ffn_down.weight"] == "Q5_K" and types["blk.2.attn_q.weight"] == "Q5_1"
+    assert generate_gguf(tmp_path / "build", PROMPT_TEXT, 3).text.startswith(" Paris")
+
+
+@pytest.mark.model
 def test_gptq_codes_go_into_a_gguf_build(gguf_plan, shared_gguf, wiki_valid, tmp_path):
     """GPTQ through the quantize stage for a llama.cpp plan with INT4 as Q4_1: the codes of a compressed-tensors
     build of the same precisions (INT4 in groups of 32), made beside it and removed."""
@@ -382,6 +413,10 @@ def test_quantize_refuses_what_gguf_builds_cannot_take(gguf_plan, shared_gguf, t
     with pytest.raises(ValueError, match="quantizer 'gptq' cannot make a GGUF build with INT4 as q4_k .* use "
                                          "--gguf-int4 q4_0 .* or q4_1"):
         quantize(gguf_plan, tmp_path / "a", quantizer="gptq", calibration=tmp_path)
+    q6 = dataclasses.replace(gguf_plan, options=dataclasses.replace(gguf_plan.options, gguf_int4="q4_0",
+                                                                     gguf_int8="q6_k"))
+    with pytest.raises(ValueError, match="quantizer 'gptq' cannot make a GGUF build with INT8 as q6_k"):
+        quantize(q6, tmp_path / "a", quantizer="gptq", calibration=tmp_path)
     other = dataclasses.replace(gguf_plan, model=dataclasses.replace(gguf_plan.model, content_hash="0" * 64))
     with pytest.raises(ValueError, match="plan was made for model .* with content hash 0000"):
         quantize(other, tmp_path / "b", model=str(shared_gguf))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -64,8 +65,22 @@ def test_a_llama_cpp_plan_counts_gguf_bytes(shape):
         assert bits[Precision.INT4] == pytest.approx(4.5)
     opts = plan.options.to_json()
     assert opts["runtime"] == "llama.cpp" and opts["gguf_int4"] == "q4_k"
+    assert "gguf_int8" not in opts  # Q8_0: plans made before the choice existed keep their ids
     again = Plan.from_json(json.loads(json.dumps(plan.to_json())))  # the stored bytes check passes
     assert again == plan and again.id == plan.id
+
+
+def test_k_quant_levels_change_the_bytes_a_plan_counts(shape):
+    """INT8 as Q6_K (6.5625 bits) and INT4 as Q5_K (5.5) or Q3_K (3.4375): the same precisions, other bytes."""
+    device = budget_profile("64GiB")
+    for int8, int4, bits8, bits4 in [("q8_0", "q4_k", 8.5, 4.5), ("q6_k", "q5_k", 6.5625, 5.5),
+                                     ("q6_k", "q3_k", 6.5625, 3.4375)]:
+        options = PlanOptions(runtime="llama.cpp", gguf_int8=int8, gguf_int4=int4)
+        for level, bits in ((Precision.INT8, bits8), (Precision.INT4, bits4)):
+            plan = make_plan(shape, [1.0] * shape.num_layers, device, replace(options, strategy=level.value))
+            assert plan.avg_bits["quantizable_linears"] == pytest.approx(bits)
+            again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
+            assert again == plan and again.options.gguf_int8.value == int8
 
 
 def test_layer_costs_match_the_breakdown(shape):
@@ -83,7 +98,7 @@ def test_cli_plans_for_llama_cpp(tmp_path, capsys):
     argv = ["plan", "--config", "llama-2-7b", "--budget", "6GiB", "--runtime", "llama.cpp", "--out", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "GGUF for llama.cpp, int4 q4_k" in text
+    assert "GGUF for llama.cpp, int8 q8_0, int4 q4_k" in text
     assert Plan.load(out).options.runtime is Runtime.LLAMA_CPP
     assert main(["plan", "--config", "llama-2-7b", "--budget", "6GiB", "--runtime", "ollama"]) != 0
     assert "unknown runtime 'ollama'; valid runtimes: transformers, vllm, llama.cpp" in capsys.readouterr().err

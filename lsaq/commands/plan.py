@@ -38,7 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", default=None,
                    help="what runs the build: transformers, vllm, llama.cpp (a GGUF file); default: the device's")
     p.add_argument("--gguf-int4", default="q4_k",
-                   help="INT4 in a GGUF build: q4_k (rows of 256; else q4_1, default), q4_1, q4_0")
+                   help="INT4 in a GGUF build: q4_k (rows of 256; else q4_1, default), q4_1, q4_0, q5_k (else q5_1), "
+                        "q3_k (else q4_0)")
+    p.add_argument("--gguf-int8", default="q8_0",
+                   help="INT8 in a GGUF build: q8_0 (default), q6_k (rows of 256; else q8_0)")
     p.add_argument("--wait-for-memory", type=float, default=None, metavar="SECONDS",
                    help="with --device local: poll until the plan's minimum requirement is free, up to SECONDS")
     p.add_argument("--compare", action="store_true", help="also print every strategy side by side (fits or not)")
@@ -92,7 +95,7 @@ def build_options(args: argparse.Namespace):
     policy = WeightPolicy(group_size=None if group == AUTO_GROUP else group, embed=args.embed_precision,
                           head=args.head_precision)
     return PlanOptions(context=args.context, batch=args.batch, strategy=args.strategy, allowed=allowed, policy=policy,
-                       runtime=args.runtime, gguf_int4=args.gguf_int4)
+                       runtime=args.runtime, gguf_int4=args.gguf_int4, gguf_int8=args.gguf_int8)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -134,7 +137,7 @@ def format_plan(plan) -> str:
             if plan.shape.lm_head or untied else "tied")
     group = f"int4 group size {o.policy.group_size}" if o.policy.group_size else "int4 per-channel"
     if o.gguf:
-        group = f"GGUF for llama.cpp, int4 {o.gguf_int4.value}"
+        group = f"GGUF for llama.cpp, int8 {o.gguf_int8.value}, int4 {o.gguf_int4.value}"
     elif o.runtime is not None and o.runtime.value != "transformers":
         group += f", runtime {o.runtime.value}"
     lines = [

@@ -6,11 +6,14 @@ package also carries as ``GGML_QUANT_SIZES``: a test holds them equal; this modu
 does not divide the row cannot store it. lsaq's precisions become:
 
 * FP16 -> F16, or BF16 when the source model is bfloat16 (the 16-bit type the compressed-tensors build keeps).
-* INT8 -> Q8_0: blocks of 32 int8 codes with one fp16 scale (8.5 bits per weight).
+* INT8 -> by :class:`Int8Format`: Q8_0 (blocks of 32 int8 codes with one fp16 scale, 8.5 bits per weight) or Q6_K
+  (super-blocks of 256, 6.5625 bits).
 * INT4 -> by :class:`Int4Format`: Q4_K (super-blocks of 256 values, 8 sub-blocks of 32 with 6-bit scales and
-  minimums, 4.5 bits per weight; llama.cpp's quantizer), Q4_1 (blocks of 32, an fp16 scale and minimum, 5 bits) or
-  Q4_0 (blocks of 32, symmetric, an fp16 scale, 4.5 bits). Q4_K needs rows that are multiples of 256: a shorter or
-  ragged row takes Q4_1 instead (llama.cpp's own fallback would be Q5_0, 5.5 bits: not 4-bit).
+  minimums, 4.5 bits per weight; llama.cpp's quantizer), Q4_1 (blocks of 32, an fp16 scale and minimum, 5 bits),
+  Q4_0 (blocks of 32, symmetric, an fp16 scale, 4.5 bits), Q5_K (5.5 bits) or Q3_K (3.4375 bits).
+* K-quants need rows that are multiples of 256; a shorter or ragged row takes a block-32 type instead
+  (:data:`K_FALLBACK`): Q6_K -> Q8_0 and Q5_K -> Q5_1 as llama.cpp falls back, Q4_K -> Q4_1 (llama.cpp's Q5_0
+  would not be 4-bit), Q3_K -> Q4_0 (the size of llama.cpp's IQ4_NL).
 * Norm weights and biases: F32, as llama.cpp's converter writes every 1-D tensor.
 
 A tied model's GGUF has no ``output`` tensor (llama.cpp multiplies by ``token_embd``), whatever the embedding's
@@ -49,7 +52,9 @@ class GgmlType(IntEnum):
     F16 = 1
     Q4_0 = 2
     Q4_1 = 3
+    Q5_1 = 7
     Q8_0 = 8
+    Q3_K = 11
     Q4_K = 12
     Q5_K = 13
     Q6_K = 14
@@ -59,22 +64,46 @@ class GgmlType(IntEnum):
 # ggml type -> (values per block, bytes per block)
 BLOCKS = {GgmlType.F32: (1, 4), GgmlType.F16: (1, 2), GgmlType.BF16: (1, 2), GgmlType.Q8_0: (32, 34),
           GgmlType.Q4_0: (32, 18), GgmlType.Q4_1: (32, 20), GgmlType.Q4_K: (256, 144), GgmlType.Q5_K: (256, 176),
-          GgmlType.Q6_K: (256, 210)}
+          GgmlType.Q6_K: (256, 210), GgmlType.Q5_1: (32, 24), GgmlType.Q3_K: (256, 110)}
 K_BLOCK = 256  # values per K-quant super-block
+# a K-quant's type for rows that are not multiples of K_BLOCK (module doc)
+K_FALLBACK = {GgmlType.Q6_K: GgmlType.Q8_0, GgmlType.Q5_K: GgmlType.Q5_1, GgmlType.Q4_K: GgmlType.Q4_1,
+              GgmlType.Q3_K: GgmlType.Q4_0}
 UBATCH = 128  # tokens per llama.cpp compute step (n_batch = n_ubatch) when lsaq runs a GGUF build
 RUNTIME_OVERHEAD = 64 * 2**20  # the llama.cpp process besides weights, KV cache and compute buffer (measured: 63 MiB)
 
 
-class Int4Format(Choice):
-    """How an INT4 tensor is stored in a GGUF build."""
+class _GgufLevel(Choice):
+    """A ggml type chosen for one quantized level; its values are the types' names in lower case."""
 
-    Q4_K = "q4_k"  # rows that are multiples of 256; Q4_1 otherwise
+    @property
+    def ggml(self) -> GgmlType:
+        return GgmlType[self.name]
+
+
+class Int4Format(_GgufLevel):
+    """How an INT4 tensor is stored in a GGUF build (the K-quants where rows allow, see :data:`K_FALLBACK`)."""
+
+    Q4_K = "q4_k"
     Q4_1 = "q4_1"
     Q4_0 = "q4_0"
+    Q5_K = "q5_k"
+    Q3_K = "q3_k"
 
     @classmethod
     def noun(cls) -> tuple[str, str]:
         return "INT4 GGUF format", "formats"
+
+
+class Int8Format(_GgufLevel):
+    """How an INT8 tensor is stored in a GGUF build (Q6_K where rows allow, else Q8_0)."""
+
+    Q8_0 = "q8_0"
+    Q6_K = "q6_k"
+
+    @classmethod
+    def noun(cls) -> tuple[str, str]:
+        return "INT8 GGUF format", "formats"
 
 
 # INT4 GGUF formats that hold lsaq's own INT4 codes (GPTQ's) exactly, with the group size those codes need: Q4_0
@@ -84,27 +113,30 @@ CODE_GROUPS: dict[Int4Format, int | None] = {Int4Format.Q4_0: None, Int4Format.Q
 
 @dataclass(frozen=True)
 class GgufFormats:
-    """The GGUF types of a build: the 16-bit float type and the INT4 format (INT8 is always Q8_0)."""
+    """The GGUF types of a build: the 16-bit float type, the INT8 and the INT4 format."""
 
     float_type: str = "f16"  # "f16" or "bf16"
     int4: Int4Format = Int4Format.Q4_K
+    int8: Int8Format = Int8Format.Q8_0
 
     def __post_init__(self) -> None:
         if self.float_type not in ("f16", "bf16"):
             raise ValueError(f"GGUF float type must be 'f16' or 'bf16', got {self.float_type!r}")
         object.__setattr__(self, "int4", Int4Format.parse(self.int4))
+        object.__setattr__(self, "int8", Int8Format.parse(self.int8))
 
     @classmethod
-    def for_source(cls, declared_dtype: str | None, int4: Int4Format | str = Int4Format.Q4_K) -> "GgufFormats":
+    def for_source(cls, declared_dtype: str | None, int4: Int4Format | str = Int4Format.Q4_K,
+                   int8: Int8Format | str = Int8Format.Q8_0) -> "GgufFormats":
         """BF16 for a bfloat16 source, F16 otherwise (float16, float32, a GGUF source)."""
-        return cls(float_type="bf16" if declared_dtype == "bfloat16" else "f16", int4=Int4Format.parse(int4))
+        return cls(float_type="bf16" if declared_dtype == "bfloat16" else "f16", int4=int4, int8=int8)
 
     def to_json(self) -> dict[str, Any]:
-        return {"float_type": self.float_type, "int4": self.int4.value}
+        return {"float_type": self.float_type, "int4": self.int4.value, "int8": self.int8.value}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "GgufFormats":
-        return cls(float_type=obj["float_type"], int4=Int4Format.parse(obj["int4"]))
+        return cls(float_type=obj["float_type"], int4=obj["int4"], int8=obj.get("int8", Int8Format.Q8_0.value))
 
 
 def row_bytes(ggml_type: GgmlType, n: int) -> int:
@@ -122,11 +154,8 @@ def weight_type(precision: Precision | str, row: int, formats: GgufFormats) -> G
         return GgmlType.BF16 if formats.float_type == "bf16" else GgmlType.F16
     if row % 32:  # every quantized type here has blocks of 32 or 256
         raise ValueError(f"rows of {row} values are not a multiple of 32: GGUF cannot store them at {p.value}")
-    if p is Precision.INT8:
-        return GgmlType.Q8_0
-    if formats.int4 is Int4Format.Q4_K:
-        return GgmlType.Q4_K if row % K_BLOCK == 0 else GgmlType.Q4_1
-    return GgmlType.Q4_1 if formats.int4 is Int4Format.Q4_1 else GgmlType.Q4_0
+    kind = formats.int8.ggml if p is Precision.INT8 else formats.int4.ggml
+    return kind if row % BLOCKS[kind][0] == 0 else K_FALLBACK[kind]
 
 
 @dataclass(frozen=True)
@@ -262,6 +291,7 @@ def gguf_average_bits(shape: ModelShape, precisions: Sequence[Precision], policy
             "all_weights": 8 * sum(by_name.values()) / shape.num_params}
 
 
-__all__ = ["ALIGNMENT", "BLOCKS", "CODE_GROUPS", "K_BLOCK", "RUNTIME_OVERHEAD", "UBATCH", "GgmlType", "GgufFormats",
-           "GgufTensor", "Int4Format", "compute_bytes", "gguf_average_bits", "gguf_breakdown", "gguf_data_bytes", "gguf_tensors",
-           "layer_bytes", "padded", "row_bytes", "runtime_bytes", "type_counts", "weight_type"]
+__all__ = ["ALIGNMENT", "BLOCKS", "CODE_GROUPS", "K_BLOCK", "K_FALLBACK", "RUNTIME_OVERHEAD", "UBATCH", "GgmlType",
+           "GgufFormats", "GgufTensor", "Int4Format", "Int8Format", "compute_bytes", "gguf_average_bits",
+           "gguf_breakdown", "gguf_data_bytes", "gguf_tensors", "layer_bytes", "padded", "row_bytes", "runtime_bytes",
+           "type_counts", "weight_type"]

@@ -22,7 +22,8 @@ from lsaq.methods import UNIFORM_IMPORTANCE, ImportanceRef, ranking
 from lsaq.models.identity import ModelRef
 from lsaq.models.shapes import ModelShape
 from lsaq.planning.devices import DeviceProfile, load_catalog
-from lsaq.planning.ggml import GgufFormats, Int4Format, gguf_average_bits, gguf_breakdown, layer_bytes, runtime_bytes
+from lsaq.planning.ggml import (GgufFormats, Int4Format, Int8Format, gguf_average_bits, gguf_breakdown, layer_bytes,
+                                runtime_bytes)
 from lsaq.planning.memory import (
     FP16_BYTES,
     MemoryBreakdown,
@@ -96,11 +97,13 @@ class PlanOptions:
     quality: Mapping[Precision, float] = field(default_factory=default_quality)
     runtime: Runtime | None = None  # what runs the build (its format, byte and memory model); None: the device's
     gguf_int4: Int4Format = Int4Format.Q4_K  # how a GGUF build stores INT4 (runtime llama.cpp only)
+    gguf_int8: Int8Format = Int8Format.Q8_0  # how a GGUF build stores INT8 (runtime llama.cpp only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
         object.__setattr__(self, "runtime", None if self.runtime is None else Runtime.parse(self.runtime))
         object.__setattr__(self, "gguf_int4", Int4Format.parse(self.gguf_int4))
+        object.__setattr__(self, "gguf_int8", Int8Format.parse(self.gguf_int8))
         object.__setattr__(self, "allowed", tuple(precision_levels(self.allowed)))
         for name in ("context", "batch", "kv_bytes"):
             v = getattr(self, name)
@@ -127,7 +130,7 @@ class PlanOptions:
     @property
     def gguf_formats(self) -> GgufFormats:
         """The GGUF types whose bytes a llama.cpp plan counts (F16 and BF16 take the same bytes)."""
-        return GgufFormats(int4=self.gguf_int4)
+        return GgufFormats(int4=self.gguf_int4, int8=self.gguf_int8)
 
     def to_json(self) -> dict[str, Any]:
         obj: dict[str, Any] = {
@@ -143,6 +146,8 @@ class PlanOptions:
             obj["runtime"] = self.runtime.value
             if self.gguf:
                 obj["gguf_int4"] = self.gguf_int4.value
+                if self.gguf_int8 is not Int8Format.Q8_0:  # plans made before it existed keep their ids
+                    obj["gguf_int8"] = self.gguf_int8.value
         return obj
 
     @classmethod
@@ -152,6 +157,7 @@ class PlanOptions:
             allowed=tuple(Precision.parse(p) for p in obj["allowed"]), policy=WeightPolicy.from_json(obj),
             kv_bytes=obj["kv_bytes_per_value"], quality={Precision.parse(k): v for k, v in obj["quality"].items()},
             runtime=obj.get("runtime", Runtime.TRANSFORMERS.value), gguf_int4=obj.get("gguf_int4", "q4_k"),
+            gguf_int8=obj.get("gguf_int8", "q8_0"),
         )
 
 

@@ -31,8 +31,8 @@ from lsaq.models.gguf import dequantized
 from lsaq.models.hf_gguf import converter
 from lsaq.models.identity import ModelRef
 from lsaq.models.shapes import ModelShape
-from lsaq.planning.ggml import (CODE_GROUPS, UBATCH, GgufFormats, GgufTensor, Int4Format, gguf_data_bytes, gguf_tensors,
-                                padded, type_counts)
+from lsaq.planning.ggml import (CODE_GROUPS, UBATCH, GgufFormats, GgufTensor, Int4Format, Int8Format,
+                                gguf_data_bytes, gguf_tensors, padded, type_counts)
 from lsaq.planning.memory import WeightPolicy
 from lsaq.planning.planner import Plan
 from lsaq.precision import Precision, Quantizer
@@ -217,16 +217,20 @@ def write_gguf(source: str | os.PathLike, shape: ModelShape, precisions: Sequenc
                     copied_bytes)
 
 
-def check_gguf_source(path: Path, quantizer: Quantizer | str, int4: Int4Format | str = Int4Format.Q4_K) -> None:
-    """``ValueError`` (before any weight is read) unless a GGUF build with INT4 as ``int4`` can be made from
-    ``path`` with ``quantizer``: a safetensors checkpoint needs llama.cpp's converter
+def check_gguf_source(path: Path, quantizer: Quantizer | str, int4: Int4Format | str = Int4Format.Q4_K,
+                      int8: Int8Format | str = Int8Format.Q8_0) -> None:
+    """``ValueError`` (before any weight is read) unless a GGUF build with INT4 as ``int4`` and INT8 as ``int8`` can
+    be made from ``path`` with ``quantizer``: a safetensors checkpoint needs llama.cpp's converter
     (:func:`lsaq.models.hf_gguf.converter`); GPTQ's codes are kept in Q8_0, Q4_0 and Q4_1, not in K-quants (whose
     scales llama.cpp's quantizer searches itself)."""
-    quantizer, int4 = Quantizer.parse(quantizer), Int4Format.parse(int4)
+    quantizer, int4, int8 = Quantizer.parse(quantizer), Int4Format.parse(int4), Int8Format.parse(int8)
     if quantizer is not Quantizer.RTN and int4 not in CODE_GROUPS:
         raise ValueError(f"quantizer {quantizer.value!r} cannot make a GGUF build with INT4 as {int4.value} "
                          "(llama.cpp's K-quants choose their own scales): use --gguf-int4 q4_0 (per-channel "
                          "INT4 codes) or q4_1 (groups of 32), or quantizer rtn")
+    if quantizer is not Quantizer.RTN and int8 is not Int8Format.Q8_0:
+        raise ValueError(f"quantizer {quantizer.value!r} cannot make a GGUF build with INT8 as {int8.value} "
+                         "(llama.cpp's K-quants choose their own scales): use --gguf-int8 q8_0, or quantizer rtn")
     if path.suffix != ".gguf":
         converter()
 
@@ -246,7 +250,7 @@ def write_gguf_artifact(source: Path, declared_dtype: str | None, plan: Plan, mo
     written atomically (:func:`lsaq.records.atomic_dir`). ``codes``, ``quantizer``, ``calibration``: the decoder
     layers' codes when another quantizer chose them (:func:`write_gguf`), its name and its calibration's hash for
     the manifest."""
-    formats = GgufFormats.for_source(declared_dtype, plan.options.gguf_int4)
+    formats = GgufFormats.for_source(declared_dtype, plan.options.gguf_int4, plan.options.gguf_int8)
     predicted = gguf_data_bytes(gguf_tensors(plan.shape, plan.precisions, plan.options.policy, formats))
     with atomic_dir(out_dir) as tmp:
         built = write_gguf(source, plan.shape, plan.precisions, plan.options.policy, formats, tmp / GGUF_WEIGHTS,

@@ -146,7 +146,7 @@ def quantize_gguf(plan: Plan, out: str | Path, *, model: str | None = None,
     start = time.perf_counter()
     with PeakMemory() as peak:
         located = locate_model(source)
-        check_gguf_source(located.path, quantizer, plan.options.gguf_int4)
+        check_gguf_source(located.path, quantizer, plan.options.gguf_int4, plan.options.gguf_int8)
         if calibration is not None:
             check_calibration_dir(calibration)
         check_llama_cpp()
