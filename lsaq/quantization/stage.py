@@ -10,7 +10,7 @@ identities only, no model or tensor crosses the stage boundary.
 from __future__ import annotations
 
 import logging
-import tempfile
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from lsaq.atomic import temp_dir
 from lsaq.calibration.sets import calibration_shape, check_calibration_dir, load_calibration_for
 from lsaq.compute import AUTO, check_compute_device, check_max_memory, compute_for, host_need, within_max_memory
 from lsaq.models.families import model_shape
@@ -154,21 +155,26 @@ def quantize_gguf(plan: Plan, out: str | Path, *, model: str | None = None,
         info = model_info(located, empty)
         check_plan(plan, info, decoder_parts(empty))
         del empty
-        out.absolute().parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".lsaq-codes-", dir=out.absolute().parent) as work:
-            codes, calibration_hash = None, None
+        codes, calibration_hash, work = None, None, None
+        try:
             if quantizer is not Quantizer.RTN:
+                # the compressed-tensors build whose codes the GGUF keeps: a temporary beside ``out`` (a killed
+                # run's is swept by the next, lsaq.atomic)
+                work = temp_dir(out.absolute().with_name(out.name + ".codes"))
                 group = CODE_GROUPS[plan.options.gguf_int4]
                 ct_plan = replace(plan, options=replace(plan.options, runtime=Runtime.TRANSFORMERS,
                                                         policy=WeightPolicy(group_size=group)))
-                calibration_hash = quantize(ct_plan, Path(work) / "codes", model=source, quantizer=quantizer,
+                calibration_hash = quantize(ct_plan, work / "codes", model=source, quantizer=quantizer,
                                             calibration=calibration, compute_device=compute_device,
                                             max_memory=max_memory, progress=progress).calibration
-                codes = ArtifactCodes(Path(work) / "codes")
+                codes = ArtifactCodes(work / "codes")
             gguf = (located.path if located.path.suffix == ".gguf"
                     else hf_to_gguf(located.load_dir, located.content_hash, located.declared_dtype))
             path = write_gguf_artifact(gguf, located.declared_dtype, plan, ModelRef.from_info(info), out, codes,
                                        quantizer, calibration_hash)
+        finally:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
     artifact = replace(Artifact.load(path), memory=peak.record(torch.device("cpu"), torch.float32))
     log.info("built %s as GGUF into %s (%s, %s; %d tensor bytes) in %.1fs, peak host memory %s", info.id, path,
              plan.mix, quantizer.value, artifact.tensor_bytes, time.perf_counter() - start,
