@@ -28,7 +28,6 @@ from flows.options import (
     BuildOptions,
 )
 from lsaq.methods import DEFAULT_K, DEFAULT_METHOD
-from lsaq.planning.ggml import CODE_GROUPS, Int8Format
 from lsaq.planning.planner import InfeasiblePlanError
 from lsaq.precision import Quantizer
 from tasks.dispatch import dispatch_device
@@ -146,8 +145,7 @@ def build(
         plan = t.plan.submit(ident, importance, target, options, store, work, group_size)
         # a GGUF build with INT4 in K-quants takes llama.cpp's codes (round to nearest, scales it searches)
         device_options = options.for_device(target.device)
-        keeps = not device_options.gguf or (device_options.gguf_int4 in CODE_GROUPS
-                                            and device_options.gguf_int8 is Int8Format.Q8_0)
+        keeps = not device_options.gguf or device_options.gguf_formats.holds_codes
         codes = quantizer if keeps else Quantizer.RTN.value
         artifact = t.quantize.submit(ident, plan, store, work, codes,
                                      calibration if codes != Quantizer.RTN.value else None, compute_device)

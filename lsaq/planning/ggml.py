@@ -131,6 +131,12 @@ class GgufFormats:
         """BF16 for a bfloat16 source, F16 otherwise (float16, float32, a GGUF source)."""
         return cls(float_type="bf16" if declared_dtype == "bfloat16" else "f16", int4=int4, int8=int8)
 
+    @property
+    def holds_codes(self) -> bool:
+        """Whether both quantized levels can keep lsaq's own codes (GPTQ's): INT8 as Q8_0, INT4 in
+        :data:`CODE_GROUPS`; K-quants search their own scales."""
+        return self.int8 is Int8Format.Q8_0 and self.int4 in CODE_GROUPS
+
     def to_json(self) -> dict[str, Any]:
         return {"float_type": self.float_type, "int4": self.int4.value, "int8": self.int8.value}
 

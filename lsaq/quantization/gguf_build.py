@@ -223,13 +223,13 @@ def check_gguf_source(path: Path, quantizer: Quantizer | str, int4: Int4Format |
     be made from ``path`` with ``quantizer``: a safetensors checkpoint needs llama.cpp's converter
     (:func:`lsaq.models.hf_gguf.converter`); GPTQ's codes are kept in Q8_0, Q4_0 and Q4_1, not in K-quants (whose
     scales llama.cpp's quantizer searches itself)."""
-    quantizer, int4, int8 = Quantizer.parse(quantizer), Int4Format.parse(int4), Int8Format.parse(int8)
-    if quantizer is not Quantizer.RTN and int4 not in CODE_GROUPS:
-        raise ValueError(f"quantizer {quantizer.value!r} cannot make a GGUF build with INT4 as {int4.value} "
-                         "(llama.cpp's K-quants choose their own scales): use --gguf-int4 q4_0 (per-channel "
-                         "INT4 codes) or q4_1 (groups of 32), or quantizer rtn")
-    if quantizer is not Quantizer.RTN and int8 is not Int8Format.Q8_0:
-        raise ValueError(f"quantizer {quantizer.value!r} cannot make a GGUF build with INT8 as {int8.value} "
+    quantizer, formats = Quantizer.parse(quantizer), GgufFormats(int4=int4, int8=int8)
+    if quantizer is not Quantizer.RTN and not formats.holds_codes:
+        if formats.int4 not in CODE_GROUPS:
+            raise ValueError(f"quantizer {quantizer.value!r} cannot make a GGUF build with INT4 as "
+                             f"{formats.int4.value} (llama.cpp's K-quants choose their own scales): use --gguf-int4 "
+                             "q4_0 (per-channel INT4 codes) or q4_1 (groups of 32), or quantizer rtn")
+        raise ValueError(f"quantizer {quantizer.value!r} cannot make a GGUF build with INT8 as {formats.int8.value} "
                          "(llama.cpp's K-quants choose their own scales): use --gguf-int8 q8_0, or quantizer rtn")
     if path.suffix != ".gguf":
         converter()
