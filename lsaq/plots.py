@@ -225,10 +225,13 @@ def plot_ppl_vs_bits(
     *,
     title: str | None = None,
     baseline_ppl: float | None = None,
+    key: str = "ppl",
+    ylabel: str = "perplexity",
 ) -> Path:
-    """Perplexity against average bits, one line with markers per method (sorted by bits), log-scale y.
+    """Perplexity (or another positive statistic: ``key``, named ``ylabel``) against average bits, one line with
+    markers per method (sorted by bits), log-scale y.
 
-    ``rows`` have ``"method"`` (str), ``"avg_bits"`` and ``"ppl"`` (finite, ppl > 0). Methods named
+    ``rows`` have ``"method"`` (str), ``"avg_bits"`` and ``key`` (finite, > 0). Methods named
     ``NAME-0``, ``NAME-1``, ... (e.g. seeds of a random baseline) form one group: faint lines for each member
     and, when the members have the same number of points, their mean (by rank of bits) with a min-max band.
     ``baseline_ppl`` draws a horizontal line for the float model.
@@ -238,14 +241,14 @@ def plot_ppl_vs_bits(
         raise ValueError("plot_ppl_vs_bits needs at least one row")
     points: dict[str, list[tuple[float, float]]] = {}
     for i, r in enumerate(rows):
-        missing = [k for k in ("method", "avg_bits", "ppl") if k not in r]
+        missing = [k for k in ("method", "avg_bits", key) if k not in r]
         if missing:
-            raise ValueError(f"row {i} lacks {', '.join(missing)} (rows need method, avg_bits, ppl)")
+            raise ValueError(f"row {i} lacks {', '.join(missing)} (rows need method, avg_bits, {key})")
         if not isinstance(r["method"], str) or not r["method"]:
             raise ValueError(f"row {i}: method must be a non-empty string, got {r['method']!r}")
-        bits, ppl = _finite([r["avg_bits"], r["ppl"]], f"row {i} (avg_bits, ppl)")
+        bits, ppl = _finite([r["avg_bits"], r[key]], f"row {i} (avg_bits, {key})")
         if ppl <= 0:
-            raise ValueError(f"row {i}: ppl must be positive for a log scale, got {ppl}")
+            raise ValueError(f"row {i}: {key} must be positive for a log scale, got {ppl}")
         points.setdefault(r["method"], []).append((bits, ppl))
     if baseline_ppl is not None:
         (baseline_ppl,) = _finite([baseline_ppl], "baseline_ppl")
@@ -283,10 +286,10 @@ def plot_ppl_vs_bits(
     ax.yaxis.set_major_formatter(LogFormatter())  # 20, 30 rather than 2 x 10^1, as many labels as the default
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
     ax.set_xlabel("average bits per weight")
-    ax.set_ylabel("perplexity (log scale)")
+    ax.set_ylabel(f"{ylabel} (log scale)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    ax.set_title(title or "Perplexity vs average bits", fontsize="medium")
+    ax.set_title(title or f"{ylabel[:1].upper() + ylabel[1:]} vs average bits", fontsize="medium")
     return _save(fig, path)
 
 

@@ -1,3 +1,3 @@
 """The version of lsaq's numerics and records: part of every record and of the pipeline's cache keys."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -51,11 +51,15 @@ def test_artifact_files_and_bytes_match_the_memory_model(mixed):
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "bfloat16"  # a GGUF declares no dtype: bfloat16
     record = Artifact.load(out)
-    assert record.dtype == "bfloat16" and record.plan_id == plan.id and record.runtimes == ("lsaq", "transformers")
+    assert record.dtype == "bfloat16" and record.plan_id == plan.id
+    assert record.runtimes == ("lsaq", "transformers", "vllm")
     assert record.files == {name: (meta["bytes"], meta["sha256"]) for name, meta in manifest["files"].items()}
     qc = config["quantization_config"]
-    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "mixed-precision"
-    assert {g["format"] for g in qc["config_groups"].values()} == {"int-quantized", "pack-quantized"}
+    # every linear weight-only pack-quantized (INT8 at 8 bits): the form vLLM's WNA16 kernels serve
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert {(g["format"], g["weights"]["num_bits"]) for g in qc["config_groups"].values()} == {
+        ("pack-quantized", 8), ("pack-quantized", 4)}
+    assert all(g["input_activations"] is None for g in qc["config_groups"].values())
     assert Plan.load(out / "lsaq_plan.json").precisions == plan.precisions
 
 
@@ -207,6 +211,40 @@ def test_version_1_manifests_still_load(tiny, tmp_path):
     verify_artifact(art.path)
 
 
+def test_int8_as_plain_codes_still_loads(tiny, tmp_path):
+    """An artifact of lsaq 0.1 (INT8 linears and head as int-quantized plain codes, ``weight`` int8) loads on lsaq's
+    runtime, layer by layer and as codes, with the same weights as today's 8-bit words."""
+    from safetensors.torch import load_file, save_file
+
+    from lsaq.engine.checkpoint import Checkpoint
+    from lsaq.quantization.primitives import unpack_int32_to_int8
+    from lsaq.quantization.reader import ArtifactCodes, read_codes
+    from lsaq.records import file_sha256
+
+    plan = tiny_plan(load_model(tiny).info, [Precision.INT8, Precision.FP16, Precision.INT4],
+                     WeightPolicy(embed="int8", head="int8"))
+    art = quantize(plan, tmp_path / "art", model=str(tiny))
+    want = load_quantized(art.path, dtype=torch.float32)
+    ids = want.tokenizer("The capital of France is", return_tensors="pt")
+    tensors = load_file(art.path / "model.safetensors")
+    cols = {n.removesuffix(".weight_shape"): int(t[1]) for n, t in tensors.items() if n.endswith(".weight_shape")}
+    int8 = {m for m, c in cols.items() if tensors[f"{m}.weight_packed"].shape[1] == -(-c // 4)}  # 8-bit words
+    old = {n: t for n, t in tensors.items() if n.rpartition(".")[0] not in int8 or n.endswith(".weight_scale")}
+    old |= {f"{m}.weight": unpack_int32_to_int8(tensors[f"{m}.weight_packed"], cols[m]) for m in int8}
+    assert "model.layers.0.self_attn.q_proj.weight" in old and "lm_head.weight" in old
+    save_file(old, str(art.path / "model.safetensors"), metadata={"format": "pt"})
+    manifest = json.loads((art.path / MANIFEST).read_text())
+    f = art.path / "model.safetensors"
+    manifest["files"]["model.safetensors"] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+    (art.path / MANIFEST).write_text(json.dumps(manifest))
+    got = load_quantized(art.path, dtype=torch.float32)
+    with torch.inference_mode():
+        assert torch.equal(got.model(**ids).logits, want.model(**ids).logits)
+    name = "model.layers.0.mlp.down_proj"
+    assert torch.equal(ArtifactCodes(art.path)(f"{name}.weight").codes,
+                       read_codes(Checkpoint.open(tmp_path / "art"), name, Precision.INT8, None, False).codes)
+
+
 def test_a_bare_config_plan_needs_a_model(tiny, tmp_path):
     info = load_model(tiny).info
     shape = model_shape(info.config)
@@ -234,6 +272,6 @@ def test_cli_quantize_and_generate(tiny, tmp_path, capsys):
     plan.save(tmp_path / "plan.json")
     assert main(["quantize", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "art")]) == 0
     out = capsys.readouterr().out
-    assert "embedding int4, head int8" in out and "bfloat16" in out and "loads in: lsaq\n" in out
+    assert "embedding int4, head int8" in out and "bfloat16" in out and "loads in: lsaq, vllm\n" in out
     assert main(["generate", str(tmp_path / "art"), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
     assert "tokens/s" in capsys.readouterr().err

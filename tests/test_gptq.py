@@ -245,7 +245,7 @@ def test_never_worse_than_rtn_and_same_format(
         assert q.zero.dtype == torch.uint8 and q.zero.shape == rtn.zero.shape and int(q.zero.max()) <= 15
     assert q.storage_nbytes() == rtn.storage_nbytes()
 
-    back = QuantizedWeight.from_compressed_tensors(q.compressed_tensors(), group_size)
+    back = QuantizedWeight.from_compressed_tensors(q.compressed_tensors(), group_size, q.precision)
     _assert_same(back, q)
     assert torch.equal(back.dequantize(), q.dequantize())
 

@@ -41,8 +41,9 @@ def shipped(name: str) -> dict:
 def test_linear_tensor_bytes_formulas():
     assert linear_tensor_bytes(5, 9, FP16) == {"weight": 90}
     assert linear_tensor_bytes(5, 9, FP16, bias=True) == {"weight": 90, "bias": 10}
-    assert linear_tensor_bytes(5, 9, INT8) == {"weight": 45, "weight_scale": 10}
-    assert linear_tensor_bytes(5, 9, INT8, group_size=4) == {"weight": 45, "weight_scale": 10}  # INT8: per-channel
+    assert linear_tensor_bytes(5, 9, INT8) == {"weight_packed": 5 * 3 * 4, "weight_scale": 10, "weight_shape": 16}
+    assert linear_tensor_bytes(5, 9, INT8, int8_packed=False) == {"weight": 45, "weight_scale": 10}
+    assert linear_tensor_bytes(5, 9, INT8, group_size=4) == linear_tensor_bytes(5, 9, INT8)  # INT8: per-channel
     # ceil(9/8) = 2 int32 words per row
     assert linear_tensor_bytes(5, 9, INT4) == {"weight_packed": 40, "weight_scale": 10, "weight_shape": 16}
     # groups of 4: ceil(9/4) = 3 scales per row; zero points packed 8 rows per int32: ceil(5/8) * 3 * 4
@@ -71,7 +72,8 @@ def test_small_config_by_hand():
     # q,o [64,64]; k,v [32,64]; gate,up [96,64]; down [64,96]: 30720 weights per layer
     assert s.linear_params_per_layer == 30720
     assert layer_linear_bytes(s, FP16) == 61440
-    assert layer_linear_bytes(s, INT8) == 30720 + 2 * (64 + 32 + 32 + 64 + 96 + 96 + 64)  # 31616
+    # one byte per code in 8-bit words, scales, 7 shape tensors
+    assert layer_linear_bytes(s, INT8) == 30720 + 2 * (64 + 32 + 32 + 64 + 96 + 96 + 64) + 7 * 16  # 31728
     # packed 15360 + scales 896 + 7 shape tensors
     assert layer_linear_bytes(s, INT4) == 15360 + 896 + 7 * 16
     # group 32: scales 1920, zero points 480
@@ -90,7 +92,8 @@ def test_small_config_by_hand():
 def test_embedding_policy_and_tied_head():
     s = model_shape(SMALL)
     bd = memory_breakdown(s, [FP16, FP16], WeightPolicy(embed=INT8), context=1, batch=1)
-    assert (bd.embeddings, bd.lm_head) == (6400 + 200, 6400 + 200)
+    # the embedding's INT8 codes plain, the head's (a linear) in 8-bit words with its shape tensor
+    assert (bd.embeddings, bd.lm_head) == (6400 + 200, 6400 + 200 + 16)
     bd = memory_breakdown(s, [FP16, FP16], WeightPolicy(embed=INT8, head=FP16), context=1, batch=1)
     assert (bd.embeddings, bd.lm_head) == (6600, 12800)
     tied = model_shape({**SMALL, "tie_word_embeddings": True})
@@ -103,12 +106,12 @@ def test_quantized_embedding_or_head_unties_a_tied_model():
     """A tied head gets its own matrix once either side is quantized: both are stored, both are counted."""
     tied = model_shape({**SMALL, "tie_word_embeddings": True})
     cases = {  # policy -> (embedding bytes, head bytes)
-        WeightPolicy(embed=INT8): (6400 + 200, 6400 + 200),
-        WeightPolicy(embed=FP16, head=INT8): (12800, 6600),
+        WeightPolicy(embed=INT8): (6400 + 200, 6400 + 200 + 16),
+        WeightPolicy(embed=FP16, head=INT8): (12800, 6616),
         WeightPolicy(embed=INT8, head=FP16): (6600, 12800),
         WeightPolicy(embed=INT4): (100 * 8 * 4 + 200 + 16,) * 2,
         # group-wise INT4 applies to both: packed 100 x 8 words, scales [100, 2], zero points [13, 2] words, shape
-        WeightPolicy(group_size=32, embed=INT4, head=INT8): (3200 + 400 + 104 + 16, 6600),
+        WeightPolicy(group_size=32, embed=INT4, head=INT8): (3200 + 400 + 104 + 16, 6616),
     }
     for policy, (embed, head) in cases.items():
         assert policy.unties(tied)
@@ -141,9 +144,10 @@ def test_per_tensor_breakdown_sums_to_weights_and_names():
     assert tensors["model.layers.0.self_attn.q_proj.weight_packed"] == 64 * 8 * 4
     assert tensors["model.layers.0.self_attn.q_proj.weight_zero_point"] == 8 * 2 * 4
     assert tensors["model.layers.0.self_attn.q_proj.bias"] == 128
-    assert tensors["model.layers.1.mlp.down_proj.weight"] == 64 * 96
+    assert tensors["model.layers.1.mlp.down_proj.weight_packed"] == 64 * 96
     assert tensors["model.layers.1.mlp.down_proj.weight_scale"] == 128
-    assert tensors["model.embed_tokens.weight_scale"] == 200 and tensors["lm_head.weight"] == 6400
+    assert tensors["model.embed_tokens.weight"] == 6400 and tensors["model.embed_tokens.weight_scale"] == 200
+    assert tensors["lm_head.weight_packed"] == 6400 and tensors["lm_head.weight_shape"] == 16  # a linear: packed
     assert tensors["model.norm.weight"] == 128 and tensors["model.layers.1.input_layernorm.weight"] == 128
 
 

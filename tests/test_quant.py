@@ -17,10 +17,12 @@ from lsaq.quantization.primitives import (
     dequantize_int8,
     pack_int4_to_int32,
     pack_int4_to_uint8,
+    pack_int8_to_int32,
     pack_zero_points,
     quantize_int4,
     quantize_int8,
     unpack_int32_to_int4,
+    unpack_int32_to_int8,
     unpack_uint8_to_int4,
     unpack_zero_points,
 )
@@ -74,6 +76,28 @@ def test_pack_bytes_equal_compressed_tensors(rows: int, cols: int, seed: int) ->
     assert zp.shape == (math.ceil(rows / 8), cols)
     assert torch.equal(zp, pack_to_int32((zero.to(torch.int16) - 8).to(torch.int8), 4, packed_dim=0))
     assert torch.equal(unpack_zero_points(zp, rows), zero)
+
+
+@HYP
+@given(rows=st.integers(1, 9), cols=st.integers(1, 41), seed=st.integers(0, 2**31))
+def test_int8_pack_roundtrip_equals_compressed_tensors(rows: int, cols: int, seed: int) -> None:
+    """8-bit words: exact round trip, the same bytes as compressed-tensors' packer, -128 and 127 included."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    codes = torch.randint(-128, 128, (rows, cols), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+    codes[0, 0], codes[-1, -1] = -128, 127
+    packed = pack_int8_to_int32(codes)
+    assert packed.dtype == torch.int32 and packed.shape == (rows, math.ceil(cols / 4))
+    assert torch.equal(packed, pack_to_int32(codes, 8))
+    assert torch.equal(unpack_int32_to_int8(packed, cols), codes)
+    assert torch.equal(unpack_from_int32(packed, 8, torch.Size([rows, cols])), codes)
+
+
+def test_int8_pack_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="expected int8 codes"):
+        pack_int8_to_int32(torch.zeros(2, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"expected int32 \[rows, 2\]"):
+        unpack_int32_to_int8(torch.zeros(2, 3, dtype=torch.int32), 8)
 
 
 def test_pack_rejects_bad_codes() -> None:
@@ -216,26 +240,28 @@ def test_invalid_arguments() -> None:
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["int8", "int4", "int4-g64"])
+@pytest.mark.parametrize("kind", ["int8", "int8-embedding", "int4", "int4-g64"])
 def test_compressed_tensors_decodes_to_our_weights(kind: str, scale_dtype: torch.dtype) -> None:
-    """Stock compressed-tensors decompression of our tensors gives bit-identical weights in the scales' dtype."""
+    """Stock compressed-tensors decompression of our tensors gives bit-identical weights in the scales' dtype: INT8
+    linears packed 8 bits per code ("pack-quantized"), an INT8 embedding as plain codes ("int-quantized")."""
     from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     w = torch.randn(48, 256, generator=torch.Generator().manual_seed(3)) * 0.1
     group = 64 if kind == "int4-g64" else None
-    qw = QuantizedWeight.quantize(w, "int8" if kind == "int8" else "int4", group, scale_dtype)
+    int8 = kind.startswith("int8")
+    qw = QuantizedWeight.quantize(w, "int8" if int8 else "int4", group, scale_dtype)
     args = QuantizationArgs(
-        num_bits=8 if kind == "int8" else 4,
+        num_bits=8 if int8 else 4,
         type="int",
         symmetric=group is None,
         strategy="channel" if group is None else "group",
         group_size=group,
     )
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
-    tensors = qw.compressed_tensors()
-    compressor = NaiveQuantizationCompressor if kind == "int8" else PackedQuantizationCompressor
+    tensors = qw.compressed_tensors(pack_int8=kind != "int8-embedding")
+    compressor = NaiveQuantizationCompressor if kind == "int8-embedding" else PackedQuantizationCompressor
     out = compressor.decompress(dict(tensors), scheme)
     assert out["weight"].dtype == scale_dtype
     assert torch.equal(out["weight"], qw.dequantize(scale_dtype))
@@ -243,6 +269,7 @@ def test_compressed_tensors_decodes_to_our_weights(kind: str, scale_dtype: torch
     assert qw.storage_nbytes() == stored
     back = QuantizedWeight.from_compressed_tensors(tensors, group)
     assert back.precision is qw.precision and back.group_size == group
+    assert QuantizedWeight.from_compressed_tensors(tensors, group, qw.precision).precision is qw.precision
     assert torch.equal(back.codes, qw.codes) and torch.equal(back.scale, qw.scale)
     assert (back.zero is None and qw.zero is None) or torch.equal(back.zero, qw.zero)
 

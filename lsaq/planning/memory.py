@@ -6,7 +6,10 @@ declares float16 (:func:`lsaq.models.loading.storage_dtype`); both take 2 bytes,
 depend on which. For a linear weight ``[out, in]`` (``nn.Linear`` convention):
 
 * FP16: ``weight`` out*in*2; ``bias`` out*2 when present (biases are 16-bit at every precision).
-* INT8 per-channel, symmetric ("int-quantized"): ``weight`` int8 out*in; ``weight_scale`` fp16 ``[out, 1]``.
+* INT8 per-channel, symmetric ("pack-quantized", 8 bits: the form vLLM serves): ``weight_packed`` int32
+  ``[out, ceil(in/4)]``; ``weight_scale`` fp16 ``[out, 1]``; ``weight_shape`` int64 ``[2]`` (16 bytes). An INT8
+  embedding is "int-quantized" (the form stock transformers loads for an embedding): ``weight`` int8 out*in and
+  ``weight_scale``.
 * INT4 per-channel, symmetric ("pack-quantized"): ``weight_packed`` int32 ``[out, ceil(in/8)]``;
   ``weight_scale`` fp16 ``[out, 1]``; ``weight_shape`` int64 ``[2]`` (16 bytes).
 * INT4 group-wise (group size g), asymmetric: ``weight_packed`` as above; ``weight_scale`` fp16
@@ -77,8 +80,10 @@ def linear_tensor_bytes(
     precision: Precision | str,
     group_size: int | None = None,
     bias: bool = False,
+    int8_packed: bool = True,
 ) -> dict[str, int]:
-    """Bytes of each stored tensor of one ``[out, in]`` weight, keyed by compressed-tensors suffix.
+    """Bytes of each stored tensor of one ``[out, in]`` weight, keyed by compressed-tensors suffix; ``int8_packed``
+    False: INT8 as plain codes (an embedding).
 
     The single source of truth for per-tensor sizes: the planner sums it, the quantize stage asserts its
     artifact against it tensor by tensor. Keys: ``weight``, ``weight_packed``, ``weight_scale``,
@@ -91,8 +96,11 @@ def linear_tensor_bytes(
         raise ValueError(f"linear shape must be positive, got [{o}, {i}]")
     if p is Precision.FP16:
         out = {"weight": o * i * FP16_BYTES}
-    elif p is Precision.INT8:
+    elif p is Precision.INT8 and not int8_packed:
         out = {"weight": o * i, "weight_scale": o * FP16_BYTES}
+    elif p is Precision.INT8:
+        out = {"weight_packed": o * _ceil_div(i, 4) * 4, "weight_scale": o * FP16_BYTES,
+               "weight_shape": SHAPE_TENSOR_BYTES}
     elif group_size is None:
         out = {"weight_packed": o * _ceil_div(i, 8) * 4, "weight_scale": o * FP16_BYTES, "weight_shape": SHAPE_TENSOR_BYTES}
     else:
@@ -176,7 +184,7 @@ def head_tensor(shape: ModelShape, policy: WeightPolicy) -> TensorShape | None:
 def embedding_bytes(shape: ModelShape, policy: WeightPolicy) -> tuple[int, int]:
     """``(embedding, lm_head)`` bytes; the head is 0 when tied and stored once with the embedding."""
     vocab, hidden = shape.embed.shape
-    embed = sum(linear_tensor_bytes(vocab, hidden, policy.embed, policy.group_size).values())
+    embed = sum(linear_tensor_bytes(vocab, hidden, policy.embed, policy.group_size, int8_packed=False).values())
     head = head_tensor(shape, policy)
     if head is None:
         return embed, 0
@@ -318,10 +326,11 @@ def weight_tensor_bytes(shape: ModelShape, precisions: Sequence[Precision], poli
         for t in shape.layer_norms:
             out[shape.layer_name(i, t.name)] = _fp16_bytes(t.numel)
     head = head_tensor(shape, policy)
-    heads = [(shape.embed, policy.embed)] + ([(head, policy.head_precision)] if head is not None else [])
-    for tensor, p in heads:
+    heads = [(shape.embed, policy.embed, False)] + ([(head, policy.head_precision, True)] if head is not None else [])
+    for tensor, p, packed in heads:
         module = tensor.name.removesuffix(".weight")
-        for suffix, n in linear_tensor_bytes(tensor.shape[0], tensor.shape[1], p, policy.group_size).items():
+        for suffix, n in linear_tensor_bytes(tensor.shape[0], tensor.shape[1], p, policy.group_size,
+                                             int8_packed=packed).items():
             out[f"{module}.{suffix}"] = n
     for t in shape.final_norms:
         out[t.name] = _fp16_bytes(t.numel)

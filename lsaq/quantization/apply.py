@@ -204,8 +204,8 @@ def quantize_model(
 
 
 def artifact_state_dict(model: nn.Module, dtype: torch.dtype, skip: str | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of the artifact, compressed-tensors names: plain codes and scales for quantized modules (linears
-    and the embedding), ``dtype`` for every float tensor; names starting with ``skip`` left out (a streamed
+    """Tensors of the artifact, compressed-tensors names: packed codes and scales for quantized linears (an INT8
+    embedding's codes plain), ``dtype`` for every float tensor; names starting with ``skip`` left out (a streamed
     model's decoder layers, written layer by layer).
 
     A tied LM head is stored once, under the embedding's name (as ``save_pretrained`` does).
@@ -217,7 +217,9 @@ def artifact_state_dict(model: nn.Module, dtype: torch.dtype, skip: str | None =
             continue
         if isinstance(module, QUANTIZED_MODULES):
             quantized_prefixes.append(name + ".")
-            for suffix, t in module.to_quantized_weight().compressed_tensors().items():
+            # INT8 linears as 8-bit words (what vLLM serves), an INT8 embedding as plain codes (what stock loads)
+            packed = not isinstance(module, QuantizedEmbedding)
+            for suffix, t in module.to_quantized_weight().compressed_tensors(pack_int8=packed).items():
                 out[f"{name}.{suffix}"] = t.contiguous()
             bias = getattr(module, "bias", None)
             if bias is not None:

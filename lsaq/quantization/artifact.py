@@ -14,7 +14,9 @@ The 16-bit float (every float tensor and every scale) is :func:`lsaq.models.load
 declared dtype, and ``config.json`` declares it, so a default ``from_pretrained(dir)`` runs in it.
 
 Stock ``transformers`` (with ``compressed-tensors`` installed) loads it with ``from_pretrained(dir)`` unless it
-holds a form they cannot load (:func:`runtimes_for_plan`: an INT4 embedding, group-wise INT4);
+holds a form they cannot load (:func:`runtimes_for_plan`: an INT4 embedding, group-wise INT4); vLLM serves it
+(every quantized linear weight-only "pack-quantized", :mod:`lsaq.planning.vllm`) unless it holds an INT8
+embedding or INT4 groups its kernels do not take;
 :func:`lsaq.quantization.reader.load_quantized` loads every artifact onto lsaq's packed kernels. The directory is
 written atomically.
 """
@@ -33,6 +35,7 @@ from lsaq.models.identity import ModelInfo, ModelRef
 from lsaq.models.loading import LoadedModel, storage_dtype
 from lsaq.planning.memory import head_tensor, weight_tensor_bytes
 from lsaq.planning.planner import Plan
+from lsaq.planning.vllm import vllm_refusal
 from lsaq.precision import Precision
 from lsaq.quantization.apply import (
     artifact_state_dict,
@@ -47,6 +50,7 @@ from lsaq.quantization.record import (
     PLAN,
     REQUIRED,
     STOCK_RUNTIME,
+    VLLM_RUNTIME,
     WEIGHTS,
     WEIGHTS_INDEX,
     Artifact,
@@ -74,40 +78,47 @@ def _weight_args(precision: Precision, group_size: int | None) -> dict[str, Any]
     }
 
 
+PACKED_FORMAT, INT8_EMBEDDING_FORMAT = "pack-quantized", "int-quantized"
+
+
 def _module(tensor_name: str) -> str:
     return tensor_name.removesuffix(".weight")
 
 
 def quantization_config(plan: Plan) -> dict[str, Any]:
-    """compressed-tensors ``quantization_config``: one config group per quantized precision, targets by regex
-    (decoder linears of the layers at that precision, and the embedding / LM head when the policy quantizes them:
-    compressed-tensors accepts ``nn.Embedding`` targets, one scale per token row for the "channel" strategy)."""
+    """compressed-tensors ``quantization_config``: one config group per quantized precision and format, targets by
+    regex (decoder linears of the layers at that precision, and the embedding / LM head when the policy quantizes
+    them: compressed-tensors accepts ``nn.Embedding`` targets, one scale per token row for the "channel" strategy).
+
+    Every linear is weight-only "pack-quantized" (INT8 at 8 bits, INT4 at 4), the form vLLM's WNA16 kernels
+    serve; an INT8 embedding is "int-quantized", the form stock transformers loads for an embedding."""
     shape, policy = plan.shape, plan.options.policy
     linear_names = "|".join(re.escape(lin.name) for lin in shape.layer_linears)
     prefix = re.escape(shape.layer_prefix)
     head = head_tensor(shape, policy)
-    extra = {Precision.INT8: [], Precision.INT4: []}
+    extra: dict[tuple[Precision, str], list[str]] = {}
     if policy.embed is not Precision.FP16:
-        extra[policy.embed].append(_module(shape.embed.name))
+        fmt = INT8_EMBEDDING_FORMAT if policy.embed is Precision.INT8 else PACKED_FORMAT
+        extra.setdefault((policy.embed, fmt), []).append(_module(shape.embed.name))
     if head is not None and policy.head_precision is not Precision.FP16:
-        extra[policy.head_precision].append(_module(head.name))
+        extra.setdefault((policy.head_precision, PACKED_FORMAT), []).append(_module(head.name))
     groups, formats = {}, set()
     for precision in (Precision.INT8, Precision.INT4):
-        layers = [i for i, p in enumerate(plan.precisions) if p is precision]
-        targets = [f"re:^{prefix}\\.({'|'.join(map(str, layers))})\\.({linear_names})$"] if layers else []
-        targets += [f"re:^{re.escape(name)}$" for name in extra[precision]]
-        if not targets:
-            continue
-        fmt = "int-quantized" if precision is Precision.INT8 else "pack-quantized"
-        formats.add(fmt)
-        group_size = policy.group_size if precision is Precision.INT4 else None
-        groups[f"group_{len(groups)}"] = {
-            "targets": targets,
-            "weights": _weight_args(precision, group_size),
-            "input_activations": None,
-            "output_activations": None,
-            "format": fmt,
-        }
+        for fmt in (PACKED_FORMAT, INT8_EMBEDDING_FORMAT):
+            layers = [i for i, p in enumerate(plan.precisions) if p is precision] if fmt == PACKED_FORMAT else []
+            targets = [f"re:^{prefix}\\.({'|'.join(map(str, layers))})\\.({linear_names})$"] if layers else []
+            targets += [f"re:^{re.escape(name)}$" for name in extra.get((precision, fmt), [])]
+            if not targets:
+                continue
+            formats.add(fmt)
+            group_size = policy.group_size if precision is Precision.INT4 else None
+            groups[f"group_{len(groups)}"] = {
+                "targets": targets,
+                "weights": _weight_args(precision, group_size),
+                "input_activations": None,
+                "output_activations": None,
+                "format": fmt,
+            }
     quantized_head = head is not None and policy.head_precision is not Precision.FP16
     return {
         "quant_method": "compressed-tensors",
@@ -121,12 +132,16 @@ def quantization_config(plan: Plan) -> dict[str, Any]:
 def runtimes_for_plan(plan: Plan) -> tuple[str, ...]:
     """The runtimes that load an artifact of ``plan``: lsaq's always; stock transformers 5.23 + compressed-tensors
     0.20 unless the artifact holds an INT4 embedding (its weight initialisation looks for the ``weight`` a
-    pack-quantized embedding does not have) or group-wise INT4 anywhere (it mis-sizes the packed zero points)."""
+    pack-quantized embedding does not have) or group-wise INT4 anywhere (it mis-sizes the packed zero points);
+    vLLM unless :func:`~lsaq.planning.vllm.vllm_refusal` names what it cannot serve."""
     policy = plan.options.policy
     int4 = Precision.INT4 in plan.precisions or Precision.INT4 in (policy.embed, policy.head_precision)
-    if policy.embed is Precision.INT4 or (int4 and policy.group_size is not None):
-        return (LSAQ_RUNTIME,)
-    return (LSAQ_RUNTIME, STOCK_RUNTIME)
+    runtimes = [LSAQ_RUNTIME]
+    if not (policy.embed is Precision.INT4 or (int4 and policy.group_size is not None)):
+        runtimes.append(STOCK_RUNTIME)
+    if vllm_refusal(policy, int4) is None:
+        runtimes.append(VLLM_RUNTIME)
+    return tuple(runtimes)
 
 
 def write_artifact(

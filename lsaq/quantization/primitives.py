@@ -29,7 +29,10 @@ quotient ``W / scale``.
 
 Packing (compressed-tensors "pack-quantized"): ``weight_packed`` int32 ``[out, ceil(in/8)]`` holds the
 unsigned nibble (signed code + 8) of column ``j`` in bits ``4*(j%8)`` of word ``j//8``; padding nibbles
-are 0. Asymmetric zero points are packed the same way along dim 0: int32 ``[ceil(out/8), G]``.
+are 0. Asymmetric zero points are packed the same way along dim 0: int32 ``[ceil(out/8), G]``. INT8 codes of
+a linear pack the same way at 8 bits (code + 128 in bits ``8*(j%4)`` of word ``j//4``, ``[out, ceil(in/4)]``),
+the form vLLM's weight-only kernels serve; an INT8 embedding keeps plain int8 codes (``weight``), the form stock
+transformers loads for an embedding.
 """
 
 from __future__ import annotations
@@ -326,6 +329,27 @@ def pack_zero_points(zero: torch.Tensor) -> torch.Tensor:
     return pack_int4_to_int32(zero.t()).t().contiguous()
 
 
+def pack_int8_to_int32(codes: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors ``weight_packed`` at 8 bits: int8 codes ``[rows, cols]`` in [-128, 127] -> int32
+    ``[rows, ceil(cols/4)]``, byte ``k`` of word ``w`` = code ``4w + k`` + 128 (padding bytes 0).
+
+    Byte-identical to ``compressed_tensors...pack_to_int32(codes, 8)``; vLLM reads it as ``uint8b128``."""
+    if codes.dim() != 2 or codes.dtype != torch.int8:
+        raise ValueError(f"expected int8 codes [rows, cols], got {codes.dtype} {tuple(codes.shape)}")
+    u = (codes.view(torch.uint8) ^ 0x80)  # two's complement + 128 (mod 256) = flip the sign bit
+    pad = (-codes.shape[1]) % 4
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))  # byte 0, as compressed-tensors pads
+    return _bytes_to_words(u)
+
+
+def unpack_int32_to_int8(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int8_to_int32`: int32 ``[rows, ceil(cols/4)]`` -> int8 ``[rows, cols]``."""
+    if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != math.ceil(cols / 4):
+        raise ValueError(f"expected int32 [rows, {math.ceil(cols / 4)}], got {packed.dtype} {tuple(packed.shape)}")
+    return (_words_to_bytes(packed)[:, :cols] ^ 0x80).view(torch.int8).contiguous()
+
+
 def unpack_zero_points(packed: torch.Tensor, rows: int) -> torch.Tensor:
     """Inverse of :func:`pack_zero_points`: int32 ``[ceil(rows/8), G]`` -> uint8 ``[rows, G]``."""
     return unpack_int32_to_int4(packed.t().contiguous(), rows, signed=False).t().contiguous()
@@ -378,14 +402,15 @@ class QuantizedWeight:
             return dequantize_int8(self.codes, self.scale, dtype)
         return dequantize_int4(self.codes, self.scale, self.zero, self.group_size, dtype)
 
-    def compressed_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors compressed-tensors stores for this weight (names relative to the module):
-        INT8 "int-quantized": weight int8, weight_scale; INT4 "pack-quantized": weight_packed,
-        weight_scale, weight_shape and, group-wise, weight_zero_point."""
-        if self.precision is Precision.INT8:
+    def compressed_tensors(self, pack_int8: bool = True) -> dict[str, torch.Tensor]:
+        """The tensors compressed-tensors stores for this weight (names relative to the module), all
+        "pack-quantized": weight_packed, weight_scale, weight_shape and, group-wise INT4, weight_zero_point.
+        ``pack_int8=False``: INT8 as "int-quantized" (weight int8, weight_scale), the form of an INT8 embedding."""
+        if self.precision is Precision.INT8 and not pack_int8:
             return {"weight": self.codes, "weight_scale": self.scale}
+        pack = pack_int8_to_int32 if self.precision is Precision.INT8 else pack_int4_to_int32
         out = {
-            "weight_packed": pack_int4_to_int32(self.codes),
+            "weight_packed": pack(self.codes),
             "weight_scale": self.scale,
             "weight_shape": torch.tensor(self.shape, dtype=torch.int64),
         }
@@ -395,28 +420,38 @@ class QuantizedWeight:
 
     @classmethod
     def from_compressed_tensors(
-        cls, tensors: dict[str, torch.Tensor], group_size: int | None = None
+        cls, tensors: dict[str, torch.Tensor], group_size: int | None = None, precision: Precision | None = None,
     ) -> "QuantizedWeight":
-        """Inverse of :meth:`compressed_tensors` (``group_size`` is required for group-wise INT4)."""
-        if "weight_packed" in tensors:
-            rows, cols = (int(v) for v in tensors["weight_shape"].tolist())
-            scale = tensors["weight_scale"]
-            zp = tensors.get("weight_zero_point")
-            if (zp is None) != (group_size is None):
-                raise ValueError("group-wise INT4 tensors need weight_zero_point and group_size; per-channel neither")
-            if group_size is not None and scale.shape[1] != math.ceil(cols / group_size):
-                raise ValueError(
-                    f"group_size {group_size} does not match weight_scale {tuple(scale.shape)} for {cols} columns"
-                )
-            codes = unpack_int32_to_int4(tensors["weight_packed"], cols, signed=zp is None)
-            zero = None if zp is None else unpack_zero_points(zp, rows)
-            return cls(Precision.INT4, codes, scale, zero, group_size)
-        if tensors.get("weight") is not None and tensors["weight"].dtype == torch.int8:
-            return cls(Precision.INT8, tensors["weight"], tensors["weight_scale"])
-        raise ValueError(f"not an int8 'weight' or int4 'weight_packed' tensor set: {sorted(tensors)}")
+        """Inverse of :meth:`compressed_tensors` (``group_size`` is required for group-wise INT4). ``precision`` of
+        packed words: INT8 or INT4; None: read from the words per row (ambiguous only for rows of 4 or fewer)."""
+        if "weight_packed" not in tensors:
+            if tensors.get("weight") is not None and tensors["weight"].dtype == torch.int8:
+                return cls(Precision.INT8, tensors["weight"], tensors["weight_scale"])
+            raise ValueError(f"not an int8 'weight' or packed 'weight_packed' tensor set: {sorted(tensors)}")
+        rows, cols = (int(v) for v in tensors["weight_shape"].tolist())
+        packed, scale = tensors["weight_packed"], tensors["weight_scale"]
+        if precision is None:
+            if cols <= 4:
+                raise ValueError(f"{cols} columns of packed words could be INT8 or INT4: give the precision")
+            precision = Precision.INT8 if packed.shape[1] == math.ceil(cols / 4) else Precision.INT4
+        if Precision.parse(precision) is Precision.INT8:
+            if group_size is not None or "weight_zero_point" in tensors:
+                raise ValueError("INT8 is per-channel and symmetric: no group_size, no weight_zero_point")
+            return cls(Precision.INT8, unpack_int32_to_int8(packed, cols), scale)
+        zp = tensors.get("weight_zero_point")
+        if (zp is None) != (group_size is None):
+            raise ValueError("group-wise INT4 tensors need weight_zero_point and group_size; per-channel neither")
+        if group_size is not None and scale.shape[1] != math.ceil(cols / group_size):
+            raise ValueError(
+                f"group_size {group_size} does not match weight_scale {tuple(scale.shape)} for {cols} columns"
+            )
+        codes = unpack_int32_to_int4(packed, cols, signed=zp is None)
+        zero = None if zp is None else unpack_zero_points(zp, rows)
+        return cls(Precision.INT4, codes, scale, zero, group_size)
 
     def storage_nbytes(self) -> int:
-        """Bytes of the stored tensors (what :meth:`compressed_tensors` returns, without weight_shape)."""
+        """Bytes of the codes (one byte per INT8 code, packed words for INT4), scales and zero points: what
+        :meth:`compressed_tensors` returns without weight_shape when INT8 rows are a multiple of 4 wide."""
         out, cols = self.shape
         n_groups = int(self.scale.shape[1])
         scale = out * n_groups * 2

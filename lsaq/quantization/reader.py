@@ -38,19 +38,21 @@ from lsaq.resources import trim_heap
 __all__ = ["ArtifactCodes", "ArtifactLayers", "load_quantized", "read_codes"]
 
 
-def stored_suffixes(precision: Precision, group_size: int | None) -> tuple[str, ...]:
-    """The compressed-tensors names a quantized weight is stored under (``q_proj.weight_packed``, ...)."""
-    if precision is Precision.INT8:
+def stored_suffixes(precision: Precision, group_size: int | None, int8_packed: bool = True) -> tuple[str, ...]:
+    """The compressed-tensors names a quantized weight is stored under (``q_proj.weight_packed``, ...);
+    ``int8_packed`` False: INT8 as plain codes (an embedding; every INT8 weight of an artifact written by lsaq 0.1)."""
+    if precision is Precision.INT8 and not int8_packed:
         return ("weight", "weight_scale")
     return ("weight_packed", "weight_scale", "weight_shape") + (("weight_zero_point",) if group_size else ())
 
 
-def read_codes(checkpoint: Checkpoint, module: str, precision: Precision, group_size: int | None) -> QuantizedWeight:
+def read_codes(checkpoint: Checkpoint, module: str, precision: Precision, group_size: int | None,
+               int8_packed: bool = True) -> QuantizedWeight:
     """The quantized weight of ``module`` (``model.layers.0.self_attn.q_proj``) as its codes, read from
     ``checkpoint`` (an artifact's weights)."""
-    names = [f"{module}.{s}" for s in stored_suffixes(precision, group_size)]
+    names = [f"{module}.{s}" for s in stored_suffixes(precision, group_size, int8_packed)]
     stored = {n.rsplit(".", 1)[1]: t for n, t in checkpoint.read(names).items()}
-    return QuantizedWeight.from_compressed_tensors(stored, group_size)
+    return QuantizedWeight.from_compressed_tensors(stored, group_size, precision)
 
 
 class ArtifactCodes:
@@ -63,13 +65,16 @@ class ArtifactCodes:
         self.plan = Plan.load(path / PLAN)
         self.checkpoint = Checkpoint.open(path)
         shape, group = self.plan.shape, self.plan.options.policy.group_size
-        self.modules: dict[str, tuple[str, Precision, int | None]] = {}  # weight name -> module, precision, group
+        names = set(self.checkpoint.names())
+        # weight name -> module, precision, group, packed
+        self.modules: dict[str, tuple[str, Precision, int | None, bool]] = {}
         for i, precision in enumerate(self.plan.precisions):
             if precision is not Precision.FP16:
                 for lin in shape.layer_linears:
                     module = shape.layer_name(i, lin.name)
                     self.modules[f"{module}.weight"] = (module, precision,
-                                                        group if precision is Precision.INT4 else None)
+                                                        group if precision is Precision.INT4 else None,
+                                                        f"{module}.weight_packed" in names)
 
     def __call__(self, weight: str) -> QuantizedWeight | None:
         """The codes stored for ``weight``; None for a weight the artifact keeps in float."""
@@ -147,11 +152,12 @@ class ArtifactLayers:
                                 f"{len(self.templates)}")
         for index, (precision, template) in enumerate(zip(self.plan.precisions, self.templates)):
             expected = set(template.state_dict())
+            held = set(self._layer_names(index))
             if precision is not Precision.FP16:
                 for lin in self.plan.shape.layer_linears:
                     expected.discard(f"{lin.name}.weight")
-                    expected |= {f"{lin.name}.{s}" for s in stored_suffixes(precision, self.group(precision))}
-            held = set(self._layer_names(index))
+                    packed = f"{lin.name}.weight_packed" in held
+                    expected |= {f"{lin.name}.{s}" for s in stored_suffixes(precision, self.group(precision), packed)}
             if held != expected:
                 missing, extra = sorted(expected - held), sorted(held - expected)
                 what = "is missing from its weights" if missing else "is not part of the plan's model"
@@ -172,12 +178,13 @@ class ArtifactLayers:
         taken: set[str] = set()
 
         def quantized(module: str, precision: Precision) -> QuantizedWeight:
-            names = [f"{module}.{s}" for s in stored_suffixes(precision, self.group(precision))]
+            packed = f"{module}.weight_packed" in outside
+            names = [f"{module}.{s}" for s in stored_suffixes(precision, self.group(precision), packed)]
             missing = [n for n in names if n not in outside]
             if missing:
                 raise ArtifactError(f"{self.path}: tensor {missing[0]} is missing from its weights")
             taken.update(names)
-            return read_codes(self.checkpoint, module, precision, self.group(precision))
+            return read_codes(self.checkpoint, module, precision, self.group(precision), packed)
 
         if policy.embed is not Precision.FP16:
             qw = quantized(shape.embed.name.removesuffix(".weight"), policy.embed)
@@ -217,9 +224,10 @@ class ArtifactLayers:
         precision = self.plan.precisions[index]
         if precision is not Precision.FP16:
             for lin in self.plan.shape.layer_linears:
-                stored = {s: by_name.pop(f"{lin.name}.{s}") for s in stored_suffixes(precision, self.group(precision))}
+                suffixes = stored_suffixes(precision, self.group(precision), f"{lin.name}.weight_packed" in by_name)
+                stored = {s: by_name.pop(f"{lin.name}.{s}") for s in suffixes}
                 bias = by_name.pop(f"{lin.name}.bias") if lin.bias else None
-                qw = QuantizedWeight.from_compressed_tensors(stored, self.group(precision))
+                qw = QuantizedWeight.from_compressed_tensors(stored, self.group(precision), precision)
                 layer.set_submodule(lin.name, quantized_linear(qw, bias, self.device))
         layer.load_state_dict({n: t.to(self.device, self.dtype) for n, t in by_name.items()}, strict=False,
                               assign=True)

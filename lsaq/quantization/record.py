@@ -36,8 +36,8 @@ SCHEMA, VERSION = "lsaq.quantization.artifact", 4
 COMPRESSED_TENSORS, GGUF = "compressed-tensors", "gguf"  # the formats of a build
 LLAMA_CPP_RUNTIME = "llama.cpp"
 # Runtimes that load an artifact: lsaq's own (lsaq.quantization.reader.load_quantized) always; stock
-# transformers + compressed-tensors unless it holds a tensor form they cannot load (see runtimes_for_plan).
-LSAQ_RUNTIME, STOCK_RUNTIME = "lsaq", "transformers"
+# transformers + compressed-tensors and vLLM unless it holds a tensor form they cannot load (runtimes_for_plan).
+LSAQ_RUNTIME, STOCK_RUNTIME, VLLM_RUNTIME = "lsaq", "transformers", "vllm"
 STORAGE_DTYPES = ("bfloat16", "float16")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from lsaq.planning.devices import DeviceProfile
-from lsaq.quantization.record import LLAMA_CPP_RUNTIME, LSAQ_RUNTIME, STOCK_RUNTIME
+from lsaq.quantization.record import LLAMA_CPP_RUNTIME, LSAQ_RUNTIME, STOCK_RUNTIME, VLLM_RUNTIME
 from lsaq.runtime import Runtime
 from lsaq.store.backend import Backend, ObjectNotFoundError
 from lsaq.store.download import Downloaded, download, list_builds
@@ -78,7 +78,7 @@ def cap(profile: DeviceProfile, max_memory: int | None) -> DeviceProfile:
 
 # the Python package each runtime a manifest names needs here (lsaq's packed runtime is lsaq itself)
 RUNTIME_PACKAGES = {LSAQ_RUNTIME: "lsaq", STOCK_RUNTIME: "compressed_tensors", LLAMA_CPP_RUNTIME: "llama_cpp",
-                    Runtime.VLLM.value: "vllm"}
+                    VLLM_RUNTIME: "vllm"}
 INSTALL_HINTS = {LLAMA_CPP_RUNTIME: "pip install 'lsaq[llama]'", STOCK_RUNTIME: "pip install 'lsaq[hf]'"}
 
 
