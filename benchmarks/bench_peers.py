@@ -42,6 +42,7 @@ class Row:
     method: str  # the plot's line: "llama.cpp" or "lsaq INT8/INT4 formats"
     path: str
     file_bytes: int
+    q4_1_share: float = math.nan  # share of the weights stored as Q4_1: the shared model's own format
     kl: float = math.nan
     top1: float = math.nan
     ppl: float = math.nan
@@ -152,36 +153,66 @@ def compare(base: Path, rows: list[Row], windows: torch.Tensor) -> str:
     from lsaq.quantization.gguf_runtime import load_gguf
 
     seq_len = windows.shape[1]
-    models = {r.name: GgufModel(load_gguf(r.path, context=seq_len, logits_all=True, batch=seq_len)) for r in rows}
+    models = [GgufModel(load_gguf(r.path, context=seq_len, logits_all=True, batch=seq_len)) for r in rows]
     ref = GgufModel(load_gguf(base, context=seq_len, logits_all=True, batch=seq_len))
-    sums = {r.name: np.zeros(3) for r in rows}  # KL, top-1 agreements, NLL
+    sums = [np.zeros(3) for _ in rows]  # per row: KL, top-1 agreements, NLL
     try:
         for ids in windows:
             want = torch.log_softmax(ref.window(ids).double(), -1)  # [T, V]
-            for r in rows:
-                got = torch.log_softmax(models[r.name].window(ids).double(), -1)
+            for i, model in enumerate(models):
+                got = torch.log_softmax(model.window(ids).double(), -1)
                 kl = (want.exp() * (want - got)).sum(-1)
                 agree = (want.argmax(-1) == got.argmax(-1)).double()
                 nll = -got[:-1].gather(-1, ids[1:, None]).squeeze(-1)
-                sums[r.name] += (float(kl.sum()), float(agree.sum()), float(nll.sum()))
+                sums[i] += (float(kl.sum()), float(agree.sum()), float(nll.sum()))
     finally:
-        for m in [ref, *models.values()]:
+        for m in [ref, *models]:
             m.llm.close()
     positions = windows.numel()
-    for r in rows:
-        kl, agree, nll = sums[r.name]
+    for r, (kl, agree, nll) in zip(rows, sums):
         r.kl, r.top1, r.positions = kl / positions, agree / positions, positions
         r.ppl = math.exp(nll / (positions - windows.shape[0]))
     return hashlib.sha256(windows.numpy().tobytes()).hexdigest()
 
 
+def q4_1_share(gguf: str | Path) -> float:
+    """The share of ``gguf``'s weight elements stored as Q4_1. The shared model was distributed as Q4_1 (blocks of
+    32 with a scale and a minimum), so a Q4_1 tensor can recover its source blocks almost exactly: rows with a
+    large share are favoured by that alignment, not by their choice of precisions alone."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    tensors = GGUFReader(str(gguf)).tensors
+    q4_1 = sum(int(t.n_elements) for t in tensors if t.tensor_type == GGMLQuantizationType.Q4_1)
+    return q4_1 / sum(int(t.n_elements) for t in tensors)
+
+
 def table(rows: list[Row], params: int) -> str:
-    """Markdown: one line per row, by file size."""
-    lines = ["| build | MB | bits/weight | KL | top-1 | perplexity |", "|---|---:|---:|---:|---:|---:|"]
+    """Markdown: one line per row, by file size; rows with weights in Q4_1 marked."""
+    lines = ["| build | MB | bits/weight | Q4_1 share | KL | top-1 | perplexity |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: -r.file_bytes):
-        lines.append(f"| {r.name} | {r.file_bytes / 1e6:.1f} | {8 * r.file_bytes / params:.2f} | {r.kl:.4f} | "
-                     f"{100 * r.top1:.1f}% | {r.ppl:.3f} |")
+        mark = " (Q4_1-aligned)" if r.q4_1_share > 0 else ""
+        lines.append(f"| {r.name}{mark} | {r.file_bytes / 1e6:.1f} | {8 * r.file_bytes / params:.2f} | "
+                     f"{100 * r.q4_1_share:.1f}% | {r.kl:.4f} | {100 * r.top1:.1f}% | {r.ppl:.3f} |")
     return "\n".join(lines)
+
+
+def report(out: Path, rows: list[Row], windows: torch.Tensor, digest: str, params: int, text: str) -> str:
+    """Write ``peers.md`` (the table), ``peers.json`` and ``peers.png`` (KL against file bits per weight, one line
+    per method) in ``out``; return the table."""
+    from lsaq.plots import plot_ppl_vs_bits
+
+    for r in rows:
+        r.q4_1_share = q4_1_share(r.path)
+    md = table(rows, params)
+    (out / "peers.md").write_text(md + "\n")
+    (out / "peers.json").write_text(json.dumps({"windows": list(windows.shape), "windows_sha256": digest,
+                                                 "text": text, "params": params,
+                                                 "rows": [r.to_json() for r in rows]}, indent=1))
+    plot_ppl_vs_bits([{"method": r.method, "avg_bits": 8 * r.file_bytes / params, "kl": r.kl} for r in rows],
+                     out / "peers.png", key="kl", ylabel="KL divergence from the float model",
+                     title=f"KL vs file bits per weight ({windows.shape[0]} x {windows.shape[1]} tokens)")
+    return md
 
 
 def build_rows(base: Path, out: Path, recipes: list[str], formats: list[tuple[str, str]], context: int,
@@ -206,15 +237,14 @@ def build_rows(base: Path, out: Path, recipes: list[str], formats: list[tuple[st
                 art = quantize(plan, out / f"lsaq-{recipe}-{int8}-{int4}", model=str(base))
                 gguf = next(Path(art.path).glob("*.gguf"))
             if plan is not None:
-                rows.append(Row(f"lsaq {plan.mix}, embedding {plan.options.policy.embed.value} <= {recipe}",
-                                f"lsaq {int8}/{int4}", str(gguf), gguf.stat().st_size))
+                rows.append(Row(f"lsaq {int8}/{int4} {plan.mix}, embedding {plan.options.policy.embed.value} "
+                                f"<= {recipe}", f"lsaq {int8}/{int4}", str(gguf), gguf.stat().st_size))
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     from lsaq.models.families import model_shape
     from lsaq.paths import shared_dir
-    from lsaq.plots import plot_ppl_vs_bits
 
     shared = shared_dir() or Path("../shared")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -238,15 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = build_rows(base, out, args.recipes.split(","), formats, args.seq_len, importance)
     digest = compare(base, rows, windows)
     params = model_shape(source_info(base).config).num_params
-    md = table(rows, params)
-    (out / "peers.md").write_text(md + "\n")
-    (out / "peers.json").write_text(json.dumps({"windows": list(windows.shape), "windows_sha256": digest,
-                                                 "text": str(args.text), "params": params,
-                                                 "rows": [r.to_json() for r in rows]}, indent=1))
-    plot_ppl_vs_bits([{"method": r.method, "avg_bits": 8 * r.file_bytes / params, "kl": r.kl} for r in rows],
-                     out / "peers.png", key="kl", ylabel="KL divergence from the float model",
-                     title=f"KL vs file bits per weight ({windows.shape[0]} x {windows.shape[1]} tokens)")
-    print(md)
+    print(report(out, rows, windows, digest, params, str(args.text)))
     return 0
 
 

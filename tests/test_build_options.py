@@ -44,6 +44,8 @@ BAD = [
     (["--device", "nope"], "unknown device 'nope'; valid devices: a100-40gb"),
     (DEVICE + DEVICE, "a device is named twice in ['rpi-zero-2w', 'rpi-zero-2w']"),
     (DEVICE + ["--runtime", "ollama"], "unknown runtime 'ollama'; valid runtimes: transformers, vllm, llama.cpp"),
+    (DEVICE + ["--runtime", "vllm", "--group-size", "16"],
+     "a build for runtime vllm cannot hold INT4 group size 16 (vLLM's kernels take 32, 64, 128 or per-channel)"),
     (DEVICE + ["--device-file", "/no/such/devices.yaml"], "--device-file '/no/such/devices.yaml' is not a file"),
     ([], "no device: give --device (a name from `lsaq devices`), --device (repeated) or --budget"),
 ]
