@@ -12,8 +12,9 @@
 4. Every row, the base included, runs in llama-cpp-python (``logits_all``) on the same windows of ``--text``:
    KL(base || row) and top-1 agreement per position, perplexity of the next token; and its file size.
 
-Writes ``peers.json`` and ``peers.md`` (the table) in ``--out``. No importance matrix: llama-cpp-python's
-quantize call takes one only as a C++ map pointer, and llama.cpp's ``llama-imatrix`` tool is not built here.
+Writes ``peers.json``, ``peers.md`` (the table) and ``peers.png`` (the plot) in ``--out``. No importance matrix:
+llama-cpp-python's quantize call takes one only as a C++ map pointer, and llama.cpp's ``llama-imatrix`` tool is
+not built here.
 """
 
 from __future__ import annotations
@@ -70,20 +71,20 @@ def llama_quantize(src: Path, dst: Path, ftype: str) -> Path:
     return dst
 
 
-def lsaq_plan_within(source: Path, file_bytes: int, int8: str, int4: str, context: int,
+def lsaq_plan_within(info, weights_limit: int, int8: str, int4: str, context: int,
                      importance: list[float] | None = None):
-    """The lsaq plan (llama.cpp runtime, INT8 as ``int8``, INT4 as ``int4``, the embedding INT8, else INT4 where
-    all-INT4 layers with an INT8 embedding are too large) with the most weight bytes that keep its GGUF within
-    ``file_bytes`` (the GGUF's metadata, about the tokenizer's size, counted as the base's), or None when nothing
-    is that small."""
+    """The lsaq plan of the model ``info`` (:func:`source_info`; llama.cpp runtime, INT8 as ``int8``, INT4 as
+    ``int4``, the embedding INT8, else INT4 where all-INT4 layers with an INT8 embedding are too large) with the
+    most weight bytes up to ``weights_limit`` (a file size less the GGUF's metadata), or None when nothing is that
+    small."""
     for embed in ("int8", "int4"):
-        plan = _largest_plan(source, file_bytes, int8, int4, context, importance, embed)
+        plan = _largest_plan(info, weights_limit, int8, int4, context, importance, embed)
         if plan is not None:
             return plan
     return None
 
 
-def _largest_plan(source: Path, file_bytes: int, int8: str, int4: str, context: int,
+def _largest_plan(info, weights_limit: int, int8: str, int4: str, context: int,
                   importance: list[float] | None, embed: str):
     """:func:`lsaq_plan_within` for one embedding precision, by bisection on the device budget."""
     from lsaq.models.families import model_shape
@@ -92,9 +93,7 @@ def _largest_plan(source: Path, file_bytes: int, int8: str, int4: str, context: 
     from lsaq.planning.memory import WeightPolicy
     from lsaq.planning.planner import InfeasiblePlanError, PlanOptions, make_plan
 
-    info = source_info(source)
     shape = model_shape(info.config)
-    weights_limit = file_bytes - metadata_bytes(source)
     options = PlanOptions(context=context, runtime="llama.cpp", gguf_int8=int8, gguf_int4=int4,
                           policy=WeightPolicy(embed=embed))
     weights = importance or [1.0] * shape.num_layers
@@ -221,6 +220,7 @@ def build_rows(base: Path, out: Path, recipes: list[str], formats: list[tuple[st
     GGUF format pair that is no larger (``lsaq quantize`` of ``base``)."""
     from lsaq.quantization.stage import quantize
 
+    info, metadata = source_info(base), metadata_bytes(base)  # lsaq's GGUF metadata counted as the base's
     rows = []
     for recipe in recipes:
         path = llama_quantize(base, out / f"llama-{recipe}.gguf", recipe)
@@ -231,7 +231,7 @@ def build_rows(base: Path, out: Path, recipes: list[str], formats: list[tuple[st
             while gguf is None or gguf.stat().st_size > peer.file_bytes:  # lsaq's metadata is a little larger
                 if gguf is not None:
                     size -= gguf.stat().st_size - peer.file_bytes
-                plan = lsaq_plan_within(base, size, int8, int4, context, importance)
+                plan = lsaq_plan_within(info, size - metadata, int8, int4, context, importance)
                 if plan is None:
                     break
                 art = quantize(plan, out / f"lsaq-{recipe}-{int8}-{int4}", model=str(base))
