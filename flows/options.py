@@ -31,7 +31,7 @@ from lsaq.planning.stage import DeviceRequest, check_group_request, resolve_devi
 from lsaq.precision import Quantizer
 from lsaq.models.hf_gguf import converter
 from lsaq.planning.ggml import Int4Format, Int8Format
-from lsaq.planning.vllm import vllm_refusal
+from lsaq.planning.vllm import check_vllm_policy
 from lsaq.runtime import Runtime
 from lsaq.store.stage import default_store_uri, open_store
 
@@ -135,9 +135,11 @@ class BuildOptions:
                 raise OptionError(literal(e)) from None
         resolved = self._requests()
         self._check_gguf_source(resolved, runtime)
-        refusal = vllm_refusal(plan.policy)
-        if refusal is not None and any((runtime or profile.runs) is Runtime.VLLM for _, profile in resolved):
-            raise OptionError(f"a build for runtime vllm cannot hold {literal(refusal)}")
+        if any((runtime or profile.runs) is Runtime.VLLM for _, profile in resolved):
+            try:
+                check_vllm_policy(plan.policy)
+            except ValueError as e:
+                raise OptionError(literal(e)) from None
         requests = tuple(request for request, _ in resolved)
         store = self.store or default_store_uri()
         try:

@@ -49,7 +49,7 @@ from lsaq.planning.solvers import (
     predicted_loss,
 )
 from lsaq.precision import Precision
-from lsaq.planning.vllm import vllm_refusal
+from lsaq.planning.vllm import check_vllm_policy
 from lsaq.runtime import Runtime
 from lsaq.records import atomic_write_json, canonical_json, decode_record, read_record, sha256_hex
 from lsaq.units import format_bytes
@@ -428,9 +428,8 @@ def make_plan(
                          f"are a {shape.num_layers}-layer {shape.model_type}")
     if not options.gguf:  # GGUF types have their own blocks (lsaq.planning.ggml)
         check_group_divides(shape, options.policy.group_size)
-    refusal = vllm_refusal(options.policy) if options.runtime is Runtime.VLLM else None
-    if refusal is not None:
-        raise ValueError(f"a build for runtime vllm cannot hold {refusal}")
+    if options.runtime is Runtime.VLLM:
+        check_vllm_policy(options.policy)
     assign, info = assign_precisions(shape, importance, device.usable, options, loss)
     if assign is None:
         raise infeasible_error(shape, options, device, model.name)

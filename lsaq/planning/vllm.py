@@ -12,7 +12,8 @@ config group's ``format`` and weight arguments:
 * a linear no group targets stays unquantized (lsaq's FP16 layers); the fused ``qkv_proj`` / ``gate_up_proj``
   take the scheme of their parts, which must match: lsaq's precisions are per layer, so they always do.
 
-:func:`vllm_refusal` is that rule for a plan's policy; the artifact lists ``vllm`` among its runtimes when it holds.
+:func:`vllm_refusal` is that rule for a plan's policy; the artifact lists ``vllm`` among its runtimes when it holds,
+and :func:`check_vllm_policy` refuses a plan for runtime ``vllm`` that breaks it.
 """
 
 from __future__ import annotations
@@ -35,4 +36,11 @@ def vllm_refusal(policy: WeightPolicy, int4: bool = True) -> str | None:
     return None
 
 
-__all__ = ["VLLM_GROUP_SIZES", "vllm_refusal"]
+def check_vllm_policy(policy: WeightPolicy) -> None:
+    """``ValueError`` (one line) when a plan for runtime ``vllm`` with ``policy`` would hold what vLLM cannot serve."""
+    refusal = vllm_refusal(policy)
+    if refusal is not None:
+        raise ValueError(f"a build for runtime vllm cannot hold {refusal}")
+
+
+__all__ = ["VLLM_GROUP_SIZES", "check_vllm_policy", "vllm_refusal"]
